@@ -1,0 +1,36 @@
+"""The `recsys` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="recsys",
+    help="Two-stage recommender: candidates, point-in-time features, LightGBM LambdaRank.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def main() -> None:
+    """Entry point of the `recsys` console script: clear messages and exit 2 on bad input."""
+    logging.basicConfig(
+        level=os.environ.get("RECSYS_LOG", "INFO"),
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    from recsys.bundle import BundleError
+    from recsys.cli import commands  # noqa: F401  (registers the commands)
+    from recsys.schema import DataError
+
+    try:
+        app()
+    except (DataError, BundleError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

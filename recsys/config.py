@@ -1,0 +1,67 @@
+"""Pipeline settings: one pydantic model, readable from a TOML file."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SourcesConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    use: list[str] = Field(
+        default_factory=lambda: ["pop", "recent_pop", "itemknn", "ease", "als", "next"],
+        description="candidate sources, in order",
+    )
+    per_source: int = Field(100, ge=1, description="candidates taken from each source")
+    recent_window_days: float = Field(14.0, gt=0)
+    itemknn_k: int = Field(100, ge=0)
+    ease_l2: float = Field(200.0, gt=0)
+    ease_max_items: int = Field(
+        10_000, ge=1, description="EASE runs on this many most popular items"
+    )
+    ease_keep: int = Field(256, ge=1, description="weights kept per item of the EASE matrix")
+    als_factors: int = Field(64, ge=1)
+    als_iterations: int = Field(15, ge=1)
+    next_max_gap: int = Field(5, ge=1)
+    next_last_n: int = Field(10, ge=1)
+    next_decay: float = Field(0.8, gt=0, le=1)
+
+
+class RankerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_estimators: int = Field(1000, ge=1)
+    learning_rate: float = Field(0.03, gt=0)
+    num_leaves: int = Field(15, ge=2)
+    min_child_samples: int = Field(100, ge=1)
+    subsample: float = Field(0.8, gt=0, le=1)
+    colsample_bytree: float = Field(0.8, gt=0, le=1)
+    early_stopping_rounds: int = Field(150, ge=1)
+    n_folds: int = Field(
+        3, ge=1, description="models averaged, each early-stopped on its own fold of users"
+    )
+    valid_fraction: float = Field(0.2, gt=0, lt=1, description="held-out users when n_folds is 1")
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of each user's latest events used as ranker targets"
+    )
+    max_train_users: int = Field(100_000, ge=10, description="users sampled for ranker training")
+    category_columns: list[str] | None = Field(
+        None, description="item columns holding categories ('|' or ',' separated); None = auto"
+    )
+    use_lm: bool = Field(True, description="use the language model when one is available")
+    seed: int = 0
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    ranker: RankerConfig = Field(default_factory=RankerConfig)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> PipelineConfig:
+        with open(path, "rb") as f:
+            return cls.model_validate(tomllib.load(f))

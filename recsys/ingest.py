@@ -1,0 +1,462 @@
+"""Converters from public data set layouts to the canonical Parquet tables.
+
+Each converter writes OUT_DIR/interactions.parquet and OUT_DIR/items.parquet (atomically:
+a temp file, then a rename, so a failed run never leaves half a data set behind) after
+running them through the same validation as `fit`, and returns the two paths.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+
+import polars as pl
+
+from recsys.schema import (
+    EVENT,
+    IMPRESSION,
+    ITEM,
+    LABEL,
+    RATING,
+    TS,
+    USER,
+    DataError,
+    read_table,
+    validate_interactions,
+    validate_items,
+    write_parquet_atomic,
+)
+
+log = logging.getLogger("recsys")
+
+INTERACTIONS_FILE = "interactions.parquet"
+ITEMS_FILE = "items.parquet"
+
+MAX_TAGS = 20
+ML100K_GENRES = (
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
+_YEAR = r"\((\d{4})\)\s*$"
+_MIND_TIME = "%m/%d/%Y %I:%M:%S %p"
+
+PathLike = str | os.PathLike[str]
+
+
+def _write(
+    interactions: pl.DataFrame, items: pl.DataFrame, out_dir: PathLike, what: str
+) -> tuple[Path, Path]:
+    """Write both canonical tables atomically and log what was written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    items_path = write_parquet_atomic(items, out / ITEMS_FILE)
+    inter_path = write_parquet_atomic(interactions, out / INTERACTIONS_FILE)
+    log.info(
+        "%s: wrote %d interactions (%d users) to %s and %d items to %s",
+        what,
+        interactions.height,
+        interactions[USER].n_unique(),
+        inter_path,
+        items.height,
+        items_path,
+    )
+    return inter_path, items_path
+
+
+def _from_epoch_seconds(col: str) -> pl.Expr:
+    return pl.from_epoch(col, time_unit="s").dt.replace_time_zone("UTC").alias(TS)
+
+
+# --------------------------------------------------------------------------- MovieLens
+
+_ML_LATEST = ("ratings.csv", "movies.csv")
+_ML_100K = ("u.data", "u.item")
+
+
+def _movielens_layout(src: Path) -> tuple[str, Path] | None:
+    if all((src / f).is_file() for f in _ML_LATEST):
+        return "latest", src
+    if all((src / f).is_file() for f in _ML_100K):
+        return "100k", src
+    return None
+
+
+def ingest_movielens(src_dir: PathLike, out_dir: PathLike) -> tuple[Path, Path]:
+    """Convert a MovieLens folder (ml-latest-small / ml-25m CSV layout, or ml-100k).
+
+    The layout is detected from the files present; a folder holding exactly one MovieLens
+    folder (an unpacked zip) is accepted too. Every rating is one interaction.
+    """
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise DataError("folder not found", file=str(src), expected="a MovieLens folder")
+    found = _movielens_layout(src)
+    if found is None:
+        subs = [d for d in src.iterdir() if d.is_dir()]
+        candidates = [f for f in (_movielens_layout(d) for d in subs) if f is not None]
+        if len(candidates) == 1:
+            found = candidates[0]
+    if found is None:
+        present = ", ".join(sorted(p.name for p in src.iterdir())[:20]) or "nothing"
+        raise DataError(
+            f"not a recognised MovieLens folder (it holds: {present})",
+            file=str(src),
+            expected="ratings.csv + movies.csv (+ tags.csv) as in ml-latest-small / ml-25m, "
+            "or u.data + u.item as in ml-100k",
+        )
+    layout, folder = found
+    if layout == "latest":
+        inter, items = _movielens_latest(folder)
+    else:
+        inter, items = _movielens_100k(folder)
+    items = validate_items(items, source=str(folder))
+    inter = validate_interactions(inter, source=str(folder), items=items)
+    return _write(inter, items, out_dir, f"movielens ({layout})")
+
+
+def _read_ml_csv(path: Path, schema: dict[str, pl.DataType]) -> pl.LazyFrame:
+    """Lazily scan a MovieLens CSV with a fixed schema (ml-25m has 25M ratings)."""
+    try:
+        with path.open("rb") as f:
+            header = f.readline().decode("utf-8", errors="replace").strip().split(",")
+    except OSError as e:
+        raise DataError(f"cannot read the file: {e}", file=str(path)) from e
+    missing = [c for c in schema if c not in header]
+    if missing:
+        raise DataError(
+            f"missing column(s) {', '.join(missing)} (header: {','.join(header)})",
+            file=str(path),
+            expected=f"columns {', '.join(schema)}",
+        )
+    return pl.scan_csv(path, schema_overrides=schema, infer_schema=False).select(list(schema))
+
+
+def _collect(lf: pl.LazyFrame, path: Path) -> pl.DataFrame:
+    try:
+        return lf.collect(engine="streaming")
+    except pl.exceptions.PolarsError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot read the file: {first}", file=str(path)) from e
+
+
+def _movielens_latest(src: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    ratings_path = src / "ratings.csv"
+    ratings = _read_ml_csv(
+        ratings_path,
+        {"userId": pl.Int64, "movieId": pl.Int64, "rating": pl.Float64, "timestamp": pl.Int64},
+    ).select(
+        pl.col("userId").alias(USER),
+        pl.col("movieId").alias(ITEM),
+        _from_epoch_seconds("timestamp"),
+        pl.col("rating").alias(RATING),
+    )
+    inter = _collect(ratings, ratings_path)
+
+    movies_path = src / "movies.csv"
+    movies = _read_ml_csv(
+        movies_path, {"movieId": pl.Int64, "title": pl.String, "genres": pl.String}
+    ).select(
+        pl.col("movieId").alias(ITEM),
+        pl.col("title"),
+        pl.when(pl.col("genres") == "(no genres listed)")
+        .then(None)
+        .otherwise(pl.col("genres"))
+        .alias("genres"),
+        pl.col("title").str.extract(_YEAR, 1).alias("year"),
+    )
+    items = _collect(movies, movies_path)
+
+    tags_path = src / "tags.csv"
+    if tags_path.is_file():
+        tags = _collect(_movielens_tags(tags_path), tags_path)
+        items = items.join(tags, on=ITEM, how="left", maintain_order="left")
+    else:
+        items = items.with_columns(pl.lit(None, dtype=pl.String).alias("tags"))
+    return inter, items.select(ITEM, "title", "genres", "tags", "year")
+
+
+def _movielens_tags(path: Path) -> pl.LazyFrame:
+    """Each movie's distinct tags, lowercased, most applied first, at most MAX_TAGS."""
+    tag = pl.col("tag").cast(pl.String).str.to_lowercase().str.replace_all("|", " ", literal=True)
+    return (
+        _read_ml_csv(path, {"movieId": pl.Int64, "tag": pl.String})
+        .select(pl.col("movieId").alias(ITEM), tag.str.strip_chars().alias("tag"))
+        .filter(pl.col("tag").is_not_null() & (pl.col("tag") != ""))
+        .group_by(ITEM, "tag")
+        .agg(pl.len().alias("n"))
+        .group_by(ITEM)
+        .agg(
+            pl.col("tag")
+            .sort_by(["n", "tag"], descending=[True, False])
+            .head(MAX_TAGS)
+            .str.join("|")
+            .alias("tags")
+        )
+    )
+
+
+def _movielens_100k(src: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    data_path, item_path = src / "u.data", src / "u.item"
+    try:
+        inter = pl.read_csv(
+            data_path,
+            separator="\t",
+            has_header=False,
+            new_columns=[USER, ITEM, RATING, "ts"],
+            schema_overrides=[pl.Int64, pl.Int64, pl.Float64, pl.Int64],
+        ).select(USER, ITEM, _from_epoch_seconds("ts"), RATING)
+    except pl.exceptions.PolarsError as e:
+        raise DataError(
+            f"cannot read the file: {e}", file=str(data_path), expected="user item rating ts"
+        ) from e
+    # u.item is latin-1 (e.g. "Señorita Extraviada"); polars reads UTF-8 only.
+    text = item_path.read_bytes().decode("latin-1")
+    names = ["item_id", "title", "release_date", "video_release_date", "url"]
+    flags = [f"g{i}" for i in range(len(ML100K_GENRES))]
+    try:
+        raw = pl.read_csv(
+            io.BytesIO(text.encode("utf-8")),
+            separator="|",
+            has_header=False,
+            quote_char=None,
+            new_columns=names + flags,
+            schema_overrides=[pl.Int64] + [pl.String] * 4 + [pl.Int8] * len(flags),
+        )
+    except pl.exceptions.PolarsError as e:
+        raise DataError(
+            f"cannot read the file: {e}",
+            file=str(item_path),
+            expected="movie id | title | release date | video release date | IMDb URL | "
+            "19 genre flags",
+        ) from e
+    genre_list = pl.concat_list(
+        [
+            pl.when(pl.col(f) == 1).then(pl.lit(g)).otherwise(None)
+            for f, g in zip(flags, ML100K_GENRES, strict=True)
+        ]
+    ).list.drop_nulls()
+    items = raw.select(
+        pl.col("item_id").alias(ITEM),
+        pl.col("title"),
+        genre_list.list.join("|").replace("", None).alias("genres"),
+        pl.col("title").str.extract(_YEAR, 1).alias("year"),
+    )
+    return inter, items
+
+
+# --------------------------------------------------------------------------------- MIND
+
+_BEHAVIORS = ["impression_id", "user_id", "time", "history", "impressions"]
+_NEWS = [
+    "item_id",
+    "category",
+    "subcategory",
+    "title",
+    "abstract",
+    "url",
+    "title_entities",
+    "abstract_entities",
+]
+
+
+def _read_tsv(path: Path, names: list[str]) -> pl.DataFrame:
+    """MIND's header-less TSVs; titles hold bare quotes, so quoting is off."""
+    if not path.is_file():
+        raise DataError("file not found", file=str(path), expected="the MIND layout")
+    try:
+        return pl.read_csv(
+            path,
+            separator="\t",
+            has_header=False,
+            quote_char=None,
+            new_columns=names,
+            schema_overrides=[pl.String] * len(names),
+        )
+    except pl.exceptions.PolarsError as e:
+        first = str(e).strip().splitlines()[0]
+        raise DataError(
+            f"cannot read the file: {first}",
+            file=str(path),
+            expected=f"{len(names)} tab-separated columns: {', '.join(names)}",
+        ) from e
+
+
+def ingest_mind(src_dir: PathLike, out_dir: PathLike) -> tuple[Path, Path]:
+    """Convert a MIND split (behaviors.tsv + news.tsv) to canonical tables.
+
+    Every impression entry becomes a row with impression_id and label (1 clicked, 0 shown
+    and skipped). History clicks carry no time: they become event="history_click" rows
+    just before the user's first impression, one second apart, in history order. Entries
+    naming news absent from news.tsv (known in MIND's dev/test splits) are dropped with a
+    warning, since validation would refuse them.
+    """
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise DataError("folder not found", file=str(src), expected="a MIND folder")
+    if not (src / "behaviors.tsv").is_file():
+        subs = [d for d in src.iterdir() if d.is_dir() and (d / "behaviors.tsv").is_file()]
+        if len(subs) == 1:
+            src = subs[0]
+        else:
+            present = ", ".join(sorted(p.name for p in src.iterdir())[:20]) or "nothing"
+            raise DataError(
+                f"not a MIND folder (it holds: {present})",
+                file=str(src),
+                expected="behaviors.tsv and news.tsv",
+            )
+    beh_path = src / "behaviors.tsv"
+    news = _read_tsv(src / "news.tsv", _NEWS)
+    news = news.select(_NEWS[:5]).unique(ITEM, keep="first", maintain_order=True)
+    items = validate_items(news, source=str(src / "news.tsv"))
+
+    beh = _read_tsv(beh_path, _BEHAVIORS).with_row_index("row")
+    time = (
+        pl.col("time").str.strip_chars().str.to_datetime(_MIND_TIME, strict=False, time_unit="us")
+    )
+    beh = beh.with_columns(time.dt.replace_time_zone("UTC").alias(TS))
+    bad = beh.filter(pl.col(TS).is_null())
+    if bad.height:
+        raise DataError(
+            f"{bad.height} time(s) could not be parsed, e.g. {bad['time'].head(3).to_list()}",
+            file=str(beh_path),
+            column="time",
+            rows=bad["row"].head(10_000).to_list(),
+            expected="times like 11/15/2019 8:55:22 AM",
+        )
+
+    imp = (
+        beh.select(IMPRESSION, USER, TS, pl.col("impressions").str.strip_chars().str.split(" "))
+        .explode("impressions")
+        .filter(pl.col("impressions").is_not_null() & (pl.col("impressions") != ""))
+        .with_columns(
+            pl.col("impressions").str.extract(r"^(.+?)(?:-(\d+))?$", 1).alias(ITEM),
+            pl.col("impressions").str.extract(r"^(.+?)(?:-(\d+))?$", 2).alias(LABEL),
+        )
+    )
+    if imp[LABEL].null_count() == imp.height:  # the test split has no labels
+        imp = imp.with_columns(pl.lit("impression").alias(EVENT)).drop(LABEL)
+    else:
+        imp = imp.with_columns(
+            pl.col(LABEL).cast(pl.Int8, strict=False),
+        ).with_columns(
+            pl.when(pl.col(LABEL) == 1)
+            .then(pl.lit("impression_click"))
+            .otherwise(pl.lit("impression_skip"))
+            .alias(EVENT)
+        )
+    imp = imp.drop("impressions")
+
+    first_seen = beh.group_by(USER).agg(pl.col(TS).min().alias("first_ts"))
+    hist = (
+        beh.sort([TS, "row"])
+        .select(USER, pl.col("history").str.strip_chars().str.split(" ").alias(ITEM))
+        .explode(ITEM)
+        .filter(pl.col(ITEM).is_not_null() & (pl.col(ITEM) != ""))
+        .unique([USER, ITEM], keep="first", maintain_order=True)
+        .join(first_seen, on=USER, how="left", maintain_order="left")
+        .with_columns(
+            (
+                pl.col("first_ts")
+                - pl.duration(
+                    seconds=pl.len().over(USER) - pl.int_range(pl.len()).over(USER),
+                    time_unit="us",
+                )
+            ).alias(TS),
+            pl.lit(None, dtype=pl.String).alias(IMPRESSION),
+            pl.lit("history_click").alias(EVENT),
+        )
+    )
+    if LABEL in imp.columns:
+        hist = hist.with_columns(pl.lit(1, dtype=pl.Int8).alias(LABEL))
+    cols = [USER, ITEM, TS, EVENT, IMPRESSION] + ([LABEL] if LABEL in imp.columns else [])
+    inter = pl.concat([hist.select(cols), imp.select(cols)]).sort(TS, maintain_order=True)
+
+    known = pl.col(ITEM).is_in(items[ITEM].implode())
+    n_unknown = inter.filter(~known).height
+    if n_unknown:
+        n_ids = inter.filter(~known)[ITEM].n_unique()
+        log.warning(
+            "%s: dropped %d interaction(s) naming %d news id(s) missing from news.tsv",
+            beh_path,
+            n_unknown,
+            n_ids,
+        )
+        inter = inter.filter(known)
+    inter = validate_interactions(inter, source=str(beh_path), items=items)
+    return _write(inter, items, out_dir, "mind")
+
+
+# ---------------------------------------------------------------------------- generic
+
+
+def ingest_csv(
+    interactions_src: PathLike,
+    out_dir: PathLike,
+    items_src: PathLike | None = None,
+    mapping: dict[str, str] | None = None,
+    sep: str | None = None,
+    drop_unknown_items: bool = False,
+) -> tuple[Path, Path]:
+    """Convert any CSV/TSV/Parquet event log (and optional item table) to canonical tables.
+
+    `mapping` maps canonical names to source column names, e.g. {"user_id": "uid"}; it
+    applies to both files wherever the source column exists. Without an items file the
+    catalogue is the distinct item ids, with no text.
+    """
+    mapping = dict(mapping or {})
+    inter_src = Path(interactions_src)
+
+    def load(path: Path, ids: list[str]) -> pl.DataFrame:
+        df = read_table(path, [mapping.get(c, c) for c in ids], sep=sep)
+        renames = {s: c for c, s in mapping.items() if s in df.columns and s != c}
+        clash = [c for c in renames.values() if c in df.columns and c not in renames]
+        if clash:
+            df = df.drop(clash)  # the mapped source column wins over a same-named one
+        return df.rename(renames)
+
+    raw = load(inter_src, [USER, ITEM])
+    for canonical in (USER, ITEM, TS):
+        if canonical in mapping and canonical not in raw.columns:
+            raise DataError(
+                f"the mapping names column '{mapping[canonical]}' for {canonical}, but the "
+                f"file has no such column (columns found: {', '.join(raw.columns)})",
+                file=str(inter_src),
+                column=mapping[canonical],
+            )
+    if items_src is not None:
+        items = validate_items(load(Path(items_src), [ITEM]), source=str(items_src))
+    else:
+        if ITEM not in raw.columns:
+            raise DataError(
+                f"required column is missing (columns found: {', '.join(raw.columns)})",
+                file=str(inter_src),
+                column=ITEM,
+                expected="an item_id column, or --map item_id=COLUMN",
+            )
+        items = validate_items(
+            raw.select(pl.col(ITEM).drop_nulls().unique(maintain_order=True)),
+            source=str(inter_src),
+        )
+    inter = validate_interactions(
+        raw, source=str(inter_src), items=items, drop_unknown_items=drop_unknown_items
+    )
+    return _write(inter, items, out_dir, "csv")

@@ -1,0 +1,62 @@
+"""Shared fixtures: small synthetic data sets written by the tests themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic data set (string ids), canonical Parquet."""
+    from recsys.synth import generate
+
+    d = tmp_path_factory.mktemp("synth")
+    generate(d, n_users=300, n_items=250, n_events=12_000, seed=1, progress=False)
+    return d
+
+
+@pytest.fixture(scope="session")
+def synth_data(synth_dir: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    from recsys.schema import read_interactions, read_items
+
+    items = read_items(synth_dir / "items.parquet")
+    return read_interactions(synth_dir / "interactions.parquet", items=items), items
+
+
+@pytest.fixture(scope="session")
+def fast_config():  # type: ignore[no-untyped-def]
+    from recsys.config import PipelineConfig
+
+    return PipelineConfig.model_validate(
+        {
+            "sources": {"per_source": 50, "als_iterations": 3},
+            "ranker": {"n_estimators": 60, "early_stopping_rounds": 20},
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def fitted(synth_data, fast_config):  # type: ignore[no-untyped-def]
+    from recsys.pipeline import Pipeline
+
+    inter, items = synth_data
+    return Pipeline(fast_config).fit(inter, items)
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(fitted, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    d = tmp_path_factory.mktemp("bundle") / "b"
+    fitted.save(str(d))
+    return d
+
+
+def movielens_dir() -> Path:
+    d = SHARED / "ml-latest-small"
+    if not (d / "ratings.csv").exists():
+        pytest.skip("ml-latest-small is not present in ../shared/datasets")
+    return d

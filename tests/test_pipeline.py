@@ -1,0 +1,55 @@
+"""The recommend contract on a small synthetic data set."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from recsys.candidates import History, MostPopular, top_n
+from recsys.data import IdIndex, to_canonical, to_internal
+from recsys.metrics import summarize
+from recsys.pipeline import Pipeline
+from recsys.split import split_last_fraction
+
+
+def test_lists_have_k_unseen_items_and_keep_string_ids(fitted, synth_data) -> None:  # type: ignore[no-untyped-def]
+    inter, _ = synth_data
+    users = inter["user_id"].unique().head(50)
+    recs = fitted.recommend(users, k=10)
+    assert recs.columns == ["user_id", "item_id", "rank", "score"]
+    assert recs.schema["user_id"] == pl.String and recs.schema["item_id"] == pl.String
+    per_user = recs.group_by("user_id").agg(
+        pl.col("rank").sort(), pl.col("item_id").n_unique().alias("n")
+    )
+    assert per_user.height == 50
+    assert all(r == list(range(1, 11)) for r in per_user["rank"].to_list())
+    assert per_user["n"].min() == 10
+    seen = inter.select("user_id", "item_id").unique()
+    assert recs.join(seen, on=["user_id", "item_id"], how="semi").height == 0
+    # scores decrease along the list
+    for _, g in recs.group_by("user_id"):
+        s = g.sort("rank")["score"].to_numpy()
+        assert np.all(np.diff(s) <= 1e-9)
+
+
+def test_unknown_users_get_a_fallback_list(fitted) -> None:  # type: ignore[no-untyped-def]
+    recs = fitted.recommend(pl.Series("user_id", ["nobody", "nobody-else"]), k=5)
+    assert recs.group_by("user_id").len()["len"].to_list() == [5, 5]
+    assert recs.filter(pl.col("user_id") == "nobody")["item_id"].n_unique() == 5
+
+
+def test_pipeline_beats_most_popular_on_held_out_events(synth_data, fast_config) -> None:  # type: ignore[no-untyped-def]
+    inter, items = synth_data
+    users = IdIndex.from_values(inter["user_id"])
+    item_index = IdIndex(items["item_id"])
+    hist, test = split_last_fraction(to_internal(inter, users, item_index), 0.2)
+    p = Pipeline(fast_config).fit(to_canonical(hist, users, item_index), items)
+    u = np.sort(test["u"].unique().to_numpy()).astype(np.int64)
+    recs, _ = p.recommend_indices(p.user_index_.lookup(users.take(u)), 10)
+    ours = summarize(recs, u, test, 10, len(item_index))["ndcg@10"]
+    h = History(hist, len(users), len(item_index))
+    pop = MostPopular().fit(h)
+    base = summarize(top_n(pop.scores(u, h), h.X[u], 10)[0], u, test, 10, len(item_index))[
+        "ndcg@10"
+    ]
+    assert ours > 1.2 * base, (ours, base)

@@ -250,17 +250,18 @@ class ALS:
         from threadpoolctl import threadpool_limits
 
         # one thread: implicit's multithreaded solver is not reproducible run to run
-        model = AlternatingLeastSquares(
-            factors=self.factors,
-            regularization=self.regularization,
-            alpha=self.alpha,
-            iterations=self.iterations,
-            random_state=self.seed,
-            num_threads=1,
-        )
         with threadpool_limits(1, "blas"), warnings.catch_warnings():
-            # the BLAS pool is limited right here; implicit's check looks at the global one
+            # the BLAS pool is limited right here; implicit's check (in the constructor
+            # and in fit) looks at the global one
             warnings.filterwarnings("ignore", message="OpenBLAS is configured")
+            model = AlternatingLeastSquares(
+                factors=self.factors,
+                regularization=self.regularization,
+                alpha=self.alpha,
+                iterations=self.iterations,
+                random_state=self.seed,
+                num_threads=1,
+            )
             model.fit(h.X.astype(np.float32), show_progress=False)
         self.user_factors_ = np.asarray(model.user_factors, dtype=np.float32)
         self.item_factors_ = np.asarray(model.item_factors, dtype=np.float32)

@@ -1,0 +1,155 @@
+"""The command contract of DESIGN.md, run as a user runs it: fit, recommend, evaluate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+RECSYS = str(Path(sys.executable).with_name("recsys"))
+
+FAST_TOML = """
+[sources]
+per_source = 50
+als_iterations = 3
+
+[ranker]
+n_estimators = 60
+early_stopping_rounds = 20
+"""
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([RECSYS, *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def fast_toml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("cfg") / "fast.toml"
+    p.write_text(FAST_TOML)
+    return p
+
+
+@pytest.fixture(scope="module")
+def cli_bundle(synth_dir: Path, fast_toml: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "bundle"
+    r = run(
+        "fit",
+        "--interactions",
+        str(synth_dir / "interactions.parquet"),
+        "--items",
+        str(synth_dir / "items.parquet"),
+        "--out",
+        str(out),
+        "--config",
+        str(fast_toml),
+        "--no-lm",
+    )
+    assert r.returncode == 0, r.stderr
+    # the fit log shows the time of each stage
+    assert "stage ranker" in r.stderr and "fit time by stage" in r.stdout
+    return out
+
+
+def test_fit_then_recommend_writes_k_unseen_rows_per_user(
+    cli_bundle: Path, synth_dir: Path, tmp_path: Path
+) -> None:
+    inter = pl.read_parquet(synth_dir / "interactions.parquet")
+    known = inter["user_id"].unique().sort().head(30).to_list()
+    users = tmp_path / "users.parquet"
+    pl.DataFrame({"user_id": [*known, "never-seen-user"]}).write_parquet(users)
+    out = tmp_path / "recs.parquet"
+    r = run("recommend", "--bundle", str(cli_bundle), "--users", str(users), "--k", "7")
+    assert r.returncode != 0  # --out is required
+    r = run(
+        "recommend", "--bundle", str(cli_bundle), "--users", str(users), "--k", "7", "--out", str(out)
+    )
+    assert r.returncode == 0, r.stderr
+    recs = pl.read_parquet(out)
+    assert recs.columns == ["user_id", "item_id", "rank", "score"]
+    counts = recs.group_by("user_id").agg(pl.len(), pl.col("rank").sort())
+    assert counts.height == 31
+    assert set(counts["len"].to_list()) == {7}
+    assert all(ranks == list(range(1, 8)) for ranks in counts["rank"].to_list())
+    seen = inter.select("user_id", "item_id").unique()
+    assert recs.join(seen, on=["user_id", "item_id"], how="semi").height == 0
+    assert not list(tmp_path.glob("*.parts"))  # parts cleaned once the file is complete
+
+
+def test_fit_on_bad_input_names_file_column_and_exits_nonzero(
+    synth_dir: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.parquet"
+    pl.read_parquet(synth_dir / "interactions.parquet").drop("timestamp").write_parquet(bad)
+    out = tmp_path / "b"
+    r = run(
+        "fit", "--interactions", str(bad), "--items", str(synth_dir / "items.parquet"),
+        "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "bad.parquet" in r.stderr and "timestamp" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_recommend_refuses_a_tampered_bundle(cli_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(cli_bundle, copy)
+    with open(copy / "history.parquet", "ab") as f:
+        f.write(b"x")
+    users = tmp_path / "u.parquet"
+    pl.DataFrame({"user_id": ["a"]}).write_parquet(users)
+    r = run("recommend", "--bundle", str(copy), "--users", str(users), "--out", str(tmp_path / "r"))
+    assert r.returncode == 2
+    assert "history.parquet" in r.stderr and "checksum" in r.stderr
+
+
+def test_interrupted_recommend_resumes_from_finished_chunks(
+    cli_bundle: Path, synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recsys import batch
+    from recsys.pipeline import Pipeline
+
+    users = tmp_path / "users.parquet"
+    ids = pl.read_parquet(synth_dir / "interactions.parquet")["user_id"].unique().sort().head(50)
+    pl.DataFrame({"user_id": ids}).write_parquet(users)
+    out = tmp_path / "recs.parquet"
+    real = Pipeline.recommend
+    calls: list[int] = []
+
+    def failing(self, user_ids, k=10, **kw):  # type: ignore[no-untyped-def]
+        calls.append(len(user_ids))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, user_ids, k=k, **kw)
+
+    monkeypatch.setattr(Pipeline, "recommend", failing)
+    with pytest.raises(KeyboardInterrupt):
+        batch.recommend_file(cli_bundle, users, out, k=5, batch_size=10)
+    assert not out.exists()
+    assert len(list(out.with_name(out.name + ".parts").glob("part-*.parquet"))) == 2
+    calls.clear()
+    monkeypatch.setattr(Pipeline, "recommend", real)
+    n_users, n_rows = batch.recommend_file(cli_bundle, users, out, k=5, batch_size=10)
+    assert (n_users, n_rows) == (50, 250)
+    assert pl.read_parquet(out)["user_id"].n_unique() == 50
+
+
+def test_evaluate_prints_the_table_and_writes_the_report(
+    synth_dir: Path, fast_toml: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    r = run(
+        "evaluate", "--interactions", str(synth_dir / "interactions.parquet"),
+        "--items", str(synth_dir / "items.parquet"), "--out", str(out),
+        "--config", str(fast_toml), "--no-lm",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for model in ("MostPop", "ItemKNN", "EASE", "ALS", "recsys"):
+        assert model in r.stdout
+    assert (out / "metrics.json").is_file() and (out / "report.md").is_file()

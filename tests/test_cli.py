@@ -65,8 +65,9 @@ def test_fit_then_recommend_writes_k_unseen_rows_per_user(
     r = run("recommend", "--bundle", str(cli_bundle), "--users", str(users), "--k", "7")
     assert r.returncode != 0  # --out is required
     r = run(
-        "recommend", "--bundle", str(cli_bundle), "--users", str(users), "--k", "7", "--out", str(out)
-    )
+        "recommend", "--bundle", str(cli_bundle), "--users", str(users),
+        "--k", "7", "--out", str(out),
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     recs = pl.read_parquet(out)
     assert recs.columns == ["user_id", "item_id", "rank", "score"]

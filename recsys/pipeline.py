@@ -217,16 +217,6 @@ class Pipeline:
             sources_in = [s.fit(h_in) for s in make_sources(cfg)]
         with stage("candidates (targets)", self.timings_):
             pairs = self._candidates(sources_in, h_in, train_users)
-            labels = (
-                pairs.select(U, I)
-                .join(
-                    targets.select(U, I).unique().with_columns(pl.lit(1).alias("y")),
-                    on=[U, I],
-                    how="left",
-                )["y"]
-                .fill_null(0)
-                .to_numpy()
-            )
             self._log_candidate_recall(pairs, targets.filter(pl.col(U).is_in(train_users.tolist())))
         with stage("features (targets)", self.timings_):
             feats = build_features(h_in, pairs, self.item_cats_, cfg)

@@ -1,0 +1,330 @@
+"""The online path: candidates -> features -> scores for one user, in numpy.
+
+`OnlineRanker` is built once from a fitted pipeline. Everything that does not depend
+on the user (item popularity and age, transitions, categories, the event-time index,
+the sources' matrices) is computed at build time with the offline code itself; per
+request only the user's own history is touched. The values equal those of
+`recsys.pipeline.build_features` for the same state (tests/test_serving_online.py
+holds every feature column of the ranker to that).
+
+A user is a `UserState`: their events in time order, and the bundle's user index when
+they have one. Fresh events make a new state; nothing here is mutated per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from features.popularity import DAY, item_age, item_popularity
+from features.sequence import transitions
+from features.time_aware import EventTimeIndex
+from features.user import item_mean_user_activity
+from recsys.candidates import ALS, EASE, ItemKNN, MostPopular, NextItem, RecentPopular
+from recsys.data import I, T, U
+from recsys.pipeline import Pipeline
+
+log = logging.getLogger("recsys")
+
+RECENT_CATS = 20  # features.affinity.user_category_affinity's recent_n
+
+
+@dataclass(frozen=True)
+class UserState:
+    """One user's events, oldest first, and their row in the bundle (-1: none)."""
+
+    items: np.ndarray  # int64 item indices
+    times: np.ndarray  # int64 epoch seconds
+    user: int = -1
+    fresh: bool = False  # events beyond the bundle's history (ALS factors are re-solved)
+
+    @property
+    def last_t(self) -> int:
+        return int(self.times[-1]) if len(self.times) else -1
+
+
+@dataclass
+class Ranked:
+    """Every candidate of one request, best first."""
+
+    items: np.ndarray  # int64 item indices
+    scores: np.ndarray  # float64
+
+
+class OnlineRanker:
+    """Candidate sources, features and ranker of a fitted `Pipeline`, for one user at
+    a time. `lm_features` is the hook for the language model: a callable
+    (state, candidate items) -> {column: values} merged into the feature columns."""
+
+    def __init__(self, p: Pipeline, tree_cache: Path | None = None) -> None:
+        h = p.history_
+        cfg = p.config
+        self.pipeline = p
+        self.n_items = h.n_items
+        self.now = int(h.now or 0)
+        self.per_source = cfg.sources.per_source
+        self.last_n = cfg.sources.next_last_n
+        self.decay = cfg.sources.next_decay
+        self.sources = p.sources_
+        self.features = list(p.ranker_.features_)
+        self.lm_features: Callable[[UserState, np.ndarray], dict[str, np.ndarray]] | None = None
+
+        ev = h.ev
+        lev = ev.lazy()
+        # user histories as CSR-like arrays over the bundle's events (sorted by u, t)
+        u = ev[U].to_numpy().astype(np.int64)
+        self._hist_items = ev[I].to_numpy().astype(np.int64)
+        self._hist_times = ev[T].to_numpy().astype(np.int64)
+        self._hist_ptr = np.searchsorted(u, np.arange(h.n_users + 1), side="left")
+
+        # item-side features, with the offline functions themselves (NaN: no events)
+        self._item_cols: dict[str, np.ndarray] = {}
+        for frame in (
+            item_popularity(lev, self.now),
+            item_age(lev, self.now),
+            item_mean_user_activity(lev),
+        ):
+            df = frame.collect()
+            idx = df[I].to_numpy()
+            for c in df.columns:
+                if c == I:
+                    continue
+                col = np.full(self.n_items, np.nan)
+                col[idx] = df[c].cast(pl.Float64).to_numpy()
+                self._item_cols[c] = col
+
+        # sequence features: raw transition weights (float64, as in features.sequence)
+        tr = transitions(lev, cfg.sources.next_max_gap).collect()
+        self._trans = sp.csr_matrix(
+            (
+                tr["weight"].to_numpy().astype(np.float64),
+                (tr["prev"].to_numpy(), tr["next"].to_numpy()),
+            ),
+            shape=(self.n_items, self.n_items),
+        )
+        self._trans_t = self._trans.T.tocsr()
+        self._occ = np.bincount(self._hist_items, minlength=self.n_items).astype(np.float64)
+
+        # categories: items x categories, binary
+        cats = p.item_cats_
+        if cats.height:
+            codes = cats["cat"].cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
+            n_cats = int(codes.max()) + 1
+            self._ic = sp.csr_matrix(
+                (np.ones(len(codes)), (cats["i"].to_numpy(), codes)),
+                shape=(self.n_items, n_cats),
+            )
+        else:
+            self._ic = sp.csr_matrix((self.n_items, 1))
+        self._ic.sum_duplicates()
+        self._n_cats = np.diff(self._ic.indptr)
+
+        self._time_index = EventTimeIndex.build(self._hist_items, self._hist_times)
+
+        # per-source prepared state
+        self._prep: dict[str, object] = {}
+        for s in self.sources:
+            if isinstance(s, ItemKNN):
+                self._prep[s.name] = s.sim_.T.tocsr()  # what `X @ sim_.T` multiplies by
+            elif isinstance(s, EASE):
+                pos = np.full(self.n_items, -1, dtype=np.int64)
+                pos[s.items_] = np.arange(len(s.items_))
+                self._prep[s.name] = pos
+            elif isinstance(s, ALS):
+                Y = s.item_factors_.astype(np.float64)
+                self._prep[s.name] = Y.T @ Y
+            elif not isinstance(s, MostPopular | RecentPopular | NextItem):
+                raise TypeError(f"no online version of candidate source {s.name!r}")
+
+        from recsys.trees import TreeEnsemble
+
+        self.trees = TreeEnsemble(p.ranker_.boosters_, cache_dir=tree_cache)
+
+    # -- state -------------------------------------------------------------------
+    def user_state(self, u: int, extra: tuple[np.ndarray, np.ndarray] | None = None) -> UserState:
+        """The bundle's events of user `u` (-1: none) followed by `extra` (items, times)."""
+        if u >= 0:
+            lo, hi = self._hist_ptr[u], self._hist_ptr[u + 1]
+            items, times = self._hist_items[lo:hi], self._hist_times[lo:hi]
+        else:
+            items, times = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        if extra is not None and len(extra[0]):
+            items = np.concatenate([items, np.asarray(extra[0], dtype=np.int64)])
+            times = np.concatenate([times, np.asarray(extra[1], dtype=np.int64)])
+            order = np.argsort(times, kind="stable")
+            return UserState(items[order], times[order], u, fresh=True)
+        return UserState(items, times, u)
+
+    def seen(self, state: UserState) -> np.ndarray:
+        return np.unique(state.items)
+
+    # -- candidates -----------------------------------------------------------------
+    def _row(self, state: UserState) -> sp.csr_matrix:
+        seen = self.seen(state)
+        return sp.csr_matrix(
+            (np.ones(len(seen), np.float32), seen, np.array([0, len(seen)])),
+            shape=(1, self.n_items),
+        )
+
+    def source_scores(self, state: UserState) -> np.ndarray:
+        """[n_sources, n_items] float32, the same arithmetic as each source's `scores`."""
+        out = np.empty((len(self.sources), self.n_items), dtype=np.float32)
+        x = self._row(state)
+        for r, s in enumerate(self.sources):
+            if isinstance(s, MostPopular):
+                out[r] = s.counts_
+            elif isinstance(s, RecentPopular):
+                t_end = state.last_t if state.last_t >= 0 else self.now
+                out[r] = s.counts_at(np.array([t_end]), self.n_items)[0]
+            elif isinstance(s, ItemKNN):
+                out[r] = np.asarray((x @ self._prep[s.name]).todense(), dtype=np.float32)[0]
+            elif isinstance(s, EASE):
+                out[r] = -np.inf
+                pos = self._prep[s.name]
+                p = pos[x.indices]  # type: ignore[index]
+                p = p[p >= 0]
+                xk = sp.csr_matrix(
+                    (np.ones(len(p), np.float32), p, np.array([0, len(p)])),
+                    shape=(1, len(s.items_)),
+                )
+                v = xk @ s.B_
+                out[r, s.items_] = v.toarray() if sp.issparse(v) else np.asarray(v, np.float32)
+            elif isinstance(s, ALS):
+                out[r] = (self._als_factor(s, state) @ s.item_factors_.T)[0]
+            elif isinstance(s, NextItem):
+                last = state.items[-s.last_n :][::-1]
+                w = sp.csr_matrix(
+                    (
+                        (s.decay ** np.arange(len(last))).astype(np.float32),
+                        (np.zeros(len(last), dtype=np.int64), last),
+                    ),
+                    shape=(1, self.n_items),
+                )
+                out[r] = np.asarray((w @ s.trans_).todense(), dtype=np.float32)[0]
+        return out
+
+    def _als_factor(self, s: ALS, state: UserState) -> np.ndarray:
+        """The fitted factor of a bundle user; for new or fresh histories, the ALS
+        least-squares solution against the fixed item factors."""
+        if state.user >= 0 and not state.fresh:
+            return s.user_factors_[[state.user]]
+        seen = self.seen(state)
+        if len(seen) == 0:
+            return np.zeros((1, s.item_factors_.shape[1]), dtype=np.float32)
+        Y = s.item_factors_[seen].astype(np.float64)
+        A = self._prep[s.name] + s.alpha * (Y.T @ Y)  # type: ignore[operator]
+        A[np.diag_indices_from(A)] += s.regularization
+        b = (1.0 + s.alpha) * Y.sum(axis=0)
+        return np.linalg.solve(A, b).astype(np.float32)[None, :]
+
+    def candidates(self, state: UserState) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Union of each source's top-`per_source` unseen items (sorted by index), with
+        `{source}_score` and `{source}_rank` columns, as `generate_candidates`."""
+        S = self.source_scores(state)
+        S_masked = S.copy()
+        S_masked[:, self.seen(state)] = -np.inf
+        n = min(self.per_source, self.n_items)
+        part = np.argpartition(-S_masked, n - 1, axis=1)[:, :n]
+        ps = np.take_along_axis(S_masked, part, axis=1)
+        order = np.argsort(-ps, axis=1, kind="stable")
+        top = np.take_along_axis(part, order, axis=1)
+        ok = np.isfinite(np.take_along_axis(ps, order, axis=1))
+        cands = np.unique(top[ok])
+        cols: dict[str, np.ndarray] = {}
+        rank = np.empty(self.n_items, dtype=np.int32)
+        for r, s in enumerate(self.sources):
+            sc = S[r, cands]
+            cols[f"{s.name}_score"] = np.where(np.isfinite(sc), sc, np.nan).astype(np.float32)
+            rank.fill(self.per_source + 1)
+            t = top[r][ok[r]]
+            rank[t] = np.arange(1, len(t) + 1, dtype=np.int32)
+            cols[f"{s.name}_rank"] = rank[cands].copy()
+        return cands.astype(np.int64), cols
+
+    # -- features ---------------------------------------------------------------------
+    def feature_columns(self, state: UserState, cands: np.ndarray) -> dict[str, np.ndarray]:
+        """Every feature column for (state, cands) except the sources' own."""
+        cols: dict[str, np.ndarray] = {c: v[cands] for c, v in self._item_cols.items()}
+        items, times = state.items, state.times
+        last_t = int(times.max())
+        now = max(self.now, last_t)
+        # features.user.user_activity
+        days_since_last = (now - last_t) / DAY
+        user = {
+            "user_n": float(len(items)),
+            "user_days_since_last": days_since_last,
+            "user_span_days": (last_t - int(times.min())) / DAY,
+            "user_last_day_n": float(np.count_nonzero(times > last_t - DAY)),
+        }
+        nc = len(cands)
+        for c, v in user.items():
+            cols[c] = np.full(nc, v)
+        # features.time_aware.popularity_before_user_time
+        for c, v in self._time_index.counts(cands, np.full(nc, last_t)).items():
+            cols[c] = np.asarray(v, dtype=np.float64)
+        # features.sequence.sequence_follow
+        last = items[-self.last_n :][::-1]
+        w = self.decay ** np.arange(len(last), dtype=np.float64)
+        F = self._trans[last].toarray()[:, cands]
+        B = self._trans_t[last].toarray()[:, cands]
+        cols["seq_follow"] = w @ F
+        cols["seq_follow_norm"] = (w / self._occ[last]) @ F
+        cols["seq_follow_last"] = F[0] if len(last) else np.zeros(nc)
+        present = F != 0
+        cols["seq_follow_nearest"] = np.where(
+            present.any(axis=0), present.argmax(axis=0), self.last_n
+        ).astype(np.float64)
+        cols["seq_precede"] = w @ B
+        # features.affinity.user_category_affinity
+        ic = self._ic
+        aff = np.asarray(ic[items].sum(axis=0)).ravel() / len(items)
+        raff = np.asarray(ic[items[-RECENT_CATS:]].sum(axis=0)).ravel() / RECENT_CATS
+        sub = ic[cands]
+        n_c = np.diff(sub.indptr)
+        rows = np.repeat(np.arange(nc), n_c)
+        a = aff[sub.indices]
+        cols["cat_aff_mean"] = np.where(
+            n_c > 0, np.bincount(rows, weights=a, minlength=nc) / np.maximum(n_c, 1), 0.0
+        )
+        cols["cat_aff_max"] = _segment_max(a, sub.indptr)
+        cols["cat_aff_recent_max"] = _segment_max(raff[sub.indices], sub.indptr)
+        cols["item_n_cats"] = n_c.astype(np.float64)
+        # pipeline.build_features' derived columns
+        cols["item_age_at_user_days"] = cols["item_age_days"] - days_since_last
+        cols["item_idle_at_user_days"] = cols["item_idle_days"] - days_since_last
+        if self.lm_features is not None:
+            cols.update(self.lm_features(state, cands))
+        return cols
+
+    def feature_matrix(self, state: UserState) -> tuple[np.ndarray, np.ndarray]:
+        """(candidate items, [n_candidates, n_features] float32 in the ranker's order)."""
+        cands, cols = self.candidates(state)
+        cols.update(self.feature_columns(state, cands))
+        X = np.empty((len(cands), len(self.features)), dtype=np.float32)
+        for j, c in enumerate(self.features):
+            X[:, j] = cols[c]
+        return cands, X
+
+    def rank(self, state: UserState) -> Ranked:
+        """Every candidate of a user with history, best first."""
+        cands, X = self.feature_matrix(state)
+        if len(cands) == 0:
+            return Ranked(cands, np.zeros(0))
+        s = self.trees.predict(X)
+        order = np.argsort(-s, kind="stable")
+        return Ranked(cands[order], s[order])
+
+
+def _segment_max(vals: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """Max of each CSR row's values; 0 for empty rows."""
+    out = np.zeros(len(indptr) - 1)
+    nz = np.flatnonzero(np.diff(indptr) > 0)
+    if len(nz):
+        out[nz] = np.maximum.reduceat(vals, indptr[nz])
+    return out

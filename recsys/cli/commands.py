@@ -185,8 +185,11 @@ def demo(
     events: int = typer.Option(200_000, "--events", help="Synthetic events."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """The main job on the embedded synthetic data: generate, evaluate against the
-    baselines, fit a bundle, and show a few users' lists with item text."""
+    """The main job on the embedded synthetic data, end to end.
+
+    Generates the data, evaluates the pipeline against the baselines, fits a bundle
+    and shows a few users' lists with item text.
+    """
     from recsys.demo import run_demo
 
     run_demo(out, n_users=users, n_items=items, n_events=events, seed=seed, console=console)

@@ -1,0 +1,366 @@
+"""The HTTP layer: parse, call the service, format. No model logic lives here.
+
+`create_app(service, settings)` builds the app over a `recsys.service.RecService`;
+`app_from_env()` is the factory `recsys serve` hands to uvicorn (one per worker).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import datetime
+from typing import Annotated, Any
+
+import orjson
+from fastapi import Body, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from recsys.service import RecService, ServiceError, ServiceLimits
+from serving.metrics import Metrics
+from serving.settings import Settings
+
+log = logging.getLogger("recsys.serving")
+
+MAX_ID_LEN = 256
+MAX_LIST = 1000
+MAX_EVENTS = 1000
+
+StrId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LEN)]
+IntId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Id = IntId | StrId
+
+
+class ScoredItem(BaseModel):
+    item_id: int | str
+    score: float | None = Field(description="ranker score; null for unranked filler items")
+
+
+class RecommendationOut(BaseModel):
+    user_id: int | str | None
+    items: list[ScoredItem]
+    model_version: str
+    fallback: str | None = Field(
+        None, description="null when ranked for the user; 'popular' or 'history' otherwise"
+    )
+
+
+class RecommendationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id | None = None
+    history: list[Id] | None = Field(None, max_length=MAX_LIST, description="recent items")
+    k: int = Field(10, ge=1, le=1000)
+    exclude: list[Id] | None = Field(None, max_length=MAX_LIST)
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id
+    item_id: Id
+    timestamp: datetime | None = Field(
+        None, description="epoch seconds or ISO 8601; default: the service's clock"
+    )
+
+
+class EventsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[EventIn] = Field(..., min_length=1, max_length=MAX_EVENTS)
+
+
+class EventsOut(BaseModel):
+    accepted: int
+
+
+class SimilarOut(BaseModel):
+    item_id: int | str
+    items: list[ScoredItem]
+    model_version: str
+
+
+class ReloadIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
+
+
+class ReloadOut(BaseModel):
+    old_version: str
+    model_version: str
+
+
+class Problem(BaseModel):
+    detail: Any
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem},
+    413: {"model": Problem},
+    422: {"model": Problem},
+    503: {"model": Problem},
+}
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
+
+
+def _recommendation(rec: Any) -> Response:
+    return _json(
+        {
+            "user_id": rec.user_id,
+            "items": [{"item_id": i, "score": s} for i, s in rec.items],
+            "model_version": rec.model_version,
+            "fallback": rec.fallback,
+        }
+    )
+
+
+def create_app(service: RecService, settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    app = FastAPI(
+        title="recsys",
+        version="1",
+        description="Top-k recommendations from a recsys bundle, in real time.",
+    )
+    app.state.service = service
+    app.state.metrics = metrics
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, e: ServiceError) -> Response:
+        return _json({"detail": str(e)}, e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> Response:
+        errors = [
+            {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type")}
+            for err in e.errors()
+        ]
+        return _json({"detail": errors}, 422)
+
+    @app.get(
+        "/v1/recommendations/{user_id}",
+        response_model=RecommendationOut,
+        responses=ERRORS,
+        summary="Top-k for a user (a fallback list for unknown users)",
+    )
+    async def recommend_get(
+        user_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN)],
+        k: Annotated[int, Query(ge=1, le=1000)] = 10,
+    ) -> Response:
+        return _recommendation(service.recommend(user_id, k=min(k, settings.max_k)))
+
+    @app.post(
+        "/v1/recommendations",
+        response_model=RecommendationOut,
+        responses=ERRORS,
+        summary="Top-k for a user id and/or an explicit recent history",
+    )
+    async def recommend_post(req: RecommendationIn) -> Response:
+        if req.user_id is None and not req.history:
+            raise ServiceError("give a user_id, a non-empty history, or both")
+        rec = service.recommend(
+            req.user_id, k=min(req.k, settings.max_k), history=req.history, exclude=req.exclude
+        )
+        return _recommendation(rec)
+
+    @app.post(
+        "/v1/events",
+        response_model=EventsOut,
+        responses=ERRORS,
+        summary="Fresh events; the users' next lists take them into account",
+    )
+    async def post_events(req: EventsIn) -> Response:
+        rows = [
+            (e.user_id, e.item_id, int(e.timestamp.timestamp()) if e.timestamp else None)
+            for e in req.events
+        ]
+        return _json({"accepted": service.add_events(rows)})
+
+    @app.get(
+        "/v1/items/{item_id}/similar",
+        response_model=SimilarOut,
+        responses=ERRORS,
+        summary="Items most similar to an item (item-item cosine of co-occurrence)",
+    )
+    async def similar(
+        item_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN)],
+        k: Annotated[int, Query(ge=1, le=1000)] = 10,
+    ) -> Response:
+        iid, items, version = service.similar(item_id, k)
+        return _json(
+            {
+                "item_id": iid,
+                "items": [{"item_id": i, "score": s} for i, s in items],
+                "model_version": version,
+            }
+        )
+
+    @app.get("/healthz", summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": Problem}}, summary="Bundle loaded and warm")
+    async def readyz() -> Response:
+        if service.ready:
+            return _json({"status": "ready", "model_version": service.model.version})
+        return _json({"detail": "not ready: the bundle is loading or warming up"}, 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        if service.ready:
+            metrics.set_bundle(service.model.version)
+        body, ctype = metrics.render()
+        return Response(body, media_type=ctype)
+
+    @app.post(
+        "/admin/reload",
+        response_model=ReloadOut,
+        responses={401: {"model": Problem}, 403: {"model": Problem}, 409: {"model": Problem}},
+        summary="Load a bundle beside the serving one and swap (bearer token)",
+    )
+    def reload(
+        req: Annotated[ReloadIn | None, Body()] = None,
+        authorization: Annotated[str | None, Header(max_length=4096)] = None,
+    ) -> Response:
+        token = settings.admin_token.get_secret_value() if settings.admin_token else ""
+        if not token:
+            return _json({"detail": "admin endpoints are disabled (RECSYS_ADMIN_TOKEN unset)"}, 403)
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return _json({"detail": "missing or wrong bearer token"}, 401)
+        try:
+            old, new = service.reload(req.bundle if req else None)
+        except ServiceError as e:
+            return _json({"detail": str(e)}, e.status)
+        except Exception as e:  # the old bundle keeps serving
+            log.warning("reload refused: %s", e)
+            return _json({"detail": f"reload refused, still serving the old bundle: {e}"}, 409)
+        metrics.set_bundle(new)
+        return _json({"old_version": old, "model_version": new})
+
+    return Guard(app, metrics, settings.max_body_bytes)  # type: ignore[return-value]
+
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class Guard:
+    """ASGI wrapper: refuses oversized bodies with 413 and records request metrics.
+    Attribute access falls through to the FastAPI app (routes, state, openapi)."""
+
+    def __init__(self, app: FastAPI, metrics: Metrics, max_body: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+        length = None
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                length = v
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                too_big = False
+        elif scope["method"] in ("POST", "PUT", "PATCH"):
+            # no length given (chunked): read up to the limit here, then replay
+            messages, seen, too_big = [], 0, False
+            while True:
+                msg = await receive()
+                messages.append(msg)
+                if msg["type"] != "http.request":
+                    break
+                seen += len(msg.get("body", b""))
+                if seen > self.max_body:
+                    too_big = True
+                    break
+                if not msg.get("more_body", False):
+                    break
+            replay = iter(messages)
+
+            async def receive_replayed() -> Message:
+                nxt = next(replay, None)
+                return nxt if nxt is not None else await receive()
+
+            receive = receive_replayed
+        else:
+            too_big = False
+        if too_big:
+            await self._refuse(send)
+            self.metrics.observe("unmatched", scope["method"], 413, t0)
+            return
+
+        async def send_status(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            self.metrics.observe(getattr(route, "path", "unmatched"), scope["method"], status, t0)
+
+    async def _refuse(self, send: Send) -> None:
+        body = orjson.dumps({"detail": f"request body larger than {self.max_body} bytes"})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def app_from_env() -> Guard:
+    """The uvicorn factory: settings from the environment; the bundle loads and warms
+    in the background while /healthz answers and /readyz says 503."""
+    settings = Settings()
+    if settings.bundle is None:
+        raise SystemExit("RECSYS_BUNDLE is not set: the bundle directory to serve")
+    service = RecService(
+        None,
+        limits=ServiceLimits(
+            max_events_per_user=settings.max_events_per_user,
+            max_fresh_users=settings.max_fresh_users,
+            cache_users=settings.cache_users,
+            max_k=settings.max_k,
+        ),
+        state_dir=settings.state_dir,
+        tree_cache=settings.tree_cache,
+        cache=settings.cache and settings.cache_users > 0,
+    )
+    bundle = settings.bundle
+
+    def load() -> None:
+        try:
+            service.start(bundle)
+        except Exception:
+            log.exception("could not load the bundle %s", bundle)
+
+    app = create_app(service, settings)
+    threading.Thread(target=load, name="bundle-loader", daemon=True).start()
+    return app

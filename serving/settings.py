@@ -1,0 +1,30 @@
+"""Every knob of the server, read from the environment (prefix RECSYS_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
+
+    bundle: Path | None = Field(None, description="bundle directory to serve")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, description="server processes")
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of POST /admin/reload; unset disables it"
+    )
+    state_dir: Path | None = Field(
+        None, description="shared by the workers: fresh events and the bundle to serve"
+    )
+    tree_cache: Path | None = Field(None, description="compiled ranker models")
+    cache: bool = Field(True, description="keep ranked lists per user until their next event")
+    cache_users: int = Field(50_000, ge=0)
+    max_k: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(256_000, ge=1024)
+    max_events_per_user: int = Field(500, ge=1)
+    max_fresh_users: int = Field(100_000, ge=1)

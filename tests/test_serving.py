@@ -1,0 +1,301 @@
+"""The HTTP endpoint: every route, every bad-input case, fresh events, safe reloads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from recsys.service import Model, RecService
+from serving.app import create_app
+from serving.settings import Settings
+
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def tree_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("trees")
+
+
+@pytest.fixture(scope="module")
+def model(bundle_dir: Path, tree_cache: Path) -> Model:
+    m = Model.load(bundle_dir, tree_cache)
+    m.warm()
+    return m
+
+
+@pytest.fixture()
+def service(model: Model, tree_cache: Path) -> RecService:
+    return RecService(model, tree_cache=tree_cache)
+
+
+@pytest.fixture()
+def client(service: RecService) -> TestClient:
+    settings = Settings(admin_token=TOKEN, max_body_bytes=20_000)
+    return TestClient(create_app(service, settings), raise_server_exceptions=False)
+
+
+def _a_user(model: Model) -> str:
+    return str(model.user_ids[0])
+
+
+def _an_item(model: Model) -> str:
+    return str(model.item_ids[0])
+
+
+# -- the happy paths ------------------------------------------------------------------
+def test_get_recommendations_for_a_known_user(client: TestClient, model: Model) -> None:
+    uid = _a_user(model)
+    r = client.get(f"/v1/recommendations/{uid}", params={"k": 7})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["user_id"] == model.user_ids[0]
+    assert body["model_version"] == model.version
+    assert body["fallback"] is None
+    assert len(body["items"]) == 7
+    scores = [it["score"] for it in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    seen = set(model.ranker.user_state(0).items.tolist())
+    assert not {model.item_index(it["item_id"]) for it in body["items"]} & seen
+
+
+def test_unknown_user_gets_a_marked_popular_list(client: TestClient, model: Model) -> None:
+    r = client.get("/v1/recommendations/nobody-at-all", params={"k": 5})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["fallback"] == "popular"
+    assert [it["item_id"] for it in body["items"]] == [
+        model.item_ids[j] for j in model.fallback[:5]
+    ]
+
+
+def test_post_with_history_only_ranks_from_that_history(client: TestClient, model: Model) -> None:
+    hist = [model.item_ids[j] for j in (3, 5, 8)]
+    r = client.post("/v1/recommendations", json={"history": hist, "k": 10})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["fallback"] == "history"
+    got = [it["item_id"] for it in body["items"]]
+    assert len(got) == 10 and not set(got) & set(hist)
+    assert all(it["score"] is not None for it in body["items"])
+
+
+def test_post_with_user_and_exclude(client: TestClient, model: Model) -> None:
+    uid = model.user_ids[1]
+    first = client.post("/v1/recommendations", json={"user_id": uid, "k": 5}).json()
+    drop = [it["item_id"] for it in first["items"][:2]]
+    r = client.post("/v1/recommendations", json={"user_id": uid, "k": 5, "exclude": drop})
+    assert r.status_code == 200
+    got = [it["item_id"] for it in r.json()["items"]]
+    assert len(got) == 5 and not set(got) & set(drop)
+    assert got[:3] == [it["item_id"] for it in first["items"][2:]]
+
+
+def test_large_k_is_filled_with_unscored_items(client: TestClient, model: Model) -> None:
+    r = client.get(f"/v1/recommendations/{_a_user(model)}", params={"k": 1000})
+    assert r.status_code == 200
+    items = r.json()["items"]
+    n_seen = len(set(model.ranker.user_state(0).items.tolist()))
+    assert len(items) == min(1000, len(model.item_ids) - n_seen)
+    assert len({it["item_id"] for it in items}) == len(items)
+
+
+def test_fresh_event_changes_the_next_list(client: TestClient, model: Model) -> None:
+    uid = model.user_ids[2]
+    before = client.get(f"/v1/recommendations/{uid}").json()["items"]
+    top = before[0]["item_id"]
+    r = client.post("/v1/events", json={"events": [{"user_id": uid, "item_id": top}]})
+    assert r.status_code == 200 and r.json() == {"accepted": 1}
+    after = client.get(f"/v1/recommendations/{uid}").json()["items"]
+    assert after != before
+    assert top not in [it["item_id"] for it in after]  # now seen
+
+
+def test_fresh_events_for_a_new_user_make_a_ranked_list(client: TestClient, model: Model) -> None:
+    events = [{"user_id": "newcomer", "item_id": model.item_ids[j]} for j in (1, 2, 4)]
+    assert client.post("/v1/events", json={"events": events}).status_code == 200
+    body = client.get("/v1/recommendations/newcomer").json()
+    assert body["fallback"] is None
+    assert all(it["score"] is not None for it in body["items"])
+
+
+def test_fresh_events_are_bounded_per_user(model: Model, tree_cache: Path) -> None:
+    from recsys.service import ServiceLimits
+
+    svc = RecService(model, limits=ServiceLimits(max_events_per_user=3, max_fresh_users=2))
+    svc.add_events([("a", model.item_ids[j], None) for j in range(10)])
+    assert len(svc._fresh["a"].items) == 3
+    svc.add_events([("b", model.item_ids[0], None), ("c", model.item_ids[0], None)])
+    assert list(svc._fresh) == ["b", "c"]
+
+
+def test_similar_items(client: TestClient, model: Model) -> None:
+    r = client.get(f"/v1/items/{_an_item(model)}/similar", params={"k": 4})
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["items"]) <= 4
+    assert body["item_id"] == model.item_ids[0]
+    assert model.item_ids[0] not in [it["item_id"] for it in body["items"]]
+
+
+def test_health_ready_docs_metrics(client: TestClient, model: Model) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["model_version"] == model.version
+    assert client.get("/docs").status_code == 200
+    assert "/v1/recommendations/{user_id}" in client.get("/openapi.json").json()["paths"]
+    client.get(f"/v1/recommendations/{_a_user(model)}")
+    client.get("/v1/recommendations/x", params={"k": 0})
+    text = client.get("/metrics").text
+    assert 'recsys_http_requests_total{endpoint="/v1/recommendations/{user_id}"' in text
+    assert "recsys_http_request_duration_seconds_bucket" in text
+    assert 'recsys_http_errors_total{endpoint="/v1/recommendations/{user_id}",status="422"}' in text
+    assert f'recsys_bundle_info{{version="{model.version}"}} 1.0' in text
+
+
+def test_not_ready_until_loaded(tree_cache: Path) -> None:
+    c = TestClient(create_app(RecService(None)), raise_server_exceptions=False)
+    assert c.get("/healthz").status_code == 200
+    assert c.get("/readyz").status_code == 503
+    assert c.get("/v1/recommendations/u").status_code == 503
+
+
+# -- bad input: a 4xx with a message, never a 5xx ----------------------------------------
+BAD_GETS = [
+    ("/v1/recommendations/u1", {"k": 0}),
+    ("/v1/recommendations/u1", {"k": 1001}),
+    ("/v1/recommendations/u1", {"k": "ten"}),
+    ("/v1/recommendations/" + "x" * 300, {}),
+    ("/v1/items/" + "x" * 300 + "/similar", {}),
+    ("/v1/items/no-such-item/similar", {}),
+    ("/v1/items/1/similar", {"k": -1}),
+    ("/no/such/route", {}),
+]
+
+
+@pytest.mark.parametrize(("path", "params"), BAD_GETS)
+def test_bad_gets_are_4xx_with_a_message(client: TestClient, path: str, params: dict) -> None:
+    r = client.get(path, params=params)
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["detail"]
+
+
+def _bad_posts(model: Model) -> list[tuple[str, object]]:
+    item = model.item_ids[0]
+    return [
+        ("/v1/recommendations", {}),
+        ("/v1/recommendations", {"history": []}),
+        ("/v1/recommendations", {"user_id": "u", "k": 0}),
+        ("/v1/recommendations", {"user_id": "u", "k": 5000}),
+        ("/v1/recommendations", {"user_id": "x" * 300}),
+        ("/v1/recommendations", {"history": ["no-such-item"]}),
+        ("/v1/recommendations", {"history": [item, 1.5]}),
+        ("/v1/recommendations", {"user_id": "u", "exclude": ["no-such-item"]}),
+        ("/v1/recommendations", {"user_id": "u", "surprise": 1}),
+        ("/v1/recommendations", {"history": [item] * 1001}),
+        ("/v1/recommendations", [1, 2]),
+        ("/v1/recommendations", {"user_id": 2**70}),
+        ("/v1/events", {}),
+        ("/v1/events", {"events": []}),
+        ("/v1/events", {"events": [{"user_id": "u"}]}),
+        ("/v1/events", {"events": [{"user_id": "u", "item_id": "no-such-item"}]}),
+        ("/v1/events", {"events": [{"user_id": "u", "item_id": item, "timestamp": "when?"}]}),
+        ("/admin/reload", {"bundle": "/nowhere"}),
+    ]
+
+
+def test_bad_posts_are_4xx_with_a_message(client: TestClient, model: Model) -> None:
+    for path, body in _bad_posts(model):
+        r = client.post(path, json=body)
+        assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+        assert r.json()["detail"], (path, body)
+
+
+def test_malformed_json_and_oversized_bodies(client: TestClient) -> None:
+    r = client.post(
+        "/v1/recommendations", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422 and r.json()["detail"]
+    r = client.post(
+        "/v1/recommendations", content=b"\xff\xfe", headers={"content-type": "application/json"}
+    )
+    assert 400 <= r.status_code < 500
+    big = json.dumps({"history": ["x" * 100] * 300}).encode()
+    r = client.post(
+        "/v1/recommendations", content=big, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+
+    def chunks():  # no content-length: counted while read
+        for _ in range(30):
+            yield b" " * 1000
+
+    r = client.post("/v1/events", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+# -- reloads ----------------------------------------------------------------------------
+def test_reload_needs_a_configured_token(service: RecService, model: Model) -> None:
+    c = TestClient(create_app(service, Settings(admin_token=None)))
+    assert c.post("/admin/reload").status_code == 403
+    c = TestClient(create_app(service, Settings(admin_token=TOKEN)))
+    assert c.post("/admin/reload").status_code == 401
+    assert c.post("/admin/reload", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def test_reload_swaps_to_a_good_bundle(
+    client: TestClient, bundle_dir: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "b2"
+    shutil.copytree(bundle_dir, copy)
+    r = client.post(
+        "/admin/reload", json={"bundle": str(copy)}, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert r.status_code == 200, r.text
+    assert client.get("/readyz").json()["model_version"] == r.json()["model_version"]
+
+
+def test_tampered_bundle_is_refused_while_requests_keep_succeeding(
+    client: TestClient, model: Model, bundle_dir: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "tampered"
+    shutil.copytree(bundle_dir, bad)
+    with open(bad / "history.parquet", "ab") as f:
+        f.write(b"\x00")
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            statuses.append(client.get(f"/v1/recommendations/{_a_user(model)}").status_code)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        r = client.post(
+            "/admin/reload", json={"bundle": str(bad)}, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+    finally:
+        stop.set()
+        t.join()
+    assert r.status_code == 409
+    assert "history.parquet" in r.json()["detail"]
+    assert statuses and set(statuses) == {200}
+    assert client.get("/readyz").json()["model_version"] == model.version
+
+
+def test_bundle_failing_warm_up_is_refused(
+    service: RecService, model: Model, monkeypatch: pytest.MonkeyPatch, bundle_dir: Path
+) -> None:
+    def broken(self: Model, n_users: int = 8) -> None:
+        raise ValueError("compiled trees differ from LightGBM")
+
+    monkeypatch.setattr(Model, "warm", broken)
+    with pytest.raises(ValueError):
+        service.reload(bundle_dir)
+    assert service.model is model

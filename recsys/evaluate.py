@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from recsys.analysis import KS, analyse, bootstrap
 from recsys.candidates import ALS, EASE, History, ItemKNN, MostPopular, Source, top_n
 from recsys.config import PipelineConfig
 from recsys.data import IdIndex, U, to_canonical, to_internal
 from recsys.metrics import summarize
-from recsys.pipeline import Pipeline
+from recsys.pipeline import Pipeline, item_categories
+from recsys.report import markdown, write_plots
 from recsys.schema import ITEM, USER
 from recsys.split import split_last_fraction
 
@@ -44,6 +47,9 @@ class Report:
     n_train: int
     n_test: int
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    analysis: dict[str, Any] = field(default_factory=dict)
+    importances: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    ablation: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,29 +60,21 @@ class Report:
             "train_events": self.n_train,
             "test_events": self.n_test,
             "models": self.rows,
+            "analysis": {a: v for a, v in self.analysis.items() if not a.startswith("_")},
+            "importances": self.importances,
+            "ablation": self.ablation,
         }
 
     def markdown(self) -> str:
-        k = self.k
-        cols = [f"ndcg@{k}", f"recall@{k}", f"hr@{k}", f"mrr@{k}", "coverage", "seconds"]
-        ease = self.rows.get("EASE", {}).get(f"ndcg@{k}")
-        lines = [
-            "# Offline evaluation",
-            "",
-            f"{self.n_users} users, {self.n_items} items; {self.n_train} training and "
-            f"{self.n_test} held-out events (per user, the last 20% in time).",
-            "",
-            "| model | " + " | ".join(cols) + (" | × EASE |" if ease else " |"),
-            "|---|" + "---:|" * (len(cols) + (1 if ease else 0)),
-        ]
-        for name, m in self.rows.items():
-            vals = [
-                f"{m.get(c, float('nan')):.4f}" if c != "seconds" else f"{m.get(c, 0):.1f}"
-                for c in cols
-            ]
-            ratio = f" | {m[f'ndcg@{k}'] / ease:.3f}" if ease else ""
-            lines.append(f"| {name} | " + " | ".join(vals) + ratio + " |")
-        return "\n".join(lines) + "\n"
+        return markdown(self.to_dict())
+
+    def per_user(self, metric: str | None = None) -> pl.DataFrame:
+        """One row per evaluated user (`user_id` as given, `history` = training events)
+        and one column per model, of `metric` (default: the headline, e.g. 'ndcg@10')."""
+        metric = metric or f"ndcg@{self.k}"
+        pu = self.analysis["_per_user"]
+        base = {USER: self.analysis["_user_ids"], "history": self.analysis["_history"]}
+        return pl.DataFrame(base | {n: pu[n][metric] for n in pu})
 
 
 def evaluate(
@@ -86,9 +84,19 @@ def evaluate(
     k: int = 10,
     holdout: float = 0.2,
     with_baselines: bool = True,
+    ablation: bool = True,
+    ks: tuple[int, ...] = KS,
+    n_boot: int = 1000,
 ) -> Report:
-    """Fit every model on the training part and measure it on the held-out part."""
+    """Fit every model on the training part and measure it on the held-out part.
+
+    With `ablation` (and `config.use_lm`), the pipeline is fitted a second time with
+    `use_lm = False` when the first fit has language-model features, so the report
+    shows what the language model adds. `rep.analysis` holds metrics at every k in
+    `ks`, segments, exposure and bootstrap intervals (see `recsys.analysis`).
+    """
     config = config or PipelineConfig()
+    kmax = max(max(ks), k)
     user_index = IdIndex.from_values(interactions[USER])
     item_index = IdIndex(items[ITEM])
     ev = to_internal(interactions, user_index, item_index)
@@ -96,42 +104,78 @@ def evaluate(
     users = np.sort(test[U].unique().to_numpy()).astype(np.int64)
     rep = Report(k, len(users), len(item_index), len(hist), len(test))
     h = History(hist, len(user_index), len(item_index))
+    lists: dict[str, np.ndarray] = {}
     if with_baselines:
         for name, model in baselines(config.seed).items():
             t0 = time.perf_counter()
             model.fit(h)
             recs = np.concatenate(
                 [
-                    top_n(model.scores(users[s : s + 512], h), h.X[users[s : s + 512]], k)[0]
+                    top_n(model.scores(users[s : s + 512], h), h.X[users[s : s + 512]], kmax)[0]
                     for s in range(0, len(users), 512)
                 ]
             )
+            lists[name] = recs
             rep.rows[name] = summarize(recs, users, test, k, len(item_index)) | {
                 "seconds": time.perf_counter() - t0
             }
             log.info("%-10s ndcg@%d %.4f", name, k, rep.rows[name][f"ndcg@{k}"])
-    t0 = time.perf_counter()
     train = to_canonical(hist, user_index, item_index)
-    pipe = Pipeline(config).fit(train, items)
-    uidx = pipe.user_index_.lookup(user_index.take(users))
-    recs, _ = pipe.recommend_indices(uidx, k)
-    name = "recsys" if config.use_lm else "recsys (no LM)"
-    rep.rows[name] = summarize(recs, users, test, k, len(item_index)) | {
-        "seconds": time.perf_counter() - t0
-    }
-    log.info("%-10s ndcg@%d %.4f", name, k, rep.rows[name][f"ndcg@{k}"])
+    variants = [("recsys" if config.use_lm else "recsys (no LM)", config)]
+    for name, cfg in variants:
+        t0 = time.perf_counter()
+        pipe = Pipeline(cfg).fit(train, items)
+        uidx = pipe.user_index_.lookup(user_index.take(users))
+        recs, _ = pipe.recommend_indices(uidx, kmax)
+        lists[name] = recs
+        rep.rows[name] = summarize(recs, users, test, k, len(item_index)) | {
+            "seconds": time.perf_counter() - t0
+        }
+        rep.importances[name] = pipe.ranker_.importances().to_dicts()
+        log.info("%-10s ndcg@%d %.4f", name, k, rep.rows[name][f"ndcg@{k}"])
+        if ablation and cfg.use_lm and len(variants) == 1:
+            if uses_lm(pipe):
+                variants.append(("recsys (no LM)", cfg.model_copy(update={"use_lm": False})))
+                rep.ablation = {"with": name, "without": "recsys (no LM)"}
+            else:
+                rep.ablation = {
+                    "note": "The fitted pipeline has no language-model feature (no language "
+                    "model was available or it was switched off), so the pipeline without it "
+                    "is the row above; not fitted twice."
+                }
+    item_cats = item_categories(items, item_index, config.category_columns)
+    rep.analysis = analyse(
+        lists, users, hist, test, len(user_index), len(item_index), item_cats,
+        k=k, ks=ks, n_boot=n_boot, seed=config.seed,
+    )  # fmt: skip
+    rep.analysis["_user_ids"] = user_index.take(users)
+    rep.analysis["_history"] = np.bincount(hist[U].to_numpy(), minlength=len(user_index))[users]
+    if rep.ablation.get("with") in lists and rep.ablation.get("without") in lists:
+        pu = rep.analysis["_per_user"]
+        head = {n: pu[n][f"ndcg@{k}"] for n in (rep.ablation["with"], rep.ablation["without"])}
+        rep.ablation["paired"] = bootstrap(
+            head, rep.ablation["without"], n_boot=n_boot, seed=config.seed
+        )[1][rep.ablation["with"]]
     return rep
 
 
+def uses_lm(pipe: Pipeline) -> bool:
+    """Whether a fitted pipeline's ranker sees a language-model feature (named `lm_*`,
+    `*_lm` or `*_lm_*`, as the LM source and features are)."""
+    return any(re.search(r"(^|_)lm(_|$)", f) for f in pipe.ranker_.features_)
+
+
 def write_report(rep: Report, out_dir: str | Path) -> tuple[Path, Path]:
-    """metrics.json and report.md, each written to a temp file and renamed."""
+    """metrics.json, report.md (each written to a temp file and renamed) and the PNG
+    plots of `recsys.report`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = (out / "metrics.json", out / "report.md")
-    for path, text in zip(
-        paths, (json.dumps(rep.to_dict(), indent=2), rep.markdown()), strict=True
-    ):
+    d = rep.to_dict()
+    for path, text in zip(paths, (json.dumps(d, indent=2), markdown(d)), strict=True):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
+    if rep.analysis:
+        write_plots(d, out)
     return paths

@@ -383,6 +383,13 @@ class Pipeline:
         bar.close()
         return pl.concat(frames) if frames else pl.DataFrame()
 
+    def explain(self, user_id: object, k: int = 10, n_similar: int = 3):  # type: ignore[no-untyped-def]
+        """The user's top-k with each item's feature contributions (they add up, with
+        the bias, to the score) and similar history items: a `recsys.explain.Explanation`."""
+        from recsys.explain import explain
+
+        return explain(self, user_id, k=k, n_similar=n_similar)
+
     # -- persistence -----------------------------------------------------------------
     def save(self, path: str) -> None:
         """Write the fitted pipeline as a bundle (see `recsys.bundle`)."""

@@ -112,6 +112,13 @@ class Ranker:
         Xn = X.select(self.features_).to_numpy().astype(np.float32)
         return np.mean([b.predict(Xn) for b in self.boosters_], axis=0)
 
+    def contributions(self, X: pl.DataFrame) -> np.ndarray:
+        """[rows, features + 1]: each feature's contribution to the score (TreeSHAP,
+        LightGBM's `pred_contrib`), the last column the bias. The mean over the
+        boosters, as `predict` is, so every row adds up to its `predict` score."""
+        Xn = X.select(self.features_).to_numpy().astype(np.float32)
+        return np.mean([b.predict(Xn, pred_contrib=True) for b in self.boosters_], axis=0)
+
     def importances(self) -> pl.DataFrame:
         return pl.DataFrame(
             {

@@ -21,7 +21,7 @@ log = logging.getLogger("recsys")
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("RECSYS_CACHE", Path(tempfile.gettempdir()) / "recsys-cache"))
+    return Path(os.environ.get("RECSYS_TREE_CACHE", Path(tempfile.gettempdir()) / "recsys-cache"))
 
 
 class TreeEnsemble:

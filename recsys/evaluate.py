@@ -50,6 +50,8 @@ class Report:
     analysis: dict[str, Any] = field(default_factory=dict)
     importances: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ablation: dict[str, Any] = field(default_factory=dict)
+    # not in metrics.json: the pipelines fitted on the training part, for explanations
+    pipelines: dict[str, Pipeline] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +77,39 @@ class Report:
         pu = self.analysis["_per_user"]
         base = {USER: self.analysis["_user_ids"], "history": self.analysis["_history"]}
         return pl.DataFrame(base | {n: pu[n][metric] for n in pu})
+
+    def lists(self, user_ids: list[Any], k: int | None = None) -> pl.DataFrame:
+        """(user_id, model, rank, item_id, hit) of every model's list for these users;
+        `hit`: the item is among the user's held-out events."""
+        k = k or self.k
+        a = self.analysis
+        rows = self.analysis["_user_ids"].to_frame().with_row_index("_row")
+        want = rows.join(pl.DataFrame({USER: user_ids}).cast(rows.schema[USER]), on=USER)
+        held = self.held_out(user_ids).with_columns(pl.lit(True).alias("hit"))
+        frames = []
+        for name, recs in a["_lists"].items():
+            sub = recs[want["_row"].to_numpy(), :k]
+            n = sub.shape[1]
+            frames.append(
+                pl.DataFrame(
+                    {
+                        USER: want[USER].gather(np.repeat(np.arange(len(want)), n)),
+                        "model": name,
+                        "rank": np.tile(np.arange(1, n + 1, dtype=np.int32), len(want)),
+                        ITEM: a["_item_ids"].gather(sub.ravel().clip(0)),
+                        "_ok": sub.ravel() >= 0,
+                    }
+                )
+                .filter(pl.col("_ok"))
+                .drop("_ok")
+            )
+        out = pl.concat(frames).join(held, on=[USER, ITEM], how="left")
+        return out.with_columns(pl.col("hit").fill_null(False))
+
+    def held_out(self, user_ids: list[Any]) -> pl.DataFrame:
+        """(user_id, item_id) of the held-out events of these users."""
+        t = self.analysis["_test"]
+        return t.filter(pl.col(USER).is_in(pl.Series(user_ids).cast(t.schema[USER]).implode()))
 
 
 def evaluate(
@@ -132,6 +167,7 @@ def evaluate(
             "seconds": time.perf_counter() - t0
         }
         rep.importances[name] = pipe.ranker_.importances().to_dicts()
+        rep.pipelines[name] = pipe
         log.info("%-10s ndcg@%d %.4f", name, k, rep.rows[name][f"ndcg@{k}"])
         if ablation and cfg.use_lm and len(variants) == 1:
             if uses_lm(pipe):
@@ -148,7 +184,10 @@ def evaluate(
         lists, users, hist, test, len(user_index), len(item_index), item_cats,
         k=k, ks=ks, n_boot=n_boot, seed=config.seed,
     )  # fmt: skip
-    rep.analysis["_user_ids"] = user_index.take(users)
+    rep.analysis["_user_ids"] = user_index.take(users).rename(USER)
+    rep.analysis["_lists"] = lists
+    rep.analysis["_item_ids"] = item_index.ids
+    rep.analysis["_test"] = to_canonical(test, user_index, item_index).select(USER, ITEM).unique()
     rep.analysis["_history"] = np.bincount(hist[U].to_numpy(), minlength=len(user_index))[users]
     if rep.ablation.get("with") in lists and rep.ablation.get("without") in lists:
         pu = rep.analysis["_per_user"]
@@ -160,8 +199,10 @@ def evaluate(
 
 
 def uses_lm(pipe: Pipeline) -> bool:
-    """Whether a fitted pipeline's ranker sees a language-model feature (named `lm_*`,
-    `*_lm` or `*_lm_*`, as the LM source and features are)."""
+    """Whether a fitted pipeline has a language model, or its ranker sees a feature
+    named like one (`lm_*`, `*_lm`, `*_lm_*`)."""
+    if getattr(pipe, "lm", None) is not None:
+        return True
     return any(re.search(r"(^|_)lm(_|$)", f) for f in pipe.ranker_.features_)
 
 

@@ -111,7 +111,9 @@ def explain(pipe: Pipeline, user_id: Any, k: int = 10, n_similar: int = 3) -> Ex
     if known and len(recs):
         pairs = pipe._candidates(pipe.sources_, h, np.array([uidx], dtype=np.int64))
         # features over all candidates, as recommend computes them, then the list's rows
-        feats = build_features(h, pairs, pipe.item_cats_, pipe.config)
+        lm = getattr(pipe, "lm", None)
+        args = (h, pairs, pipe.item_cats_, pipe.config) + ((lm,) if lm is not None else ())
+        feats = build_features(*args)
         feats = feats.filter(pl.col(I).is_in(recs.tolist()))
         if len(feats):
             pos = {int(i): r for r, i in enumerate(recs.tolist())}

@@ -2,18 +2,20 @@
 
 Every `plot_*` function takes the report dictionary (`Report.to_dict()`, the content
 of metrics.json) and returns a matplotlib Figure, so notebooks show the same plots as
-the report folder. Matplotlib runs on the Agg backend unless a backend was chosen.
+the report folder. Outside Jupyter, matplotlib runs on the Agg backend.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import polars as pl
 
-if matplotlib.get_backend().lower() not in {"agg", "module://matplotlib_inline.backend_inline"}:
+if "ipykernel" not in sys.modules:  # notebooks keep their inline backend
     matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
@@ -28,7 +30,8 @@ PLOTS = {
     "and for cold vs warm items",
     "exposure.png": "Share of list slots by item popularity decile against the share of "
     "training interactions",
-    "beyond_accuracy.png": "Coverage, novelty, popularity and category diversity of the lists",
+    "beyond_accuracy.png": "Coverage, novelty, share of slots on the most popular decile and "
+    "category diversity of the lists",
     "importances.png": "Ranker feature importances (gain)",
 }
 
@@ -87,6 +90,7 @@ def plot_metrics_at_k(d: dict[str, Any]) -> Figure:
             ax.plot(ks, [a["at_k"][n][f"{m}@{k}"] for k in ks], marker="o", label=n, color=col[n])
         ax.set_title(f"{m.upper()}@k")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.grid(alpha=0.3)
     axes[1, 0].set_xlabel("k")
@@ -202,7 +206,7 @@ def plot_beyond_accuracy(d: dict[str, Any]) -> Figure:
     k = a["k"]
     names = _models(d)
     col = _colors(names)
-    keys = [f"coverage@{k}", f"novelty@{k}", f"popularity_percentile@{k}", f"diversity@{k}"]
+    keys = [f"coverage@{k}", f"novelty@{k}", f"top_decile_share@{k}", f"diversity@{k}"]
     keys = [key for key in keys if key in a["beyond"][names[0]]]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 4))
     for ax, key in zip(list(axes) if len(keys) > 1 else [axes], keys, strict=True):
@@ -260,6 +264,44 @@ def write_plots(d: dict[str, Any], out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         paths.append(out / fname)
     return paths
+
+
+# -- Tables ------------------------------------------------------------------------------
+
+
+def headline_table(d: dict[str, Any]) -> pl.DataFrame:
+    """One row per model: the headline metric with its bootstrap interval, the paired
+    difference to the reference, the other metrics at k and the beyond-accuracy ones."""
+    a, k = d["analysis"], d["k"]
+    ci, paired = a["bootstrap"]["ci"], a["paired"]
+    rows = []
+    for name, m in d["models"].items():
+        p = paired.get(name, {})
+        rows.append(
+            {
+                "model": name,
+                a["headline"]: ci[name]["mean"],
+                "ci_lo": ci[name]["lo"],
+                "ci_hi": ci[name]["hi"],
+                f"vs_{a['bootstrap']['reference']}": p.get("diff", 0.0),
+                "vs_lo": p.get("lo", 0.0),
+                "vs_hi": p.get("hi", 0.0),
+                **{key: m[key] for key in (f"recall@{k}", f"hr@{k}", f"mrr@{k}")},
+                **a["beyond"][name],
+                "seconds": m.get("seconds", float("nan")),
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+def ablation_table(d: dict[str, Any]) -> pl.DataFrame:
+    """The pipeline with and without the language model (empty when not run)."""
+    ab = d.get("ablation") or {}
+    names = [ab.get("with"), ab.get("without")]
+    if not all(n in d["models"] for n in names):
+        return pl.DataFrame({"note": [ab.get("note", "the ablation was not run")]})
+    t = headline_table(d)
+    return t.filter(pl.col("model").is_in(names))
 
 
 # -- Markdown ----------------------------------------------------------------------------

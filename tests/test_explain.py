@@ -37,9 +37,11 @@ def test_contributions_plus_bias_add_up_to_the_score(fitted, synth_data) -> None
     top = e.top_contributions(3).filter(pl.col("rank") == 1)["contribution"].abs().to_numpy()
     rest = e.contributions.filter(pl.col("rank") == 1)["contribution"].abs().to_numpy()
     assert top.min() >= np.sort(rest)[-3] - 1e-12
-    assert e.similar["history_item_id"].is_in(
-        synth_data[0].filter(pl.col("user_id") == user)["item_id"].implode()
-    ).all()
+    assert (
+        e.similar["history_item_id"]
+        .is_in(synth_data[0].filter(pl.col("user_id") == user)["item_id"].implode())
+        .all()
+    )
     json.dumps(e.to_dict(), default=str)
 
 

@@ -6,6 +6,9 @@
     history.parquet        training events (u, i, t)
     item_categories.parquet
     sources.safetensors    learned arrays of every candidate source
+    lm_*.safetensors       the language model: fine-tuned encoder layers and projection,
+                           user tower, item vectors (the manifest's "lm" section names
+                           the base encoder and tokenizer, the text template, sizes)
     ranker-N.txt           LightGBM's own text models (one per fold, averaged)
     importances.parquet    ranker feature importances
 
@@ -94,7 +97,9 @@ def write_files(p: Pipeline, d: Path) -> dict[str, Any]:
         b.save_model(str(d / name))
         models.append(name)
     p.ranker_.importances().write_parquet(d / "importances.parquet")
+    lm = p.lm.save(d) if p.lm is not None else None
     return {
+        "lm": lm,
         "ranker": {
             "features": p.ranker_.features_,
             "models": models,
@@ -199,7 +204,12 @@ def load(path: str | Path) -> Pipeline:
     tensors = load_file(str(d / "sources.safetensors"))
     p.fallback_ = tensors["fallback"]
     p.sources_ = []
-    for s in make_sources(cfg):
+    p.lm_ = None
+    if manifest.get("lm"):
+        from recsys.lm.model import LanguageModel
+
+        p.lm_ = LanguageModel.load(d, manifest["lm"], cfg.lm, cfg.seed)
+    for s in make_sources(cfg, p.lm_):
         prefix = f"{s.name}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         p.sources_.append(s.load_state(state, p.history_))

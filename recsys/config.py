@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from recsys.lm.config import LMConfig
+
 
 class SourcesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -57,6 +59,7 @@ class PipelineConfig(BaseModel):
         None, description="item columns holding categories ('|' or ',' separated); None = auto"
     )
     use_lm: bool = Field(True, description="use the language model when one is available")
+    lm: LMConfig = Field(default_factory=LMConfig, description="the language model")
     seed: int = 0
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
     ranker: RankerConfig = Field(default_factory=RankerConfig)

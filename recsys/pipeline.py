@@ -12,12 +12,14 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
 from features.affinity import user_category_affinity
+from features.lm import lm_candidate_rank, lm_pair_features
 from features.popularity import item_age, item_popularity
 from features.sequence import sequence_follow, transitions
 from features.time_aware import popularity_before_user_time
@@ -38,6 +40,9 @@ from recsys.data import I, IdIndex, U, to_internal
 from recsys.ranker import Ranker
 from recsys.schema import ITEM, USER, DataError
 
+if TYPE_CHECKING:
+    from recsys.lm.model import LanguageModel
+
 log = logging.getLogger("recsys")
 
 CATEGORY_COLUMNS = ("genres", "genre", "category", "categories", "subcategory", "section")
@@ -51,7 +56,8 @@ def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
     log.info("stage %-22s %7.1f s", name, timings[name])
 
 
-def make_sources(cfg: PipelineConfig) -> list[Source]:
+def make_sources(cfg: PipelineConfig, lm: LanguageModel | None = None) -> list[Source]:
+    """The configured sources, plus the language model's nearest items when it is given."""
     s = cfg.sources
     known: dict[str, Source] = {
         "pop": MostPopular(),
@@ -64,7 +70,12 @@ def make_sources(cfg: PipelineConfig) -> list[Source]:
     unknown = [n for n in s.use if n not in known]
     if unknown:
         raise ValueError(f"unknown candidate source(s) {unknown}; known: {sorted(known)}")
-    return [known[n] for n in s.use]
+    out = [known[n] for n in s.use]
+    if lm is not None:
+        from recsys.lm.source import LMNearest
+
+        out.append(LMNearest(lm))
+    return out
 
 
 def item_categories(
@@ -136,9 +147,14 @@ def generate_candidates(
 
 
 def build_features(
-    h: History, pairs: pl.DataFrame, item_cats: pl.DataFrame, cfg: PipelineConfig
+    h: History,
+    pairs: pl.DataFrame,
+    item_cats: pl.DataFrame,
+    cfg: PipelineConfig,
+    lm: LanguageModel | None = None,
 ) -> pl.DataFrame:
-    """Candidate pairs (with source columns) + every point-in-time feature."""
+    """Candidate pairs (with source columns) + every point-in-time feature (and the
+    language model's, when it is given)."""
     ev = h.ev.lazy()
     now = int(h.now or 0)
     p = pairs.lazy()
@@ -172,7 +188,18 @@ def build_features(
         )
         .drop("user_last_t")
     )
+    if lm is not None:
+        out = lm_candidate_rank(out).join(lm_features(lm, h, pairs).lazy(), on=[U, I], how="left")
     return out.collect().sort([U, I])
+
+
+def lm_features(lm: LanguageModel, h: History, pairs: pl.DataFrame) -> pl.DataFrame:
+    """Similarities of each candidate to the user's history in the LM's item space."""
+    users = np.unique(pairs[U].to_numpy())
+    hists = h.last_items(users, 100)
+    return lm_pair_features(
+        pairs.select(U, I), lm.item_vectors_, dict(zip(users.tolist(), hists, strict=True))
+    )
 
 
 class Pipeline:
@@ -212,14 +239,22 @@ class Pipeline:
                 len(train_users),
             )
         n_u, n_i = len(self.user_index_), len(self.item_index_)
+        h_in = History(hist, n_u, n_i)
+        self.lm_ = None
+        if cfg.use_lm:
+            # fitted once, before the ranker's targets, and kept for recommending: item
+            # vectors come from text, user vectors from whatever history is given
+            from recsys.lm.model import LanguageModel
+
+            with stage("language model", self.timings_):
+                self.lm_ = LanguageModel(cfg.lm, cfg.seed).fit(h_in, items)
         with stage("sources (targets)", self.timings_):
-            h_in = History(hist, n_u, n_i)
-            sources_in = [s.fit(h_in) for s in make_sources(cfg)]
+            sources_in = [s.fit(h_in) for s in make_sources(cfg, self.lm_)]
         with stage("candidates (targets)", self.timings_):
             pairs = self._candidates(sources_in, h_in, train_users)
             self._log_candidate_recall(pairs, targets.filter(pl.col(U).is_in(train_users.tolist())))
         with stage("features (targets)", self.timings_):
-            feats = build_features(h_in, pairs, self.item_cats_, cfg)
+            feats = build_features(h_in, pairs, self.item_cats_, cfg, self.lm_)
             labels = (
                 feats.select(U, I)
                 .join(
@@ -262,10 +297,15 @@ class Pipeline:
             ).fit(feats.select(self.feature_columns(feats)), labels, feats[U].to_numpy())
         with stage("sources (all)", self.timings_):
             self.history_ = History(ev, n_u, n_i)
-            self.sources_ = [s.fit(self.history_) for s in make_sources(cfg)]
+            self.sources_ = [s.fit(self.history_) for s in make_sources(cfg, self.lm_)]
             self.fallback_ = self._fallback_items()
         log.info("fit done in %.1f s", time.perf_counter() - t_all)
         return self
+
+    @property
+    def lm(self) -> LanguageModel | None:
+        """The fitted language model, or None (switched off, or a bundle without one)."""
+        return getattr(self, "lm_", None)
 
     @staticmethod
     def feature_columns(feats: pl.DataFrame) -> list[str]:
@@ -315,7 +355,7 @@ class Pipeline:
         warm = np.unique(users[has_hist])
         if len(warm):
             pairs = self._candidates(self.sources_, h, warm)
-            feats = build_features(h, pairs, self.item_cats_, self.config)
+            feats = build_features(h, pairs, self.item_cats_, self.config, self.lm)
             scored = feats.select(U, I).with_columns(
                 pl.Series("score", self.ranker_.predict(feats))
             )

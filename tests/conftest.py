@@ -34,6 +34,7 @@ def fast_config():  # type: ignore[no-untyped-def]
 
     return PipelineConfig.model_validate(
         {
+            "use_lm": False,  # the language model has its own tests (tests/test_lm.py)
             "sources": {"per_source": 50, "als_iterations": 3},
             "ranker": {"n_estimators": 60, "early_stopping_rounds": 20},
         }

@@ -1,0 +1,63 @@
+"""Language-model features of candidate pairs, from item and user vectors.
+
+The vectors come from the language model (unit length); these functions only see
+numpy arrays and polars frames, so the same definitions serve the offline path and a
+single-user request.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import polars as pl
+
+
+def lm_pair_features(
+    pairs: pl.DataFrame,
+    item_vectors: np.ndarray,
+    histories: dict[int, np.ndarray],
+    max_history: int = 100,
+) -> pl.DataFrame:
+    """(u, i, lm_sim_last, lm_sim_max, lm_sim_mean_recent) for candidate pairs.
+
+    histories: user -> item indices, most recent first (the history before the cutoff).
+    lm_sim_last: cosine with the user's most recent item; lm_sim_max: best match among
+    the last `max_history` items; lm_sim_mean_recent: mean cosine with the last 10.
+    Users without history get nulls.
+    """
+    u = pairs["u"].to_numpy()
+    i = pairs["i"].to_numpy()
+    n = len(u)
+    last = np.full(n, np.nan, dtype=np.float32)
+    best = np.full(n, np.nan, dtype=np.float32)
+    mean = np.full(n, np.nan, dtype=np.float32)
+    if n:
+        order = np.argsort(u, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, u[order][1:] != u[order][:-1], True])
+        for a, b in itertools.pairwise(bounds):
+            rows = order[a:b]
+            h = histories.get(int(u[rows[0]]))
+            if h is None or len(h) == 0:
+                continue
+            h = h[:max_history]
+            s = item_vectors[i[rows]] @ item_vectors[h].T  # [cands, hist]
+            last[rows] = s[:, 0]
+            best[rows] = s.max(axis=1)
+            mean[rows] = s[:, :10].mean(axis=1)
+    return pl.DataFrame(
+        {
+            "u": pairs["u"],
+            "i": pairs["i"],
+            "lm_sim_last": last,
+            "lm_sim_max": best,
+            "lm_sim_mean_recent": mean,
+        }
+    )
+
+
+def lm_candidate_rank(pairs: pl.LazyFrame, score: str = "lm_score") -> pl.LazyFrame:
+    """The rank of each candidate's LM score among the same user's candidates (1 = best)."""
+    return pairs.with_columns(
+        pl.col(score).rank("min", descending=True).over("u").alias("lm_cand_rank")
+    )

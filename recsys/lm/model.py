@@ -1,0 +1,679 @@
+"""`LanguageModel`: fit the two towers on a history, give item and user vectors.
+
+    lm = LanguageModel(LMConfig()).fit(history, items)
+    lm.item_vectors_                 # [n_items, d], unit length, from item text
+    lm.user_vectors(users, history)  # [n_users, d], numpy, from recent item vectors
+
+Training runs in two phases, both early-stopped on validation recall@N (each chosen
+user's last training event):
+1. heads: the encoder is frozen and its pooled output computed once; the projection
+   head and the user tower train on every step's batch (cheap, many epochs);
+2. encoder: the top `train_layers` blocks (LoRA or full) train together with the heads,
+   from cached hidden states entering those blocks; negatives and history come from a
+   table of vectors refreshed each epoch, the targets run through the blocks.
+On CPU the whole of it keeps within `cpu_time_budget_s`; on CUDA the batches are 4x
+larger, bf16 autocast is on, and every layer is fine-tuned unless configured.
+Each epoch writes a checkpoint; a rerun with the same data and settings resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from recsys.candidates import History
+from recsys.lm.config import LMConfig
+from recsys.lm.encoder import (
+    ItemTower,
+    Tokens,
+    encode_pooled,
+    load_pretrained,
+    load_tokens,
+    quantized_copy,
+    resolve_model,
+    save_tokens,
+)
+from recsys.lm.text import item_texts
+from recsys.lm.train import (
+    Examples,
+    SampledSoftmax,
+    next_item_examples,
+    recall_at,
+    split_validation,
+)
+from recsys.lm.user_tower import UserTower, history_matrix, user_vectors_numpy
+
+log = logging.getLogger("recsys")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RECSYS_CACHE_DIR", Path.home() / ".cache" / "recsys"))
+
+
+def _device(cfg: LMConfig) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LanguageModel:
+    """The two-tower model. Hyper-parameters in `config`; learned state ends in `_`."""
+
+    def __init__(self, config: LMConfig | None = None, seed: int = 0) -> None:
+        self.config = config or LMConfig()
+        self.seed = seed
+
+    # -- fitting ------------------------------------------------------------------------
+    def fit(self, h: History, items: pl.DataFrame) -> LanguageModel:
+        cfg = self.config
+        torch.manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+        self.timings_: dict[str, float] = {}
+        t_start = time.perf_counter()
+        dev = _device(cfg)
+        cuda = dev.type == "cuda"
+        if not cuda and cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
+        self.texts_ = item_texts(items, cfg.template)
+        tokenizer, encoder = load_pretrained(cfg.model)
+        self.tokenizer_ = tokenizer
+        self.pad_id_ = int(getattr(tokenizer, "pad_token_id", 0) or 0)
+        ckdir = self._checkpoint_dir(h)
+        t0 = time.perf_counter()
+        tok_path = ckdir / "tokens.safetensors" if ckdir else None
+        if tok_path is not None and tok_path.is_file():
+            tokens = load_tokens(tok_path)
+        else:
+            tokens = Tokens.from_texts(tokenizer, self.texts_, cfg.max_length)
+            if tok_path is not None:
+                save_tokens(tok_path, tokens)
+        self.tokens_ = tokens
+        self.timings_["tokenise"] = time.perf_counter() - t0
+
+        train_layers = 0 if cfg.finetune == "none" else cfg.train_layers
+        if train_layers is None:
+            train_layers = 10**6 if cuda else cfg.cpu_train_layers
+        encoder.requires_grad_(False)
+        tower = ItemTower(encoder, cfg.dim, train_layers)
+        self.dim_ = tower.head.dim
+        finetune = train_layers > 0 and cfg.finetune != "none"
+
+        # frozen pass over every item: pooled output, and hidden states entering `start`
+        t0 = time.perf_counter()
+        pooled0, hidden = self._frozen_pass(tower, tokens, dev, keep_hidden=finetune)
+        self.timings_["encode (frozen)"] = time.perf_counter() - t0
+
+        ex = next_item_examples(h, cfg.history_len)
+        if len(ex) > cfg.max_examples:
+            ex = ex.take(np.arange(len(ex) - cfg.max_examples, len(ex)))
+        train_ex, valid_ex = split_validation(ex, 2000, rng)
+        user_tower = UserTower(self.dim_, cfg.history_len)
+        scale = nn.Parameter(torch.tensor(np.log(20.0), dtype=torch.float32))
+        counts = np.bincount(train_ex.target, minlength=h.n_items).astype(np.float64)
+        bs = cfg.batch_size * (4 if cuda else 1)
+        loss_fn = SampledSoftmax(counts, bs, cfg.negatives)
+        seen_rows = [h.X[u].indices for u in valid_ex.users]
+        budget = None if cuda else cfg.cpu_time_budget_s
+        deadline = None if budget is None else t_start + budget
+
+        state = _TrainState(tower, user_tower, scale, loss_fn, dev)
+        if finetune and cfg.finetune == "lora" and tower.start < tower.n_layers:
+            state.add_lora(cfg)
+        self.history_ = {"phase1": [], "phase2": []}
+        resumed = state.try_resume(ckdir)
+
+        t0 = time.perf_counter()
+        P0 = torch.from_numpy(pooled0)
+        if not resumed.get("done"):
+            state.run_phase(
+                "heads",
+                cfg,
+                train_ex,
+                valid_ex,
+                seen_rows,
+                P0,
+                None,
+                bs,
+                rng,
+                deadline,
+                ckdir,
+                resumed,
+                self.seed,
+            )
+            if finetune and (deadline is None or time.perf_counter() < deadline):
+                state.run_phase(
+                    "encoder",
+                    cfg,
+                    train_ex,
+                    valid_ex,
+                    seen_rows,
+                    P0,
+                    (tokens, hidden),
+                    max(8, bs // (1 if cuda else 2)),
+                    rng,
+                    deadline,
+                    ckdir,
+                    resumed,
+                    self.seed,
+                )
+            state.finish(ckdir)
+        self.timings_["train"] = time.perf_counter() - t0
+        self.history_ = state.history
+        self.best_recall_ = state.best
+        self.encoder_tuned_ = state.best_uses_encoder
+        self.recall_at_ = cfg.recall_at
+
+        # final vectors: the best state, from the cache (no second encoder pass)
+        t0 = time.perf_counter()
+        state.restore_best()
+        with torch.inference_mode():
+            P = state.pooled_table((tokens, hidden), P0) if state.best_uses_encoder else P0.to(dev)
+            self.item_vectors_ = tower.head.to(dev)(P.to(dev)).float().cpu().numpy()
+        if state.lora:
+            tower.encoder = tower.encoder.merge_and_unload()  # type: ignore[operator]
+        self.tower_ = tower.cpu().eval()
+        self.user_tower_ = user_tower.cpu().eval()
+        self.user_state_ = self.user_tower_.numpy_state()
+        self.scale_ = float(scale.detach().exp())
+        self.timings_["item vectors"] = time.perf_counter() - t0
+        log.info(
+            "language model: %d items, dim %d, validation recall@%d %.4f (encoder %s), %.1f s",
+            h.n_items,
+            self.dim_,
+            cfg.recall_at,
+            self.best_recall_,
+            "fine-tuned" if self.encoder_tuned_ else "frozen",
+            time.perf_counter() - t_start,
+        )
+        return self
+
+    def _frozen_pass(
+        self, tower: ItemTower, tokens: Tokens, dev: torch.device, keep_hidden: bool
+    ) -> tuple[np.ndarray, list[torch.Tensor] | None]:
+        cfg = self.config
+        enc = tower.encoder
+        if dev.type == "cpu" and cfg.quantize_cpu:
+            enc = quantized_copy(enc)
+        enc = enc.to(dev).eval()
+        if not keep_hidden or tower.start == 0:
+            pooled = encode_pooled(enc, tokens, dev, cfg.encode_batch_size, self.pad_id_)
+            return pooled, None
+        # hidden states entering the first trainable block, per item (ragged, fp32 on CPU)
+        n, hid = len(tokens.lengths), int(enc.config.hidden_size)
+        pooled = np.zeros((n, hid), dtype=np.float32)
+        hidden: list[torch.Tensor] = [torch.empty(0)] * n
+        shadow = ItemTower.__new__(ItemTower)
+        nn.Module.__init__(shadow)
+        shadow.encoder, shadow.start = enc, tower.start
+        with torch.inference_mode():
+            for idx in tokens.batches(cfg.encode_batch_size):
+                ids, mask = tokens.pad(idx, self.pad_id_)
+                hs, po = ItemTower.bottom(shadow, ids.to(dev), mask.to(dev))
+                pooled[idx] = po.float().cpu().numpy()
+                hs = hs.float().cpu()
+                for r, j in enumerate(idx.tolist()):
+                    hidden[j] = hs[r, : tokens.lengths[j]].clone()
+        return pooled, hidden
+
+    def _checkpoint_dir(self, h: History) -> Path | None:
+        if not self.config.checkpoints:
+            return None
+        d = hashlib.sha256()
+        for col in ("u", "i", "t"):
+            d.update(np.ascontiguousarray(h.ev[col].to_numpy()).tobytes())
+        d.update("\x1f".join(self.texts_).encode())
+        d.update(self.config.model_dump_json().encode())
+        d.update(str(self.seed).encode())
+        path = cache_root() / "lm" / d.hexdigest()[:20]
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # -- using ----------------------------------------------------------------------------
+    def _check(self) -> None:
+        if not hasattr(self, "item_vectors_"):
+            raise RuntimeError("LanguageModel is not fitted: call fit() or load() first")
+
+    def user_vectors(self, users: np.ndarray, h: History) -> np.ndarray:
+        """[len(users), d] from each user's recent items in `h` (zeros without history)."""
+        self._check()
+        hist = h.last_items(np.asarray(users), self.config.history_len)
+        return self.user_vectors_from(hist)
+
+    def user_vectors_from(self, histories: list[np.ndarray]) -> np.ndarray:
+        """User vectors from item-index histories, most recent first (numpy only)."""
+        x, mask = history_matrix(self.item_vectors_, histories, self.config.history_len)
+        return user_vectors_numpy(self.user_state_, x, mask)
+
+    def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        """Item vectors for texts through the fine-tuned tower (the fast CPU path)."""
+        self._check()
+        tower = self.tower_
+        dev = _device(self.config)
+        tokens = Tokens.from_texts(self.tokenizer_, texts, self.config.max_length)
+        enc = tower.encoder
+        if dev.type == "cpu" and self.config.quantize_cpu:
+            if getattr(self, "_quantized", None) is None:
+                self._quantized = quantized_copy(enc)
+            enc = self._quantized
+        pooled = encode_pooled(
+            enc.to(dev), tokens, dev, self.config.encode_batch_size, self.pad_id_, progress
+        )
+        with torch.inference_mode():
+            return tower.head.to(dev)(torch.from_numpy(pooled).to(dev)).float().cpu().numpy()
+
+    def encode_items(self, items: pl.DataFrame, progress: bool = False) -> np.ndarray:
+        return self.encode(item_texts(items, self.config.template), progress)
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, d: Path, prefix: str = "lm_") -> dict[str, Any]:
+        """Write safetensors files into `d`; returns the manifest section."""
+        from safetensors.torch import save_file
+
+        self._check()
+        tower = self.tower_
+        trained = {
+            f"encoder.{k}": v.contiguous()
+            for k, v in tower.encoder.state_dict().items()
+            if self.encoder_tuned_ and _layer_of(k) is not None and _layer_of(k) >= tower.start
+        }
+        head = {f"head.{k}": v.contiguous() for k, v in tower.head.state_dict().items()}
+        save_file(trained | head, str(d / f"{prefix}item_tower.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in self.user_tower_.state_dict().items()},
+            str(d / f"{prefix}user_tower.safetensors"),
+        )
+        save_file(
+            {"item_vectors": torch.from_numpy(np.ascontiguousarray(self.item_vectors_))},
+            str(d / f"{prefix}item_vectors.safetensors"),
+        )
+        return {
+            "model": self.config.model,
+            "tokenizer": self.config.model,
+            "resolved_path": resolve_model(self.config.model),
+            "template": self.config.template,
+            "max_length": self.config.max_length,
+            "dim": self.dim_,
+            "history_len": self.config.history_len,
+            "encoder_fine_tuned": bool(self.encoder_tuned_),
+            "fine_tuning": self.config.finetune,
+            "trained_layers_from": int(tower.start),
+            "validation_recall": self.best_recall_,
+            "recall_at": self.recall_at_,
+            "scale": self.scale_,
+            "files": {
+                "item_tower": f"{prefix}item_tower.safetensors",
+                "user_tower": f"{prefix}user_tower.safetensors",
+                "item_vectors": f"{prefix}item_vectors.safetensors",
+            },
+            "timings_s": {k: round(v, 3) for k, v in getattr(self, "timings_", {}).items()},
+        }
+
+    @classmethod
+    def load(
+        cls, d: Path, section: dict[str, Any], config: LMConfig, seed: int = 0
+    ) -> LanguageModel:
+        """Rebuild from `save`'s files and manifest section (base encoder loaded offline)."""
+        from safetensors.torch import load_file
+
+        lm = cls(config, seed)
+        files = section["files"]
+        tokenizer, encoder = load_pretrained(section["model"])
+        tower = ItemTower(encoder, section["dim"], 0)
+        tower.start = int(section["trained_layers_from"])
+        st = load_file(str(d / files["item_tower"]))
+        enc_state = {k[len("encoder.") :]: v for k, v in st.items() if k.startswith("encoder.")}
+        if enc_state:
+            missing = set(enc_state) - set(tower.encoder.state_dict())
+            if missing:
+                raise RuntimeError(
+                    f"fine-tuned weights do not fit the encoder: {sorted(missing)[:3]}"
+                )
+            tower.encoder.load_state_dict(enc_state, strict=False)
+        tower.head.load_state_dict(
+            {k[len("head.") :]: v for k, v in st.items() if k.startswith("head.")}
+        )
+        ut = UserTower(section["dim"], section["history_len"])
+        ut.load_state_dict(load_file(str(d / files["user_tower"])))
+        lm.tower_ = tower.eval()
+        lm.user_tower_ = ut.eval()
+        lm.user_state_ = ut.numpy_state()
+        lm.tokenizer_ = tokenizer
+        lm.pad_id_ = int(getattr(tokenizer, "pad_token_id", 0) or 0)
+        lm.dim_ = int(section["dim"])
+        lm.item_vectors_ = load_file(str(d / files["item_vectors"]))["item_vectors"].numpy()
+        lm.encoder_tuned_ = bool(section["encoder_fine_tuned"])
+        lm.best_recall_ = float(section.get("validation_recall", float("nan")))
+        lm.recall_at_ = int(section.get("recall_at", config.recall_at))
+        lm.scale_ = float(section.get("scale", 20.0))
+        return lm
+
+
+def _layer_of(key: str) -> int | None:
+    parts = key.split(".")
+    for a, b in itertools.pairwise(parts):
+        if a in ("layer", "layers") and b.isdigit():
+            return int(b)
+    return None
+
+
+class _TrainState:
+    """The trainable modules, the training loop and its checkpoints."""
+
+    def __init__(
+        self,
+        tower: ItemTower,
+        user_tower: UserTower,
+        scale: nn.Parameter,
+        loss_fn: SampledSoftmax,
+        dev: torch.device,
+    ) -> None:
+        self.tower = tower.to(dev)
+        self.user_tower = user_tower.to(dev)
+        self.scale = scale
+        self.loss_fn = loss_fn.to(dev)
+        self.dev = dev
+        self.lora = False
+        self.best = -1.0
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.best_uses_encoder = False
+        self.history: dict[str, list[dict[str, float]]] = {"heads": [], "encoder": []}
+
+    def add_lora(self, cfg: LMConfig) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        layers = list(range(self.tower.start, self.tower.n_layers))
+        names = {
+            n.split(".")[-1]
+            for n, m in self.tower.encoder.named_modules()
+            if isinstance(m, nn.Linear)
+        }
+        targets = sorted(
+            names
+            & {
+                "query",
+                "key",
+                "value",
+                "dense",
+                "q_lin",
+                "k_lin",
+                "v_lin",
+                "out_lin",
+                "lin1",
+                "lin2",
+            }
+        )
+        lc = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            layers_to_transform=layers,
+        )
+        self.tower.encoder = get_peft_model(self.tower.encoder, lc)  # type: ignore[assignment]
+        self.lora = True
+
+    def trainable(self, phase: str) -> dict[str, nn.Parameter]:
+        out = {f"head.{k}": p for k, p in self.tower.head.named_parameters()}
+        out |= {f"user.{k}": p for k, p in self.user_tower.named_parameters()}
+        out["scale"] = self.scale
+        if phase == "encoder":
+            out |= self.encoder_params()
+        return out
+
+    def encoder_params(self) -> dict[str, nn.Parameter]:
+        out = {}
+        for k, p in self.tower.encoder.named_parameters():
+            layer = _layer_of(k)
+            if layer is None or layer < self.tower.start:
+                continue
+            if self.lora and "lora_" not in k:
+                continue
+            out[f"enc.{k}"] = p
+        return out
+
+    def snapshot(self, phase: str) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone().cpu() for k, p in self.trainable("encoder").items()}
+
+    def load_snapshot(self, snap: dict[str, torch.Tensor]) -> None:
+        params = self.trainable("encoder")
+        with torch.no_grad():
+            for k, v in snap.items():
+                if k in params:
+                    params[k].copy_(v.to(params[k].device))
+
+    # checkpoints: current and best parameters plus progress
+    def save_checkpoint(self, ckdir: Path | None, progress: dict[str, Any]) -> None:
+        if ckdir is None:
+            return
+        from safetensors.torch import save_file
+
+        cur = self.snapshot("encoder")
+        tensors = {f"cur.{k}": v.contiguous() for k, v in cur.items()}
+        tensors |= {f"best.{k}": v.contiguous() for k, v in self.best_state.items()}
+        tmp = ckdir / "ckpt.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, ckdir / "ckpt.safetensors")
+        meta = progress | {
+            "best": self.best,
+            "best_uses_encoder": self.best_uses_encoder,
+            "history": self.history,
+        }
+        (ckdir / "progress.json.tmp").write_text(json.dumps(meta))
+        os.replace(ckdir / "progress.json.tmp", ckdir / "progress.json")
+
+    def try_resume(self, ckdir: Path | None) -> dict[str, Any]:
+        if ckdir is None or not (ckdir / "progress.json").is_file():
+            return {}
+        from safetensors.torch import load_file
+
+        try:
+            meta = json.loads((ckdir / "progress.json").read_text())
+            t = load_file(str(ckdir / "ckpt.safetensors"))
+        except (OSError, ValueError) as e:
+            log.warning("ignoring an unreadable checkpoint in %s (%s)", ckdir, e)
+            return {}
+        self.load_snapshot({k[4:]: v for k, v in t.items() if k.startswith("cur.")})
+        self.best_state = {k[5:]: v for k, v in t.items() if k.startswith("best.")}
+        self.best = float(meta["best"])
+        self.best_uses_encoder = bool(meta["best_uses_encoder"])
+        self.history = meta["history"]
+        log.info("language model: resuming from %s (%s)", ckdir, meta.get("where"))
+        return meta
+
+    def finish(self, ckdir: Path | None) -> None:
+        self.save_checkpoint(ckdir, {"done": True, "where": "done"})
+
+    def restore_best(self) -> None:
+        if self.best_state:
+            self.load_snapshot(self.best_state)
+
+    def pooled_table(
+        self, cache: tuple[Tokens, list[torch.Tensor] | None], P0: torch.Tensor, bs: int = 256
+    ) -> torch.Tensor:
+        """Pooled output of the current encoder for every item (no grad)."""
+        tokens, _hidden = cache
+        out = torch.zeros_like(P0)
+        was = self.tower.training
+        self.tower.eval()
+        with torch.no_grad():
+            for idx in tokens.batches(bs):
+                out[idx] = self._pooled(idx, cache).float().cpu()
+        self.tower.train(was)
+        return out
+
+    def _pooled(
+        self, idx: np.ndarray, cache: tuple[Tokens, list[torch.Tensor] | None]
+    ) -> torch.Tensor:
+        tokens, hidden = cache
+        dev = self.dev
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            if hidden is None:  # every layer trains: from token ids
+                ids, mask = tokens.pad(idx)
+                return self.tower.full(ids.to(dev), mask.to(dev)).float()
+            L = int(tokens.lengths[idx].max())
+            hs = torch.zeros(len(idx), L, hidden[int(idx[0])].shape[-1])
+            mask = torch.zeros(len(idx), L, dtype=torch.long)
+            for r, j in enumerate(idx.tolist()):
+                n = int(tokens.lengths[j])
+                hs[r, :n] = hidden[j]
+                mask[r, :n] = 1
+            return self.tower.top(hs.to(dev), mask.to(dev)).float()
+
+    def run_phase(
+        self,
+        phase: str,
+        cfg: LMConfig,
+        train_ex: Examples,
+        valid_ex: Examples,
+        seen_rows: list[np.ndarray],
+        P0: torch.Tensor,
+        cache: tuple[Tokens, list[torch.Tensor] | None] | None,
+        bs: int,
+        rng: np.random.Generator,
+        deadline: float | None,
+        ckdir: Path | None,
+        resumed: dict[str, Any],
+        seed: int,
+    ) -> None:
+        max_epochs = cfg.epochs if phase == "heads" else cfg.encoder_epochs
+        start_epoch = 0
+        if resumed.get("phase") == phase:
+            start_epoch = int(resumed["epoch"]) + 1
+        elif resumed.get("phase") == "encoder" and phase == "heads":
+            return
+        if phase == "encoder" and self.best_state:
+            self.load_snapshot(self.best_state)  # fine-tune from the best heads
+        params = self.trainable(phase)
+        groups = [
+            {"params": [p for k, p in params.items() if not k.startswith("enc.")], "lr": cfg.lr}
+        ]
+        enc = [p for k, p in params.items() if k.startswith("enc.")]
+        if enc:
+            for p in enc:
+                p.requires_grad_(True)
+            lr = cfg.encoder_lr * (10 if self.lora else 1)
+            groups.append({"params": enc, "lr": lr})
+        for p in self.tower.head.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        n_items = len(P0)
+        dev = self.dev
+        P0d = P0.to(dev)
+        bad = int(resumed.get("bad", 0)) if resumed.get("phase") == phase else 0
+        for epoch in range(start_epoch, max_epochs):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            erng = np.random.default_rng([seed, 0 if phase == "heads" else 1, epoch])
+            P_tab = P0d if phase == "heads" else self.pooled_table(cache, P0).to(dev)  # type: ignore[arg-type]
+            order = erng.permutation(len(train_ex))
+            self.tower.train()
+            self.user_tower.train()
+            bar = tqdm(
+                total=len(order),
+                desc=f"lm {phase} epoch {epoch + 1}",
+                unit="ex",
+                leave=False,
+                mininterval=5,
+            )
+            t0, seen_ex, losses = time.perf_counter(), 0, []
+            stopped = False
+            for s in range(0, len(order), bs):
+                if deadline is not None and time.perf_counter() > deadline:
+                    stopped = True
+                    break
+                b = train_ex.take(order[s : s + bs])
+                hist = torch.from_numpy(b.history).to(dev)
+                target = torch.from_numpy(b.target).to(dev)
+                neg = torch.from_numpy(erng.integers(0, n_items, cfg.negatives)).to(dev)
+                cand = torch.unique(torch.cat([target, neg]))
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    hv = self.tower.head(P_tab[hist.clamp(min=0)])  # [B, L, d]
+                    hv = hv * (hist >= 0).unsqueeze(-1)
+                    u = self.user_tower(hv.float(), hist >= 0)
+                    pc = P_tab[cand]
+                    if phase == "encoder":
+                        tgt_u = torch.unique(target)
+                        fresh = self._pooled(tgt_u.cpu().numpy(), cache)  # type: ignore[arg-type]
+                        pos = torch.searchsorted(cand, tgt_u)
+                        pc = pc.clone()
+                        pc[pos] = fresh.to(pc.dtype)
+                    cv = self.tower.head(pc).float()
+                    loss = self.loss_fn(u, cv, cand, target, hist, self.scale.exp().clamp(max=100))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                seen_ex += len(b.target)
+                bar.update(len(b.target))
+                bar.set_postfix(
+                    loss=f"{np.mean(losses[-20:]):.3f}",
+                    ex_s=f"{seen_ex / max(time.perf_counter() - t0, 1e-9):.0f}",
+                )
+            bar.close()
+            rec = self.validate(cfg, valid_ex, seen_rows, P0, cache if phase == "encoder" else None)
+            self.history[phase].append(
+                {
+                    "epoch": epoch + 1,
+                    "loss": float(np.mean(losses)) if losses else float("nan"),
+                    f"recall@{cfg.recall_at}": rec,
+                    "examples": seen_ex,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            log.info(
+                "lm %s epoch %d: loss %.4f, validation recall@%d %.4f, %d ex in %.1f s%s",
+                phase,
+                epoch + 1,
+                np.mean(losses) if losses else float("nan"),
+                cfg.recall_at,
+                rec,
+                seen_ex,
+                time.perf_counter() - t0,
+                " (time budget reached)" if stopped else "",
+            )
+            if rec > self.best:
+                self.best, bad = rec, 0
+                self.best_state = self.snapshot(phase)
+                self.best_uses_encoder = phase == "encoder"
+            else:
+                bad += 1
+            self.save_checkpoint(
+                ckdir,
+                {"phase": phase, "epoch": epoch, "bad": bad, "where": f"{phase} epoch {epoch + 1}"},
+            )
+            if bad >= cfg.patience or stopped:
+                break
+        for p in self.encoder_params().values():
+            p.requires_grad_(False)
+
+    def validate(
+        self,
+        cfg: LMConfig,
+        valid_ex: Examples,
+        seen_rows: list[np.ndarray],
+        P0: torch.Tensor,
+        cache: tuple[Tokens, list[torch.Tensor] | None] | None,
+    ) -> float:
+        self.tower.eval()
+        self.user_tower.eval()
+        with torch.no_grad():
+            P = self.pooled_table(cache, P0) if cache is not None else P0
+            V = self.tower.head(P.to(self.dev)).float()
+            hist = torch.from_numpy(valid_ex.history).to(self.dev)
+            hv = V[hist.clamp(min=0)] * (hist >= 0).unsqueeze(-1)
+            u = self.user_tower(hv, hist >= 0)
+        return recall_at(
+            u.cpu().numpy(), V.cpu().numpy(), valid_ex.target, seen_rows, cfg.recall_at
+        )

@@ -1,0 +1,108 @@
+"""Training data and loss of the two-tower model.
+
+Examples are next-item targets from the training history: for each event after a
+user's first, the target is that item and the input the user's `history_len` items
+before it, most recent first. The loss is a sampled softmax over the batch's targets
+plus uniformly drawn negatives, each logit corrected by the log of its sampling
+probability (logQ), so popular items are not over-penalised for being sampled often.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from recsys.candidates import History
+from recsys.data import I, U
+
+
+@dataclass
+class Examples:
+    users: np.ndarray  # [E] user index
+    history: np.ndarray  # [E, L] item indices, most recent first, -1 = none
+    target: np.ndarray  # [E]
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def take(self, idx: np.ndarray) -> Examples:
+        return Examples(self.users[idx], self.history[idx], self.target[idx])
+
+
+def next_item_examples(h: History, history_len: int) -> Examples:
+    """Every event with at least one earlier event of the same user."""
+    u = h.ev[U].to_numpy().astype(np.int64)
+    i = h.ev[I].to_numpy().astype(np.int64)
+    n = len(u)
+    first = np.ones(n, dtype=bool)
+    first[1:] = u[1:] != u[:-1]
+    start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    pos = np.arange(n) - start
+    keep = np.flatnonzero(pos >= 1)
+    hist = np.full((len(keep), history_len), -1, dtype=np.int64)
+    for j in range(history_len):
+        ok = pos[keep] > j
+        hist[ok, j] = i[keep[ok] - 1 - j]
+    return Examples(u[keep], hist, i[keep])
+
+
+def split_validation(
+    ex: Examples, n_valid_users: int, rng: np.random.Generator
+) -> tuple[Examples, Examples]:
+    """Each chosen user's last example is validation; everything else trains."""
+    last = np.flatnonzero(np.r_[ex.users[1:] != ex.users[:-1], True])
+    if len(last) > n_valid_users:
+        last = np.sort(rng.choice(last, n_valid_users, replace=False))
+    train = np.ones(len(ex), dtype=bool)
+    train[last] = False
+    return ex.take(np.flatnonzero(train)), ex.take(last)
+
+
+class SampledSoftmax(torch.nn.Module):
+    """Cross-entropy over candidates with logQ correction and history masking."""
+
+    def __init__(self, target_counts: np.ndarray, batch_size: int, n_negatives: int) -> None:
+        super().__init__()
+        n = len(target_counts)
+        p = target_counts / max(target_counts.sum(), 1.0)
+        q = np.minimum(1.0, batch_size * p) + n_negatives / max(n, 1)
+        self.register_buffer("log_q", torch.from_numpy(np.log(np.maximum(q, 1e-12))).float())
+
+    def forward(
+        self,
+        users: torch.Tensor,  # [B, d]
+        cand_vecs: torch.Tensor,  # [C, d]
+        cand: torch.Tensor,  # [C] item indices, sorted unique
+        target: torch.Tensor,  # [B] item indices (all in cand)
+        history: torch.Tensor,  # [B, L] item indices, -1 = none
+        scale: torch.Tensor,
+    ) -> torch.Tensor:
+        logits = scale * (users @ cand_vecs.T) - self.log_q[cand]
+        # items the user already has are not negatives
+        seen = (history.unsqueeze(-1) == cand.view(1, 1, -1)).any(1)
+        seen &= cand.view(1, -1) != target.view(-1, 1)
+        logits = logits.masked_fill(seen, -1e4)
+        labels = torch.searchsorted(cand, target)
+        return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+
+def recall_at(
+    user_vecs: np.ndarray,
+    item_vecs: np.ndarray,
+    targets: np.ndarray,
+    seen_rows: list[np.ndarray],
+    n: int,
+) -> float:
+    """Share of validation targets in the top-n of all items, the user's own items masked."""
+    hits = 0
+    for s in range(0, len(targets), 512):
+        sc = user_vecs[s : s + 512] @ item_vecs.T
+        for r, seen in enumerate(seen_rows[s : s + 512]):
+            t = targets[s + r]
+            seen = seen[seen != t]
+            sc[r, seen] = -np.inf
+        top = np.argpartition(-sc, min(n, sc.shape[1] - 1), axis=1)[:, :n]
+        hits += int((top == targets[s : s + 512, None]).any(1).sum())
+    return hits / max(len(targets), 1)

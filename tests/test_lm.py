@@ -1,0 +1,218 @@
+"""The language model on a tiny randomly initialised BERT (built here, no network):
+text template, towers, fine-tuning, checkpoints, bundle round trip, encode-items."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(synth_data, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """A 2-layer BERT with a word-level vocabulary from the synthetic item texts."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from recsys.lm.text import item_texts
+
+    _, items = synth_data
+    words = sorted({w for t in item_texts(items) for w in re.findall(r"\w+|[^\w\s]", t.lower())})
+    d = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def lm_config(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from recsys.config import PipelineConfig
+
+    return PipelineConfig.model_validate(
+        {
+            "sources": {"per_source": 50, "als_iterations": 3},
+            "ranker": {"n_estimators": 60, "early_stopping_rounds": 20},
+            "lm": {
+                "model": str(tiny_bert),
+                "dim": 16,
+                "epochs": 2,
+                "encoder_epochs": 1,
+                "batch_size": 128,
+                "negatives": 64,
+                "max_length": 32,
+                "cpu_train_layers": 1,
+                "checkpoints": False,
+                "device": "cpu",
+                "cpu_threads": 1,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def lm_pipeline(synth_data, lm_config):  # type: ignore[no-untyped-def]
+    from recsys.pipeline import Pipeline
+
+    inter, items = synth_data
+    return Pipeline(lm_config).fit(inter, items)
+
+
+def test_item_text_default_and_template() -> None:
+    from recsys.lm.text import item_texts
+
+    items = pl.DataFrame(
+        {"item_id": [1, 2], "title": ["A", None], "genres": ["x|y", "z"], "n": [1, 2]}
+    )
+    assert item_texts(items) == ["title: A\ngenres: x, y", "genres: z"]
+    assert item_texts(items, "{title} ({genres})") == ["A (x, y)", "(z)"]
+    with pytest.raises(ValueError, match="unknown item column"):
+        item_texts(items, "{nope}")
+    assert item_texts(pl.DataFrame({"item_id": [1]})) == [""]
+
+
+def test_user_tower_numpy_equals_torch() -> None:
+    from recsys.lm.user_tower import UserTower, user_vectors_numpy
+
+    torch.manual_seed(1)
+    ut = UserTower(8, 5)
+    with torch.no_grad():  # non-trivial weights everywhere
+        for p in ut.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.nn.functional.normalize(torch.randn(4, 5, 8), dim=-1)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]]).bool()
+    x = x * mask.unsqueeze(-1)
+    want = ut(x, mask).detach().numpy()
+    got = user_vectors_numpy(ut.numpy_state(), x.numpy(), mask.numpy())
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_next_item_examples_and_logq_loss() -> None:
+    from recsys.candidates import History
+    from recsys.lm.train import SampledSoftmax, next_item_examples
+
+    ev = pl.DataFrame({"u": [0, 0, 0, 1, 1], "i": [3, 1, 2, 0, 3], "t": [1, 2, 3, 1, 2]}).cast(
+        {"u": pl.Int32, "i": pl.Int32}
+    )
+    ex = next_item_examples(History(ev, 2, 4), history_len=2)
+    assert ex.target.tolist() == [1, 2, 3]
+    assert ex.history.tolist() == [[3, -1], [1, 3], [0, -1]]
+    loss = SampledSoftmax(np.array([1.0, 1, 1, 10]), batch_size=2, n_negatives=2)
+    # a popular item gets a larger log q, so its logit is lowered more
+    assert loss.log_q[3] > loss.log_q[0]
+    u = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    v = torch.nn.functional.normalize(torch.randn(4, 4), dim=-1)
+    val = loss(u, v, torch.arange(4), torch.tensor([1, 2, 3]), torch.tensor(ex.history), 10.0)
+    assert torch.isfinite(val)
+
+
+def test_fit_gives_unit_item_vectors_and_learns(synth_data, lm_config) -> None:  # type: ignore[no-untyped-def]
+    from recsys.candidates import History
+    from recsys.data import IdIndex, to_internal
+    from recsys.lm.model import LanguageModel
+
+    inter, items = synth_data
+    ev = to_internal(inter, IdIndex.from_values(inter["user_id"]), IdIndex(items["item_id"]))
+    h = History(ev, int(ev["u"].max()) + 1, len(items))
+    lm = LanguageModel(lm_config.lm).fit(h, items)
+    assert lm.item_vectors_.shape == (len(items), 16)
+    np.testing.assert_allclose(np.linalg.norm(lm.item_vectors_, axis=1), 1.0, atol=1e-4)
+    assert lm.history_["heads"], "a validation recall per epoch"
+    assert lm.best_recall_ > 0.0
+    u = lm.user_vectors(np.arange(5), h)
+    assert u.shape == (5, 16)
+    # the fast encoding path gives (nearly) the training-time vectors
+    v = lm.encode_items(items.head(20))
+    cos = (v * lm.item_vectors_[:20]).sum(1)
+    assert cos.min() > 0.9, cos
+
+
+def test_checkpoint_resumes(synth_data, lm_config, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from recsys.candidates import History
+    from recsys.data import IdIndex, to_internal
+    from recsys.lm.model import LanguageModel
+
+    monkeypatch.setenv("RECSYS_CACHE_DIR", str(tmp_path))
+    inter, items = synth_data
+    ev = to_internal(inter, IdIndex.from_values(inter["user_id"]), IdIndex(items["item_id"]))
+    h = History(ev, int(ev["u"].max()) + 1, len(items))
+    cfg = lm_config.lm.model_copy(update={"checkpoints": True, "finetune": "none"})
+    a = LanguageModel(cfg).fit(h, items)
+    progress = list(tmp_path.glob("lm/*/progress.json"))
+    assert len(progress) == 1 and json.loads(progress[0].read_text())["done"]
+    b = LanguageModel(cfg).fit(h, items)  # resumes the finished run: same vectors
+    np.testing.assert_allclose(a.item_vectors_, b.item_vectors_, atol=1e-6)
+    assert b.timings_["train"] < a.timings_["train"]
+
+
+def test_pipeline_with_lm_has_lm_source_and_features(lm_pipeline) -> None:  # type: ignore[no-untyped-def]
+    feats = lm_pipeline.ranker_.features_
+    for f in ("lm_score", "lm_rank", "lm_cand_rank", "lm_sim_last", "lm_sim_max"):
+        assert f in feats
+    assert any(s.name == "lm" for s in lm_pipeline.sources_)
+
+
+def test_no_lm_runs_nothing_lm(synth_data, lm_config) -> None:  # type: ignore[no-untyped-def]
+    from recsys.pipeline import Pipeline
+
+    inter, items = synth_data
+    p = Pipeline(lm_config.model_copy(update={"use_lm": False})).fit(inter, items)
+    assert p.lm is None
+    assert not any(f.startswith("lm_") for f in p.ranker_.features_)
+
+
+def test_bundle_round_trip_and_encode_items(lm_pipeline, synth_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from recsys import bundle
+    from recsys.lm.catalogue import encode_items_into_bundle
+    from recsys.pipeline import Pipeline
+
+    inter, items = synth_data
+    d = tmp_path / "b"
+    lm_pipeline.save(str(d))
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["lm"]["tokenizer"] and manifest["lm"]["dim"] == 16
+    assert {"lm_item_tower.safetensors", "lm_user_tower.safetensors"} <= set(manifest["files"])
+    users = inter["user_id"].unique().sort().head(20)
+    loaded = Pipeline.load(str(d))
+    np.testing.assert_allclose(loaded.lm.item_vectors_, lm_pipeline.lm.item_vectors_)
+    a, b = loaded.recommend(users, k=10), lm_pipeline.recommend(users, k=10)
+    # polars' parallel float sums may differ in the last bit between runs: near-equal
+    same = a.join(b, on=["user_id", "rank"]).filter(pl.col("item_id") == pl.col("item_id_right"))
+    assert len(same) >= 0.9 * len(a)
+
+    # a new item and a refreshed one, no refit
+    new = pl.DataFrame(
+        {c: [items[c][0]] * 2 for c in items.columns if c != "item_id"}
+    ).with_columns(pl.Series("item_id", ["brand-new", items["item_id"][1]]))
+    new = new.select(items.columns)
+    n_added = encode_items_into_bundle(d, new)
+    assert n_added == (1, 1)
+    p2 = Pipeline.load(str(d))  # checksums verified
+    assert len(p2.item_index_) == len(items) + 1
+    assert p2.lm.item_vectors_.shape[0] == len(items) + 1
+    # the new item's vector equals item 0's (same text), and it can be recommended
+    np.testing.assert_allclose(
+        p2.lm.item_vectors_[-1], p2.lm.encode_items(items.head(1))[0], atol=1e-5
+    )
+    recs = p2.recommend(users, k=10)
+    assert recs.group_by("user_id").len()["len"].to_list() == [10] * 20
+    with pytest.raises(bundle.BundleError):
+        (d / "lm_item_vectors.safetensors").write_bytes(b"x")
+        Pipeline.load(str(d))

@@ -157,6 +157,7 @@ class ServiceLimits:
     max_events_per_user: int = 500
     max_fresh_users: int = 100_000
     cache_users: int = 50_000
+    prefill: bool = False  # rank the bundle's users into the cache before ready
     max_k: int = 1000
 
 
@@ -423,6 +424,17 @@ class RecService:
         except Exception as e:
             log.error("could not follow the reload to %s: %s", path, e)
 
+    def _prefilled(self, m: Model) -> OrderedDict[str, tuple[Model, Ranked]]:
+        """Ranked lists of the most active bundle users, up to `cache_users`."""
+        n_events = np.diff(m.ranker._hist_ptr)
+        users = np.argsort(-n_events, kind="stable")[: self.limits.cache_users]
+        out: OrderedDict[str, tuple[Model, Ranked]] = OrderedDict()
+        for u in users[n_events[users] > 0].tolist():
+            key = str(m.user_ids[u])
+            if key not in self._fresh:
+                out[key] = (m, m.ranker.rank(m.ranker.user_state(u)))
+        return out
+
     # -- reloading ------------------------------------------------------------------------
     def reload(self, path: str | Path | None = None) -> tuple[str, str]:
         """Load and warm a bundle beside the serving one, then swap. On any failure the
@@ -442,9 +454,10 @@ class RecService:
             t0 = time.perf_counter()
             model = Model.load(path, self.tree_cache)
             model.warm()
+            filled = self._prefilled(model) if self.use_cache and self.limits.prefill else None
             self._model = model
             with self._lock:
-                self._cache.clear()
+                self._cache = filled if filled is not None else OrderedDict()
             log.info(
                 "serving bundle %s (%s), loaded in %.1f s",
                 path,

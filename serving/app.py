@@ -347,6 +347,7 @@ def app_from_env() -> Guard:
             max_events_per_user=settings.max_events_per_user,
             max_fresh_users=settings.max_fresh_users,
             cache_users=settings.cache_users,
+            prefill=settings.prefill,
             max_k=settings.max_k,
         ),
         state_dir=settings.state_dir,
@@ -357,6 +358,9 @@ def app_from_env() -> Guard:
 
     def load() -> None:
         try:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(1)  # one request, one core: BLAS threads only contend
             service.start(bundle)
         except Exception:
             log.exception("could not load the bundle %s", bundle)

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     tree_cache: Path | None = Field(None, description="compiled ranker models")
     cache: bool = Field(True, description="keep ranked lists per user until their next event")
     cache_users: int = Field(50_000, ge=0)
+    prefill: bool = Field(False, description="rank the bundle's users into the cache before ready")
     max_k: int = Field(1000, ge=1)
     max_body_bytes: int = Field(256_000, ge=1024)
     max_events_per_user: int = Field(500, ge=1)

@@ -28,6 +28,9 @@ def serve(
     cache: bool = typer.Option(
         True, "--cache/--no-cache", help="Keep each user's ranked list until their next event."
     ),
+    prefill: bool = typer.Option(
+        False, "--prefill", help="Rank every bundle user into the cache before ready."
+    ),
     log_level: str = typer.Option("warning", "--log-level"),
 ) -> None:
     """Serve top-k lists over HTTP (GET/POST /v1/recommendations, POST /v1/events, ...).
@@ -42,6 +45,9 @@ def serve(
     read_manifest(bundle)  # a clear error now rather than a worker that never gets ready
     os.environ["RECSYS_BUNDLE"] = str(bundle.resolve())
     os.environ["RECSYS_CACHE"] = "true" if cache else "false"
+    os.environ["RECSYS_PREFILL"] = "true" if prefill else "false"
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")  # workers are the parallelism
     if workers > 1:
         run_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-"))
         state_dir = state_dir or run_dir / "state"

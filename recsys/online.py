@@ -129,6 +129,7 @@ class OnlineRanker:
 
         # per-source prepared state
         self._prep: dict[str, object] = {}
+        self._recent: dict[int, np.ndarray] = {}  # RecentPopular rows by end time
         for s in self.sources:
             if isinstance(s, ItemKNN):
                 self._prep[s.name] = s.sim_.T.tocsr()  # what `X @ sim_.T` multiplies by
@@ -138,7 +139,7 @@ class OnlineRanker:
                 self._prep[s.name] = pos
             elif isinstance(s, ALS):
                 Y = s.item_factors_.astype(np.float64)
-                self._prep[s.name] = Y.T @ Y
+                self._prep[s.name] = (Y.T @ Y, np.ascontiguousarray(s.item_factors_.T))
             elif not isinstance(s, MostPopular | RecentPopular | NextItem):
                 raise TypeError(f"no online version of candidate source {s.name!r}")
 
@@ -181,7 +182,13 @@ class OnlineRanker:
                 out[r] = s.counts_
             elif isinstance(s, RecentPopular):
                 t_end = state.last_t if state.last_t >= 0 else self.now
-                out[r] = s.counts_at(np.array([t_end]), self.n_items)[0]
+                row = self._recent.get(t_end)
+                if row is None:
+                    row = s.counts_at(np.array([t_end]), self.n_items)[0]
+                    if len(self._recent) >= 4096:
+                        self._recent.clear()
+                    self._recent[t_end] = row
+                out[r] = row
             elif isinstance(s, ItemKNN):
                 out[r] = np.asarray((x @ self._prep[s.name]).todense(), dtype=np.float32)[0]
             elif isinstance(s, EASE):
@@ -196,7 +203,7 @@ class OnlineRanker:
                 v = xk @ s.B_
                 out[r, s.items_] = v.toarray() if sp.issparse(v) else np.asarray(v, np.float32)
             elif isinstance(s, ALS):
-                out[r] = (self._als_factor(s, state) @ s.item_factors_.T)[0]
+                out[r] = (self._als_factor(s, state) @ self._prep[s.name][1])[0]  # type: ignore[index]
             elif isinstance(s, NextItem):
                 last = state.items[-s.last_n :][::-1]
                 w = sp.csr_matrix(
@@ -218,7 +225,8 @@ class OnlineRanker:
         if len(seen) == 0:
             return np.zeros((1, s.item_factors_.shape[1]), dtype=np.float32)
         Y = s.item_factors_[seen].astype(np.float64)
-        A = self._prep[s.name] + s.alpha * (Y.T @ Y)  # type: ignore[operator]
+        YtY, _ = self._prep[s.name]  # type: ignore[misc]
+        A = YtY + s.alpha * (Y.T @ Y)
         A[np.diag_indices_from(A)] += s.regularization
         b = (1.0 + s.alpha) * Y.sum(axis=0)
         return np.linalg.solve(A, b).astype(np.float32)[None, :]

@@ -156,7 +156,8 @@ def history_segments(lengths: np.ndarray, n_segments: int = 4) -> tuple[np.ndarr
     """Users cut into (at most) `n_segments` groups of about equal size by history
     length; returns each user's segment number and a 'lo–hi events' label per segment."""
     qs = np.quantile(lengths, np.linspace(0, 1, n_segments + 1)[1:-1]) if len(lengths) else []
-    edges = sorted({int(lengths.min(initial=0))} | {int(np.ceil(q)) for q in qs})
+    lowest = int(lengths.min()) if len(lengths) else 0
+    edges = sorted({lowest} | {int(np.ceil(q)) for q in qs})
     edges.append(int(lengths.max(initial=0)) + 1)
     edges = sorted(set(edges))
     seg = np.searchsorted(np.array(edges[1:]), lengths, side="right")

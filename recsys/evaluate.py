@@ -106,6 +106,12 @@ class Report:
         out = pl.concat(frames).join(held, on=[USER, ITEM], how="left")
         return out.with_columns(pl.col("hit").fill_null(False))
 
+    def history(self, user_ids: list[Any]) -> pl.DataFrame:
+        """(user_id, item_id, timestamp) training events of these users, oldest first:
+        what every model saw (the held-out events are not in it)."""
+        t = self.analysis["_train"]
+        return t.filter(pl.col(USER).is_in(pl.Series(user_ids).cast(t.schema[USER]).implode()))
+
     def held_out(self, user_ids: list[Any]) -> pl.DataFrame:
         """(user_id, item_id) of the held-out events of these users."""
         t = self.analysis["_test"]
@@ -187,6 +193,7 @@ def evaluate(
     rep.analysis["_user_ids"] = user_index.take(users).rename(USER)
     rep.analysis["_lists"] = lists
     rep.analysis["_item_ids"] = item_index.ids
+    rep.analysis["_train"] = train
     rep.analysis["_test"] = to_canonical(test, user_index, item_index).select(USER, ITEM).unique()
     rep.analysis["_history"] = np.bincount(hist[U].to_numpy(), minlength=len(user_index))[users]
     if rep.ablation.get("with") in lists and rep.ablation.get("without") in lists:

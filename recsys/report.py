@@ -323,6 +323,16 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+def markdown_section(d: dict[str, Any], title: str) -> str:
+    """One '## title' section of report.md (e.g. 'Headline', 'Language-model ablation')."""
+    text = markdown(d)
+    start = text.find(f"## {title}\n")
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + 3)
+    return text[start : end if end >= 0 else len(text)].strip() + "\n"
+
+
 def markdown(d: dict[str, Any]) -> str:
     """report.md: what was measured, the headline with its interval, and every view."""
     a = d.get("analysis")

@@ -83,4 +83,36 @@ def test_report_folder_has_plots_and_states_the_interval(report, tmp_path: Path)
         assert f"({p.name})" in md or f"`{p.name}`" in md
     d = json.loads((tmp_path / "metrics.json").read_text())
     assert d["analysis"]["bootstrap"]["ci"]["EASE"]["hi"] > 0
-    assert d["importances"]["recsys"][0]["gain"] > 0
+    pipe = next(n for n in report.rows if n.startswith("recsys"))
+    assert d["importances"][pipe][0]["gain"] > 0
+
+
+def test_lists_mark_held_out_hits_as_the_metrics_count_them(report) -> None:  # type: ignore[no-untyped-def]
+    per = report.per_user()
+    users = per.sort("EASE", descending=True)["user_id"].head(3).to_list()
+    lists = report.lists(users, k=10)
+    assert set(lists["model"].unique()) == set(report.rows)
+    hr = lists.group_by("user_id", "model").agg(pl.col("hit").any())
+    ease = hr.filter(pl.col("model") == "EASE").sort("user_id")
+    want = per.filter(pl.col("user_id").is_in(users)).sort("user_id")["EASE"] > 0
+    assert ease["hit"].to_list() == want.to_list()
+    assert report.held_out(users)["user_id"].n_unique() == 3
+
+
+def test_report_states_the_ablation_when_it_ran(report) -> None:  # type: ignore[no-untyped-def]
+    from recsys.report import ablation_table, markdown
+
+    d = report.to_dict()
+    pipe = next(n for n in report.rows if n.startswith("recsys"))
+    ci = d["analysis"]["bootstrap"]["ci"]
+    ci["variant"] = dict(ci[pipe], mean=ci[pipe]["mean"] - 0.01)
+    d["models"]["variant"] = d["models"][pipe]
+    d["analysis"]["beyond"]["variant"] = d["analysis"]["beyond"][pipe]
+    d["ablation"] = {
+        "with": pipe,
+        "without": "variant",
+        "paired": {"diff": 0.01, "lo": 0.002, "hi": 0.018, "p": 0.01, "wins": 0.3, "losses": 0.2},
+    }
+    md = markdown(d)
+    assert f"`{pipe}` against `variant`" in md and "+0.0100" in md
+    assert ablation_table(d).height == 2

@@ -299,3 +299,29 @@ def test_bundle_failing_warm_up_is_refused(
     with pytest.raises(ValueError):
         service.reload(bundle_dir)
     assert service.model is model
+
+
+def test_workers_share_fresh_events_and_reloads(
+    model: Model, tree_cache: Path, bundle_dir: Path, tmp_path: Path
+) -> None:
+    """Two services over one state directory stand for two worker processes."""
+    a = RecService(model, state_dir=tmp_path / "state", tree_cache=tree_cache)
+    b = RecService(model, state_dir=tmp_path / "state", tree_cache=tree_cache)
+    uid = model.user_ids[3]
+    before = b.recommend(uid, k=10).items
+    a.add_events([(uid, before[0][0], None)])
+    after = b.recommend(uid, k=10).items
+    assert after != before and before[0][0] not in [i for i, _ in after]
+    copy = tmp_path / "b2"
+    shutil.copytree(bundle_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["created_at"] = "2000-01-01T00:00:00Z"  # another version of the same model
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    _, new = a.reload(copy)
+    assert new != model.version
+    b.sync()
+    assert b._bg_reload is not None
+    b._bg_reload.join(timeout=120)
+    assert b.model.version == new == a.model.version
+    # the fresh event survives the reload
+    assert before[0][0] not in [i for i, _ in b.recommend(uid, k=10).items]

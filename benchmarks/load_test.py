@@ -32,10 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LUA = """
 local ids = {%(ids)s}
+local items = {%(items)s}
 local k = %(k)d
+local event_share = %(event_share)f
 math.randomseed(%(seed)d)
 request = function()
   local id = ids[math.random(#ids)]
+  if event_share > 0 and math.random() < event_share then
+    local body = '{"events": [{"user_id": ' .. id .. ', "item_id": '
+      .. items[math.random(#items)] .. '}]}'
+    return wrk.format("POST", "/v1/events", {["Content-Type"] = "application/json"}, body)
+  end
   return wrk.format("GET", "/v1/recommendations/" .. id .. "?k=" .. k)
 end
 """
@@ -115,6 +122,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--no-cache", action="store_true", help="rank every request afresh")
     ap.add_argument("--prefill", action="store_true", help="server ranks all users at start")
+    ap.add_argument(
+        "--event-share",
+        type=float,
+        default=0.0,
+        help="share of requests that POST a fresh event (the user's next list is re-ranked)",
+    )
     ap.add_argument("--unknown-share", type=float, default=0.0)
     ap.add_argument("--warmup", type=int, default=3, help="seconds of unmeasured load first")
     ap.add_argument("--seed", type=int, default=0)
@@ -128,8 +141,17 @@ def main() -> None:
     ids = users + [f"unknown-{j}" for j in range(n_unknown)]
     tmp = Path(tempfile.mkdtemp(prefix="recsys-load-"))
     script = tmp / "users.lua"
+    items = pl.read_parquet(args.bundle / "items.parquet")["item_id"]
+    item_ids = [json.dumps(x) for x in items.head(2000).to_list()]
     script.write_text(
-        LUA % {"ids": ",".join(json.dumps(x) for x in ids), "k": args.k, "seed": args.seed}
+        LUA
+        % {
+            "ids": ",".join(json.dumps(x) for x in ids),
+            "items": ",".join(json.dumps(x) for x in item_ids),
+            "k": args.k,
+            "event_share": args.event_share,
+            "seed": args.seed,
+        }
     )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -153,7 +175,8 @@ def main() -> None:
         cache = "off" if args.no_cache else "on, prefilled" if args.prefill else "on"
         print(
             f"server ready in {ready_s:.1f} s: {args.workers} worker(s), "
-            f"cache {cache}, {len(ids)} user ids, k={args.k}",
+            f"cache {cache}, {len(ids)} user ids, k={args.k}, "
+            f"{args.event_share:.0%} of requests post an event",
             flush=True,
         )
         if args.warmup:

@@ -216,3 +216,17 @@ def test_bundle_round_trip_and_encode_items(lm_pipeline, synth_data, tmp_path) -
     with pytest.raises(bundle.BundleError):
         (d / "lm_item_vectors.safetensors").write_bytes(b"x")
         Pipeline.load(str(d))
+
+
+def test_bench_encode_cli_reports_items_per_second(tiny_bert: Path) -> None:
+    from typer.testing import CliRunner
+
+    from recsys.cli import app, commands  # noqa: F401  (registers the commands)
+
+    r = CliRunner().invoke(
+        app,
+        ["bench", "encode", "--model", str(tiny_bert), "--n", "64", "--batch-sizes", "16,64",
+         "--device", "cpu", "--threads", "1"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "items/s" in r.output and "naive" in r.output and "sorted + int8" in r.output

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from recsys.cli import app
 from recsys.cli.ingest import ingest_app
+from recsys.cli.lm import bench_app, encode_items
 from recsys.cli.serve import serve
 from recsys.cli.synth import synth
 from recsys.config import PipelineConfig
@@ -27,6 +28,8 @@ app.add_typer(
 )
 app.command("synth")(synth)
 app.command("serve")(serve)
+app.command("encode-items")(encode_items)
+app.add_typer(bench_app, name="bench", help="Throughput benchmarks (`recsys bench encode`).")
 
 
 def _config(path: Path | None, no_lm: bool = False) -> PipelineConfig:
@@ -84,6 +87,12 @@ def fit(
     p.save(str(out))
     console.print(f"bundle written to [bold]{out}[/] in {time.perf_counter() - t0:.1f} s")
     _print_timings(p.timings_)
+    if p.lm is not None:
+        console.print(
+            "language model: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in p.lm.timings_.items())
+            + f"; validation recall@{p.lm.recall_at_} {p.lm.best_recall_:.4f}"
+        )
 
 
 def _print_timings(timings: dict[str, float]) -> None:

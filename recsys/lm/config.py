@@ -52,6 +52,9 @@ class LMConfig(BaseModel):
     cpu_time_budget_s: float | None = Field(
         180.0, description="CPU: training stops after this many seconds (None: no budget)"
     )
+    heads_budget_share: float = Field(
+        0.6, gt=0, le=1, description="CPU: share of the training budget before fine-tuning"
+    )
     encode_batch_size: int = Field(128, ge=1)
     quantize_cpu: bool = Field(
         True, description="int8 dynamic quantisation of the encoder's linear layers on CPU"

@@ -137,6 +137,10 @@ class LanguageModel:
         t0 = time.perf_counter()
         P0 = torch.from_numpy(pooled0)
         if not resumed.get("done"):
+            heads_deadline = deadline
+            if deadline is not None and finetune:
+                now = time.perf_counter()
+                heads_deadline = now + max(0.0, deadline - now) * cfg.heads_budget_share
             state.run_phase(
                 "heads",
                 cfg,
@@ -147,7 +151,7 @@ class LanguageModel:
                 None,
                 bs,
                 rng,
-                deadline,
+                heads_deadline,
                 ckdir,
                 resumed,
                 self.seed,
@@ -599,17 +603,20 @@ class _TrainState:
                 neg = torch.from_numpy(erng.integers(0, n_items, cfg.negatives)).to(dev)
                 cand = torch.unique(torch.cat([target, neg]))
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    hv = self.tower.head(P_tab[hist.clamp(min=0)])  # [B, L, d]
-                    hv = hv * (hist >= 0).unsqueeze(-1)
-                    u = self.user_tower(hv.float(), hist >= 0)
-                    pc = P_tab[cand]
+                    # the head runs once per distinct item of the batch (history + candidates)
+                    valid = hist >= 0
+                    hk = hist.clamp(min=0)
+                    allc = torch.unique(torch.cat([hk.flatten(), cand]))
+                    pa = P_tab[allc]
                     if phase == "encoder":
                         tgt_u = torch.unique(target)
                         fresh = self._pooled(tgt_u.cpu().numpy(), cache)  # type: ignore[arg-type]
-                        pos = torch.searchsorted(cand, tgt_u)
-                        pc = pc.clone()
-                        pc[pos] = fresh.to(pc.dtype)
-                    cv = self.tower.head(pc).float()
+                        pa = pa.clone()
+                        pa[torch.searchsorted(allc, tgt_u)] = fresh.to(pa.dtype)
+                    va = self.tower.head(pa).float()
+                    hv = va[torch.searchsorted(allc, hk)] * valid.unsqueeze(-1)
+                    u = self.user_tower(hv, valid)
+                    cv = va[torch.searchsorted(allc, cand)]
                     loss = self.loss_fn(u, cv, cand, target, hist, self.scale.exp().clamp(max=100))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

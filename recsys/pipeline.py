@@ -324,7 +324,7 @@ class Pipeline:
         t = targets.select(U, I).unique()
         hit = t.join(pairs.select(U, I), on=[U, I], how="semi")
         per_source = {}
-        for name in [s for s in self.config.sources.use]:
+        for name in [c[: -len("_rank")] for c in pairs.columns if c.endswith("_rank")]:
             got = pairs.filter(pl.col(f"{name}_rank") <= self.config.sources.per_source).select(
                 U, I
             )

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(width=120)
 bench_app = typer.Typer(no_args_is_help=True, help="Throughput benchmarks.")
 
 

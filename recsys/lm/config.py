@@ -61,6 +61,9 @@ class LMConfig(BaseModel):
     )
     checkpoints: bool = Field(True, description="checkpoint each epoch; a rerun resumes")
     cpu_threads: int | None = Field(
-        None, ge=1, description="torch threads on CPU; None = torch's default"
+        1,
+        ge=1,
+        description="torch threads while fitting on CPU; None = torch's default. One thread "
+        "is the fastest on a shared machine (small ops spin-wait when cores are busy)",
     )
     device: str | None = Field(None, description="'cpu', 'cuda', ...; None = CUDA if available")

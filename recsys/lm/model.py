@@ -77,6 +77,13 @@ class LanguageModel:
 
     # -- fitting ------------------------------------------------------------------------
     def fit(self, h: History, items: pl.DataFrame) -> LanguageModel:
+        threads = torch.get_num_threads()
+        try:
+            return self._fit(h, items)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self, h: History, items: pl.DataFrame) -> LanguageModel:
         cfg = self.config
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)

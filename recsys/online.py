@@ -22,12 +22,14 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from features.lm import lm_pair_features
 from features.popularity import DAY, item_age, item_popularity
 from features.sequence import transitions
 from features.time_aware import EventTimeIndex
 from features.user import item_mean_user_activity
 from recsys.candidates import ALS, EASE, ItemKNN, MostPopular, NextItem, RecentPopular
 from recsys.data import I, T, U
+from recsys.lm.source import LMNearest
 from recsys.pipeline import Pipeline
 
 log = logging.getLogger("recsys")
@@ -74,6 +76,7 @@ class OnlineRanker:
         self.sources = p.sources_
         self.features = list(p.ranker_.features_)
         self.lm_features: Callable[[UserState, np.ndarray], dict[str, np.ndarray]] | None = None
+        self.lm = getattr(p, "lm_", None)  # the language model, when the bundle has one
 
         ev = h.ev
         lev = ev.lazy()
@@ -140,7 +143,7 @@ class OnlineRanker:
             elif isinstance(s, ALS):
                 Y = s.item_factors_.astype(np.float64)
                 self._prep[s.name] = (Y.T @ Y, np.ascontiguousarray(s.item_factors_.T))
-            elif not isinstance(s, MostPopular | RecentPopular | NextItem):
+            elif not isinstance(s, MostPopular | RecentPopular | NextItem | LMNearest):
                 raise TypeError(f"no online version of candidate source {s.name!r}")
 
         from recsys.trees import TreeEnsemble
@@ -214,6 +217,11 @@ class OnlineRanker:
                     shape=(1, self.n_items),
                 )
                 out[r] = np.asarray((w @ s.trans_).todense(), dtype=np.float32)[0]
+            elif isinstance(s, LMNearest):
+                lm = s.model
+                hist = state.items[-lm.config.history_len :][::-1]
+                uvec = lm.user_vectors_from([hist])
+                out[r] = (uvec @ lm.item_vectors_.T).astype(np.float32)[0]
         return out
 
     def _als_factor(self, s: ALS, state: UserState) -> np.ndarray:
@@ -253,6 +261,12 @@ class OnlineRanker:
             t = top[r][ok[r]]
             rank[t] = np.arange(1, len(t) + 1, dtype=np.int32)
             cols[f"{s.name}_rank"] = rank[cands].copy()
+        if "lm_score" in cols:  # features.lm.lm_candidate_rank: rank "min", best = 1
+            v = cols["lm_score"]
+            asc = np.sort(v)
+            cols["lm_cand_rank"] = (len(v) - np.searchsorted(asc, v, side="right") + 1).astype(
+                np.float64
+            )
         return cands.astype(np.int64), cols
 
     # -- features ---------------------------------------------------------------------
@@ -306,6 +320,12 @@ class OnlineRanker:
         # pipeline.build_features' derived columns
         cols["item_age_at_user_days"] = cols["item_age_days"] - days_since_last
         cols["item_idle_at_user_days"] = cols["item_idle_days"] - days_since_last
+        if self.lm is not None:  # pipeline.lm_features, the same function for one user
+            pairs = pl.DataFrame({U: np.zeros(nc, np.int32), I: cands.astype(np.int32)})
+            f = lm_pair_features(pairs, self.lm.item_vectors_, {0: items[-100:][::-1]})
+            for c in f.columns:
+                if c not in (U, I):
+                    cols[c] = f[c].to_numpy().astype(np.float64)
         if self.lm_features is not None:
             cols.update(self.lm_features(state, cands))
         return cols

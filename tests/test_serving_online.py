@@ -69,3 +69,96 @@ def test_online_scores_equal_offline_scores(loaded: Pipeline, online: OnlineRank
 def test_compiled_trees_equal_lightgbm(online: OnlineRanker) -> None:
     _, X = online.feature_matrix(online.user_state(0))
     assert online.trees.check(X) <= 1e-9
+
+
+def _tiny_bert(items: pl.DataFrame, d: Path) -> Path:
+    """A 2-layer BERT over the item texts' words (as tests/test_lm.py builds it)."""
+    import re
+
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from recsys.lm.text import item_texts
+
+    words = sorted({w for t in item_texts(items) for w in re.findall(r"\w+|[^\w\s]", t.lower())})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.mark.slow
+def test_language_model_features_and_scores_online(synth_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A pipeline with the LM: its source, its features and the scores match too."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from recsys.config import PipelineConfig
+
+    inter, items = synth_data
+    cfg = PipelineConfig.model_validate(
+        {
+            "sources": {"per_source": 50, "als_iterations": 3},
+            "ranker": {"n_estimators": 60, "early_stopping_rounds": 20},
+            "lm": {
+                "model": str(_tiny_bert(items, tmp_path / "bert")),
+                "dim": 16,
+                "epochs": 1,
+                "encoder_epochs": 0,
+                "batch_size": 128,
+                "negatives": 64,
+                "max_length": 32,
+                "cpu_train_layers": 1,
+                "checkpoints": False,
+                "device": "cpu",
+                "cpu_threads": 1,
+            },
+        }
+    )
+    p = Pipeline(cfg).fit(inter, items)
+    assert p.lm_ is not None
+    online = OnlineRanker(p, tree_cache=tmp_path / "trees")
+    users = np.arange(0, len(p.user_index_), 11)[:20]
+    pairs = p._candidates(p.sources_, p.history_, users)
+    feats = build_features(p.history_, pairs, p.item_cats_, p.config, p.lm_)
+    feats = feats.with_columns(pl.Series("score", p.ranker_.predict(feats)))
+    lm_cols = [c for c in feats.columns if c.startswith("lm_")]
+    assert "lm_score" in lm_cols and "lm_sim_max" in lm_cols
+    for u in users.tolist():
+        st = online.user_state(u)
+        cands, cols = online.candidates(st)
+        cols.update(online.feature_columns(st, cands))
+        f = feats.filter(pl.col(U) == u)
+        np.testing.assert_array_equal(f[I].to_numpy(), cands)
+        for c in [c for c in feats.columns if c not in (U, I, "score")]:
+            if c == "lm_cand_rank":
+                # a rank among near-equal LM scores may move by the ties within float error
+                v = f["lm_score"].to_numpy().astype(np.float64)
+                near = (np.abs(v[:, None] - v[None, :]) <= 1e-5).sum(axis=1)
+                off = f[c].cast(pl.Float64).to_numpy()
+                assert np.all(np.abs(np.asarray(cols[c]) - off) < near), f"{c}, user {u}"
+                continue
+            np.testing.assert_allclose(
+                np.asarray(cols[c], dtype=np.float64),
+                f[c].cast(pl.Float64).to_numpy(),
+                rtol=1e-4,
+                atol=1e-5,
+                err_msg=f"{c}, user {u}",
+            )
+        ranked = online.rank(st)
+        on = dict(zip(ranked.items.tolist(), ranked.scores.tolist(), strict=True))
+        # the LM features sit within float error of the offline ones, but an untrained
+        # tiny LM gives many near-equal scores, and a tree threshold between two of them
+        # (or a rank among them) can send a candidate down another branch: most agree
+        got = np.array([on[int(i)] for i in f[I].to_list()])
+        assert np.mean(np.abs(got - f["score"].to_numpy()) < 1e-6) > 0.75

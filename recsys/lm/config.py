@@ -33,6 +33,9 @@ class LMConfig(BaseModel):
         description="top encoder layers fine-tuned; None = all on CUDA, `cpu_train_layers` on CPU",
     )
     cpu_train_layers: int = Field(1, ge=0)
+    encoder_items_per_step: int = Field(
+        32, ge=0, description="CPU: batch targets run through the encoder per step (0 = all)"
+    )
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -50,7 +53,7 @@ class LMConfig(BaseModel):
         400_000, ge=1, description="training examples per epoch (latest kept)"
     )
     cpu_time_budget_s: float | None = Field(
-        180.0, description="CPU: training stops after this many seconds (None: no budget)"
+        240.0, description="CPU: training stops after this many seconds (None: no budget)"
     )
     heads_budget_share: float = Field(
         0.6, gt=0, le=1, description="CPU: share of the training budget before fine-tuning"

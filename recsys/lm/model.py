@@ -133,7 +133,8 @@ class LanguageModel:
         loss_fn = SampledSoftmax(counts, bs, cfg.negatives)
         seen_rows = [h.X[u].indices for u in valid_ex.users]
         budget = None if cuda else cfg.cpu_time_budget_s
-        deadline = None if budget is None else t_start + budget
+        # the budget covers training; the frozen pass before it is bounded by the catalogue
+        deadline = None if budget is None else time.perf_counter() + budget
 
         state = _TrainState(tower, user_tower, scale, loss_fn, dev)
         if finetune and cfg.finetune == "lora" and tower.start < tower.n_layers:
@@ -163,7 +164,7 @@ class LanguageModel:
                 resumed,
                 self.seed,
             )
-            if finetune and (deadline is None or time.perf_counter() < deadline):
+            if finetune and (deadline is None or time.perf_counter() < deadline - 30):
                 state.run_phase(
                     "encoder",
                     cfg,
@@ -172,7 +173,7 @@ class LanguageModel:
                     seen_rows,
                     P0,
                     (tokens, hidden),
-                    max(8, bs // (1 if cuda else 2)),
+                    bs,
                     rng,
                     deadline,
                     ckdir,
@@ -587,7 +588,9 @@ class _TrainState:
             if deadline is not None and time.perf_counter() > deadline:
                 break
             erng = np.random.default_rng([seed, 0 if phase == "heads" else 1, epoch])
-            P_tab = P0d if phase == "heads" else self.pooled_table(cache, P0).to(dev)  # type: ignore[arg-type]
+            # the first encoder epoch starts from the frozen encoder: its table is P0
+            fresh_table = phase == "encoder" and epoch > 0
+            P_tab = self.pooled_table(cache, P0).to(dev) if fresh_table else P0d  # type: ignore[arg-type]
             order = erng.permutation(len(train_ex))
             self.tower.train()
             self.user_tower.train()
@@ -617,6 +620,10 @@ class _TrainState:
                     pa = P_tab[allc]
                     if phase == "encoder":
                         tgt_u = torch.unique(target)
+                        if cfg.encoder_items_per_step and dev.type == "cpu":
+                            # on CPU only some targets run through the encoder each step
+                            keep = erng.permutation(len(tgt_u))[: cfg.encoder_items_per_step]
+                            tgt_u = torch.sort(tgt_u[torch.from_numpy(keep)]).values
                         fresh = self._pooled(tgt_u.cpu().numpy(), cache)  # type: ignore[arg-type]
                         pa = pa.clone()
                         pa[torch.searchsorted(allc, tgt_u)] = fresh.to(pa.dtype)

@@ -425,9 +425,15 @@ def markdown(d: dict[str, Any]) -> str:
         )
         if ab.get("paired"):
             p = ab["paired"]
+            verdict = (
+                "the interval excludes zero: the language model's effect is not noise."
+                if p["lo"] > 0 or p["hi"] < 0
+                else "the interval includes zero: on this data the language model's effect "
+                "cannot be told apart from noise."
+            )
             lines.append(
                 f"Paired over users: {p['diff']:+.4f} "
-                f"({level}% CI {p['lo']:+.4f} to {p['hi']:+.4f})."
+                f"({level}% CI {p['lo']:+.4f} to {p['hi']:+.4f}); {verdict}"
             )
     else:
         lines.append(ab.get("note", "Not run.") if ab else "Not run.")

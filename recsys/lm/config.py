@@ -39,6 +39,14 @@ class LMConfig(BaseModel):
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
+    id_embeddings: bool = Field(
+        True,
+        description="add a learned offset per item seen in training to its text vector "
+        "(cold and new items keep the text vector alone)",
+    )
+    id_dropout: float = Field(
+        0.5, ge=0, lt=1, description="share of items trained without their offset each step"
+    )
     history_len: int = Field(20, ge=1, description="recent items the user tower attends to")
     batch_size: int = Field(256, ge=8, description="CPU batch; CUDA uses 4x")
     negatives: int = Field(1024, ge=0, description="uniformly sampled negatives per batch")

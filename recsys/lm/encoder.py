@@ -100,18 +100,31 @@ class Tokens:
 
 
 class Head(nn.Module):
-    """Projection to the model's vector size: linear plus a small residual MLP."""
+    """Projection to the model's vector size: linear plus a small residual MLP, and
+    optionally a learned per-item offset for items seen in training (zero for others,
+    so a cold item's vector is its text's alone)."""
 
-    def __init__(self, hidden: int, dim: int) -> None:
+    def __init__(self, hidden: int, dim: int, n_items: int = 0) -> None:
         super().__init__()
         self.dim = dim or hidden
         self.linear = nn.Linear(hidden, self.dim)
         self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, self.dim))
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
+        self.n_items = n_items
+        self.ids = nn.Embedding(max(n_items, 1), self.dim)
+        nn.init.zeros_(self.ids.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.linear(x) + self.mlp(x), dim=-1)
+    def forward(
+        self, x: torch.Tensor, idx: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: pooled text; idx: the items' indices (None: text only); keep: [len] mask of
+        the item offsets kept (id dropout while training)."""
+        z = self.linear(x) + self.mlp(x)
+        if idx is not None and self.n_items:
+            e = self.ids(idx)
+            z = z + (e if keep is None else e * keep.unsqueeze(-1).to(e.dtype))
+        return nn.functional.normalize(z, dim=-1)
 
 
 def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -127,11 +140,11 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class ItemTower(nn.Module):
     """encoder -> mean pooling -> head (projection + normalise)."""
 
-    def __init__(self, encoder: nn.Module, dim: int, train_layers: int) -> None:
+    def __init__(self, encoder: nn.Module, dim: int, train_layers: int, n_items: int = 0) -> None:
         super().__init__()
         self.encoder = encoder
         hidden = int(encoder.config.hidden_size)  # type: ignore[union-attr]
-        self.head = Head(hidden, dim)
+        self.head = Head(hidden, dim, n_items)
         layers = encoder_layers(encoder)
         n = len(layers) if layers is not None else 0
         # with unknown block structure the whole encoder runs each step (start 0)

@@ -113,7 +113,7 @@ class LanguageModel:
         if train_layers is None:
             train_layers = 10**6 if cuda else cfg.cpu_train_layers
         encoder.requires_grad_(False)
-        tower = ItemTower(encoder, cfg.dim, train_layers)
+        tower = ItemTower(encoder, cfg.dim, train_layers, h.n_items if cfg.id_embeddings else 0)
         self.dim_ = tower.head.dim
         finetune = train_layers > 0 and cfg.finetune != "none"
 
@@ -192,7 +192,8 @@ class LanguageModel:
         state.restore_best()
         with torch.inference_mode():
             P = state.pooled_table((tokens, hidden), P0) if state.best_uses_encoder else P0.to(dev)
-            self.item_vectors_ = tower.head.to(dev)(P.to(dev)).float().cpu().numpy()
+            all_idx = torch.arange(len(P), device=dev)
+            self.item_vectors_ = tower.head.to(dev)(P.to(dev), all_idx).float().cpu().numpy()
         if state.lora:
             tower.encoder = tower.encoder.merge_and_unload()  # type: ignore[operator]
         self.tower_ = tower.cpu().eval()
@@ -220,7 +221,23 @@ class LanguageModel:
             enc = quantized_copy(enc)
         enc = enc.to(dev).eval()
         if not keep_hidden or tower.start == 0:
+            # the frozen encoder's output depends only on the model and the texts: cached
+            key = hashlib.sha256(
+                f"{resolve_model(cfg.model)}|{cfg.max_length}|{cfg.quantize_cpu}|{dev.type}".encode()
+                + "\x1f".join(self.texts_).encode()
+            ).hexdigest()[:20]
+            path = cache_root() / "lm-frozen" / f"{key}.safetensors"
+            if cfg.checkpoints and path.is_file():
+                from safetensors.numpy import load_file
+
+                return load_file(str(path))["pooled"], None
             pooled = encode_pooled(enc, tokens, dev, cfg.encode_batch_size, self.pad_id_)
+            if cfg.checkpoints:
+                from safetensors.numpy import save_file
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file({"pooled": pooled}, str(path) + ".tmp")
+                os.replace(str(path) + ".tmp", path)
             return pooled, None
         # hidden states entering the first trainable block, per item (ragged, fp32 on CPU)
         n, hid = len(tokens.lengths), int(enc.config.hidden_size)
@@ -318,6 +335,7 @@ class LanguageModel:
             "max_length": self.config.max_length,
             "dim": self.dim_,
             "history_len": self.config.history_len,
+            "id_items": int(tower.head.n_items),
             "encoder_fine_tuned": bool(self.encoder_tuned_),
             "fine_tuning": self.config.finetune,
             "trained_layers_from": int(tower.start),
@@ -342,7 +360,7 @@ class LanguageModel:
         lm = cls(config, seed)
         files = section["files"]
         tokenizer, encoder = load_pretrained(section["model"])
-        tower = ItemTower(encoder, section["dim"], 0)
+        tower = ItemTower(encoder, section["dim"], 0, int(section.get("id_items", 0)))
         tower.start = int(section["trained_layers_from"])
         st = load_file(str(d / files["item_tower"]))
         enc_state = {k[len("encoder.") :]: v for k, v in st.items() if k.startswith("encoder.")}
@@ -627,7 +645,8 @@ class _TrainState:
                         fresh = self._pooled(tgt_u.cpu().numpy(), cache)  # type: ignore[arg-type]
                         pa = pa.clone()
                         pa[torch.searchsorted(allc, tgt_u)] = fresh.to(pa.dtype)
-                    va = self.tower.head(pa).float()
+                    keep = torch.rand(len(allc), device=dev) >= cfg.id_dropout
+                    va = self.tower.head(pa, allc, keep).float()
                     hv = va[torch.searchsorted(allc, hk)] * valid.unsqueeze(-1)
                     u = self.user_tower(hv, valid)
                     cv = va[torch.searchsorted(allc, cand)]
@@ -691,7 +710,7 @@ class _TrainState:
         self.user_tower.eval()
         with torch.no_grad():
             P = self.pooled_table(cache, P0) if cache is not None else P0
-            V = self.tower.head(P.to(self.dev)).float()
+            V = self.tower.head(P.to(self.dev), torch.arange(len(P), device=self.dev)).float()
             hist = torch.from_numpy(valid_ex.history).to(self.dev)
             hv = V[hist.clamp(min=0)] * (hist >= 0).unsqueeze(-1)
             u = self.user_tower(hv, hist >= 0)

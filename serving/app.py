@@ -195,6 +195,7 @@ def create_app(service: RecService, settings: Settings | None = None) -> FastAPI
         item_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN)],
         k: Annotated[int, Query(ge=1, le=1000)] = 10,
     ) -> Response:
+        service.sync()
         iid, items, version = service.similar(item_id, k)
         return _json(
             {
@@ -210,6 +211,7 @@ def create_app(service: RecService, settings: Settings | None = None) -> FastAPI
 
     @app.get("/readyz", responses={503: {"model": Problem}}, summary="Bundle loaded and warm")
     async def readyz() -> Response:
+        service.sync()  # follow a reload another worker took
         if service.ready:
             return _json({"status": "ready", "model_version": service.model.version})
         return _json({"detail": "not ready: the bundle is loading or warming up"}, 503)

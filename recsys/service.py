@@ -213,7 +213,7 @@ class RecService:
 
     def start(self, path: str | Path) -> None:
         """Load and warm the first bundle (the server answers 503 until then)."""
-        self._swap(str(path))
+        self._swap(str(path), only_first=True)
 
     # -- recommending -----------------------------------------------------------------
     def recommend(
@@ -449,8 +449,10 @@ class RecService:
             self._bundle_mtime = self._bundle_file.stat().st_mtime
         return old, new
 
-    def _swap(self, path: str) -> str:
+    def _swap(self, path: str, only_first: bool = False) -> str:
         with self._reload_lock:
+            if only_first and self._model is not None:
+                return self._model.version  # a reload taken meanwhile is newer
             t0 = time.perf_counter()
             model = Model.load(path, self.tree_cache)
             model.warm()

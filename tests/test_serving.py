@@ -325,3 +325,21 @@ def test_workers_share_fresh_events_and_reloads(
     assert b.model.version == new == a.model.version
     # the fresh event survives the reload
     assert before[0][0] not in [i for i, _ in b.recommend(uid, k=10).items]
+
+
+def test_serve_refuses_a_tampered_bundle_before_starting(bundle_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "tampered"
+    shutil.copytree(bundle_dir, bad)
+    with open(bad / "items.parquet", "ab") as f:
+        f.write(b"\x00")
+    r = subprocess.run(
+        [Path(sys.executable).parent / "recsys", "serve", "--bundle", str(bad), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "items.parquet" in r.stderr

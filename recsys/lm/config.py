@@ -47,6 +47,9 @@ class LMConfig(BaseModel):
     id_dropout: float = Field(
         0.5, ge=0, lt=1, description="share of items trained without their offset each step"
     )
+    target_window: int = Field(
+        10, ge=1, description="training targets drawn from the user's next N events"
+    )
     history_len: int = Field(20, ge=1, description="recent items the user tower attends to")
     batch_size: int = Field(256, ge=8, description="CPU batch; CUDA uses 4x")
     negatives: int = Field(1024, ge=0, description="uniformly sampled negatives per batch")

@@ -122,7 +122,7 @@ class LanguageModel:
         pooled0, hidden = self._frozen_pass(tower, tokens, dev, keep_hidden=finetune)
         self.timings_["encode (frozen)"] = time.perf_counter() - t0
 
-        ex = next_item_examples(h, cfg.history_len)
+        ex = next_item_examples(h, cfg.history_len, cfg.target_window, self.seed)
         if len(ex) > cfg.max_examples:
             ex = ex.take(np.arange(len(ex) - cfg.max_examples, len(ex)))
         train_ex, valid_ex = split_validation(ex, 2000, rng)

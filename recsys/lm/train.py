@@ -31,8 +31,16 @@ class Examples:
         return Examples(self.users[idx], self.history[idx], self.target[idx])
 
 
-def next_item_examples(h: History, history_len: int) -> Examples:
-    """Every event with at least one earlier event of the same user."""
+def next_item_examples(
+    h: History, history_len: int, target_window: int = 1, seed: int = 0
+) -> Examples:
+    """Every event with at least one earlier event of the same user.
+
+    With `target_window` > 1 the target is drawn from the user's next `target_window`
+    events rather than the very next one: the model then learns what a user takes up
+    over the coming events, which is what a top-k list is judged on, not only the
+    immediate successor. The user's last event is always its own target.
+    """
     u = h.ev[U].to_numpy().astype(np.int64)
     i = h.ev[I].to_numpy().astype(np.int64)
     n = len(u)
@@ -45,7 +53,13 @@ def next_item_examples(h: History, history_len: int) -> Examples:
     for j in range(history_len):
         ok = pos[keep] > j
         hist[ok, j] = i[keep[ok] - 1 - j]
-    return Examples(u[keep], hist, i[keep])
+    target = keep
+    if target_window > 1:
+        end = np.r_[np.flatnonzero(first)[1:], n]  # one past each user's last event
+        remaining = np.repeat(end, np.diff(np.r_[np.flatnonzero(first), n]))[keep] - keep
+        step = np.random.default_rng(seed).integers(0, np.minimum(remaining, target_window))
+        target = keep + step
+    return Examples(u[keep], hist, i[target])
 
 
 def split_validation(

@@ -32,6 +32,11 @@ from recsys.data import I, T, U
 from recsys.lm.source import LMNearest
 from recsys.pipeline import Pipeline
 
+try:  # the C++ row gather behind scipy's `csr[rows]`, without its per-call overhead
+    from scipy.sparse._sparsetools import csr_row_index as _csr_row_index
+except ImportError:  # pragma: no cover - a scipy that moved it: the numpy gather
+    _csr_row_index = None
+
 log = logging.getLogger("recsys")
 
 RECENT_CATS = 20  # features.affinity.user_category_affinity's recent_n
@@ -169,17 +174,14 @@ class OnlineRanker:
         return np.unique(state.items)
 
     # -- candidates -----------------------------------------------------------------
-    def _row(self, state: UserState) -> sp.csr_matrix:
-        seen = self.seen(state)
-        return sp.csr_matrix(
-            (np.ones(len(seen), np.float32), seen, np.array([0, len(seen)])),
-            shape=(1, self.n_items),
-        )
-
     def source_scores(self, state: UserState) -> np.ndarray:
-        """[n_sources, n_items] float32, the same arithmetic as each source's `scores`."""
+        """[n_sources, n_items] float32, the same arithmetic as each source's `scores`.
+
+        The sparse sources add up only the rows of the user's items, in the order and
+        float32 arithmetic of scipy's sparse product (so the values are bit-identical
+        to `X @ M`), without building the sparse product and densifying it."""
         out = np.empty((len(self.sources), self.n_items), dtype=np.float32)
-        x = self._row(state)
+        seen = self.seen(state)
         for r, s in enumerate(self.sources):
             if isinstance(s, MostPopular):
                 out[r] = s.counts_
@@ -193,30 +195,35 @@ class OnlineRanker:
                     self._recent[t_end] = row
                 out[r] = row
             elif isinstance(s, ItemKNN):
-                out[r] = np.asarray((x @ self._prep[s.name]).todense(), dtype=np.float32)[0]
+                out[r] = _row_sum(self._prep[s.name], seen)  # type: ignore[arg-type]
             elif isinstance(s, EASE):
                 out[r] = -np.inf
                 pos = self._prep[s.name]
-                p = pos[x.indices]  # type: ignore[index]
+                p = pos[seen]  # type: ignore[index]
                 p = p[p >= 0]
-                xk = sp.csr_matrix(
-                    (np.ones(len(p), np.float32), p, np.array([0, len(p)])),
-                    shape=(1, len(s.items_)),
-                )
-                v = xk @ s.B_
-                out[r, s.items_] = v.toarray() if sp.issparse(v) else np.asarray(v, np.float32)
+                if sp.issparse(s.B_):
+                    out[r, s.items_] = _row_sum(s.B_, p)
+                else:
+                    xk = sp.csr_matrix(
+                        (np.ones(len(p), np.float32), p, np.array([0, len(p)])),
+                        shape=(1, len(s.items_)),
+                    )
+                    out[r, s.items_] = np.asarray(xk @ s.B_, np.float32)
             elif isinstance(s, ALS):
                 out[r] = (self._als_factor(s, state) @ self._prep[s.name][1])[0]  # type: ignore[index]
             elif isinstance(s, NextItem):
                 last = state.items[-s.last_n :][::-1]
-                w = sp.csr_matrix(
-                    (
-                        (s.decay ** np.arange(len(last))).astype(np.float32),
-                        (np.zeros(len(last), dtype=np.int64), last),
-                    ),
-                    shape=(1, self.n_items),
-                )
-                out[r] = np.asarray((w @ s.trans_).todense(), dtype=np.float32)[0]
+                wv = (s.decay ** np.arange(len(last))).astype(np.float32)
+                if len(np.unique(last)) == len(last):  # the CSR row of NextItem.scores
+                    o = np.argsort(last)
+                    rows, wts = last[o], wv[o]
+                else:  # repeated items: let scipy sum them as NextItem.scores does
+                    w = sp.csr_matrix(
+                        (wv, (np.zeros(len(last), dtype=np.int64), last)),
+                        shape=(1, self.n_items),
+                    )
+                    rows, wts = w.indices.astype(np.int64), w.data
+                out[r] = _row_sum(s.trans_, rows, wts)
             elif isinstance(s, LMNearest):
                 lm = s.model
                 hist = state.items[-lm.config.history_len :][::-1]
@@ -347,6 +354,37 @@ class OnlineRanker:
         s = self.trees.predict(X)
         order = np.argsort(-s, kind="stable")
         return Ranked(cands[order], s[order])
+
+
+def _gather(m: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stored entries of CSR rows `rows`, in row order then stored order:
+    (entries per row, column indices, values)."""
+    lo = m.indptr[rows]
+    lens = m.indptr[rows + 1] - lo
+    total = int(lens.sum())
+    if _csr_row_index is not None and m.indptr.dtype == m.indices.dtype:  # scipy's `m[rows]`
+        cols = np.empty(total, dtype=m.indices.dtype)
+        vals = np.empty(total, dtype=m.data.dtype)
+        _csr_row_index(
+            len(rows), rows.astype(m.indptr.dtype), m.indptr, m.indices, m.data, cols, vals
+        )
+        return lens, cols, vals
+    starts = np.cumsum(lens) - lens
+    at = np.arange(total) + np.repeat(lo - starts, lens)
+    return lens, m.indices[at], m.data[at]
+
+
+def _row_sum(m: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Dense `w @ m[rows]` for a one-row `w` (`weights`, float32; default ones), summed
+    entry by entry in the order and dtype of scipy's csr_matmat (rows in the given
+    order, each row's entries as stored), so the values equal scipy's to the bit."""
+    w = np.ones(len(rows), np.float32) if weights is None else weights
+    out = np.zeros(m.shape[1], dtype=np.result_type(w.dtype, m.dtype))
+    lens, cols, vals = _gather(m, rows)
+    if weights is not None:
+        vals = np.repeat(w.astype(out.dtype), lens) * vals
+    np.add.at(out, cols, vals.astype(out.dtype, copy=False))
+    return out
 
 
 def _segment_max(vals: np.ndarray, indptr: np.ndarray) -> np.ndarray:

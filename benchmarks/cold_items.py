@@ -104,6 +104,10 @@ def main() -> None:
         rows["recsys LM nearest items"] = cold_share(
             top_n(S, ph.X[uidx], args.k)[0], users, test, cold
         )
+        # the same user vectors against text-only item vectors (no per-item offsets)
+        T = pipe.lm.user_vectors(uidx, ph) @ pipe.lm.text_vectors_.T
+        text_recs = top_n(T, ph.X[uidx], args.k)[0]
+        rows["recsys LM nearest items, text vectors"] = cold_share(text_recs, users, test, cold)
     recs, _ = pipe.recommend_indices(uidx.astype(np.int32), args.k)
     rows["recsys pipeline" + ("" if pipe.lm is not None else " (no LM)")] = cold_share(
         recs, users, test, cold

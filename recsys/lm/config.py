@@ -48,7 +48,10 @@ class LMConfig(BaseModel):
         0.5, ge=0, lt=1, description="share of items trained without their offset each step"
     )
     target_window: int = Field(
-        10, ge=1, description="training targets drawn from the user's next N events"
+        1,
+        ge=1,
+        description="training targets drawn from the user's next N events (1 = the next "
+        "event; 10 gave a better validation recall but a lower pipeline NDCG on MovieLens)",
     )
     history_len: int = Field(20, ge=1, description="recent items the user tower attends to")
     batch_size: int = Field(256, ge=8, description="CPU batch; CUDA uses 4x")

@@ -194,6 +194,8 @@ class LanguageModel:
             P = state.pooled_table((tokens, hidden), P0) if state.best_uses_encoder else P0.to(dev)
             all_idx = torch.arange(len(P), device=dev)
             self.item_vectors_ = tower.head.to(dev)(P.to(dev), all_idx).float().cpu().numpy()
+            # the text alone (no per-item offsets): what a cold item gets, for every item
+            self.text_vectors_ = tower.head(P.to(dev)).float().cpu().numpy()
         if state.lora:
             tower.encoder = tower.encoder.merge_and_unload()  # type: ignore[operator]
         self.tower_ = tower.cpu().eval()

@@ -74,7 +74,7 @@ def make_sources(cfg: PipelineConfig, lm: LanguageModel | None = None) -> list[S
     if lm is not None:
         from recsys.lm.source import LMNearest
 
-        out.append(LMNearest(lm))
+        out.append(LMNearest(lm, cold_slots=lm.config.cold_slots))
     return out
 
 

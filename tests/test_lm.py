@@ -192,6 +192,7 @@ def test_bundle_round_trip_and_encode_items(lm_pipeline, synth_data, tmp_path) -
     users = inter["user_id"].unique().sort().head(20)
     loaded = Pipeline.load(str(d))
     np.testing.assert_allclose(loaded.lm.item_vectors_, lm_pipeline.lm.item_vectors_)
+    np.testing.assert_allclose(loaded.lm.text_vectors_, lm_pipeline.lm.text_vectors_)
     a, b = loaded.recommend(users, k=10), lm_pipeline.recommend(users, k=10)
     # polars' parallel float sums may differ in the last bit between runs: near-equal
     same = a.join(b, on=["user_id", "rank"]).filter(pl.col("item_id") == pl.col("item_id_right"))
@@ -272,3 +273,14 @@ def test_fit_on_cuda(synth_data, lm_config) -> None:  # type: ignore[no-untyped-
     lm = LanguageModel(lm_config.lm.model_copy(update={"device": "cuda"})).fit(h, items)
     assert np.isfinite(lm.item_vectors_).all()
     assert lm.encoder_tuned_ in (True, False)
+
+
+def test_cold_items_are_interleaved_into_the_lm_ranking() -> None:
+    from recsys.lm.source import interleave_cold
+
+    warm = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]], dtype=np.float32)
+    cold = np.array([[0.1, 0.3, 0.2]], dtype=np.float32)
+    got = interleave_cold(warm, cold, 0.5)[0]
+    # best cold item right after the 2nd warm one, then after the 4th and the 6th
+    np.testing.assert_allclose(got, [0.4, 0.8, 0.6], atol=1e-3)
+    assert got[1] < 0.8 and got[2] < 0.6

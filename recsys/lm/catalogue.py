@@ -64,6 +64,11 @@ def add_items(p: Pipeline, new_items: pl.DataFrame, progress: bool = False) -> t
     iv[idx[known]] = vecs[known]
     iv[n_old:] = vecs[~known]
     lm.item_vectors_ = iv
+    tv = np.zeros_like(iv)
+    tv[:n_old] = lm.text_vectors_
+    tv[idx[known]] = vecs[known]
+    tv[n_old:] = vecs[~known]
+    lm.text_vectors_ = tv
     p.item_cats_ = item_categories(items, p.item_index_, p.config.category_columns)
     if n_add:
         h = p.history_

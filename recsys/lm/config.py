@@ -53,6 +53,13 @@ class LMConfig(BaseModel):
         description="training targets drawn from the user's next N events (1 = the next "
         "event; 10 gave a better validation recall but a lower pipeline NDCG on MovieLens)",
     )
+    cold_slots: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of the LM source's ranking given to items without interactions, "
+        "ranked by their text vectors (0: they compete on raw scores)",
+    )
     history_len: int = Field(20, ge=1, description="recent items the user tower attends to")
     batch_size: int = Field(256, ge=8, description="CPU batch; CUDA uses 4x")
     negatives: int = Field(1024, ge=0, description="uniformly sampled negatives per batch")

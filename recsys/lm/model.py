@@ -326,7 +326,10 @@ class LanguageModel:
             str(d / f"{prefix}user_tower.safetensors"),
         )
         save_file(
-            {"item_vectors": torch.from_numpy(np.ascontiguousarray(self.item_vectors_))},
+            {
+                "item_vectors": torch.from_numpy(np.ascontiguousarray(self.item_vectors_)),
+                "text_vectors": torch.from_numpy(np.ascontiguousarray(self.text_vectors_)),
+            },
             str(d / f"{prefix}item_vectors.safetensors"),
         )
         return {
@@ -384,7 +387,9 @@ class LanguageModel:
         lm.tokenizer_ = tokenizer
         lm.pad_id_ = int(getattr(tokenizer, "pad_token_id", 0) or 0)
         lm.dim_ = int(section["dim"])
-        lm.item_vectors_ = load_file(str(d / files["item_vectors"]))["item_vectors"].numpy()
+        vecs = load_file(str(d / files["item_vectors"]))
+        lm.item_vectors_ = vecs["item_vectors"].numpy()
+        lm.text_vectors_ = vecs.get("text_vectors", vecs["item_vectors"]).numpy()
         lm.encoder_tuned_ = bool(section["encoder_fine_tuned"])
         lm.best_recall_ = float(section.get("validation_recall", float("nan")))
         lm.recall_at_ = int(section.get("recall_at", config.recall_at))

@@ -251,9 +251,9 @@ def demo(
         "--out",
         help="Working directory for the demo's data, bundle and report.",
     ),
-    users: int = typer.Option(3000, "--users", help="Synthetic users."),
-    items: int = typer.Option(2000, "--items", help="Synthetic items."),
-    events: int = typer.Option(200_000, "--events", help="Synthetic events."),
+    users: int = typer.Option(2000, "--users", help="Synthetic users."),
+    items: int = typer.Option(1500, "--items", help="Synthetic items."),
+    events: int = typer.Option(150_000, "--events", help="Synthetic events."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """The main job on the embedded synthetic data, end to end.

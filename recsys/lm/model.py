@@ -610,7 +610,9 @@ class _TrainState:
         P0d = P0.to(dev)
         bad = int(resumed.get("bad", 0)) if resumed.get("phase") == phase else 0
         for epoch in range(start_epoch, max_epochs):
-            if deadline is not None and time.perf_counter() > deadline:
+            # an encoder epoch first refreshes the table and ends with a validation pass
+            margin = 30.0 if phase == "encoder" and epoch > 0 else 0.0
+            if deadline is not None and time.perf_counter() > deadline - margin:
                 break
             erng = np.random.default_rng([seed, 0 if phase == "heads" else 1, epoch])
             # the first encoder epoch starts from the frozen encoder: its table is P0

@@ -61,3 +61,33 @@ def movielens_dir() -> Path:
     if not (d / "ratings.csv").exists():
         pytest.skip("ml-latest-small is not present in ../shared/datasets")
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(synth_data, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """A 2-layer randomly initialised BERT with a word-level vocabulary from the
+    synthetic item texts: fast language-model tests, no network."""
+    import re
+
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from recsys.lm.text import item_texts
+
+    _, items = synth_data
+    words = sorted({w for t in item_texts(items) for w in re.findall(r"\w+|[^\w\s]", t.lower())})
+    d = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(cfg).save_pretrained(d)
+    return d

@@ -4,7 +4,6 @@ text template, towers, fine-tuning, checkpoints, bundle round trip, encode-items
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,32 +12,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(synth_data, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
-    """A 2-layer BERT with a word-level vocabulary from the synthetic item texts."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    from recsys.lm.text import item_texts
-
-    _, items = synth_data
-    words = sorted({w for t in item_texts(items) for w in re.findall(r"\w+|[^\w\s]", t.lower())})
-    d = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(cfg).save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="session")

@@ -71,35 +71,10 @@ def test_compiled_trees_equal_lightgbm(online: OnlineRanker) -> None:
     assert online.trees.check(X) <= 1e-9
 
 
-def _tiny_bert(items: pl.DataFrame, d: Path) -> Path:
-    """A 2-layer BERT over the item texts' words (as tests/test_lm.py builds it)."""
-    import re
-
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    from recsys.lm.text import item_texts
-
-    words = sorted({w for t in item_texts(items) for w in re.findall(r"\w+|[^\w\s]", t.lower())})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(cfg).save_pretrained(d)
-    return d
-
-
 @pytest.mark.slow
-def test_language_model_features_and_scores_online(synth_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_language_model_features_and_scores_online(  # type: ignore[no-untyped-def]
+    synth_data, tiny_bert: Path, tmp_path: Path
+) -> None:
     """A pipeline with the LM: its source, its features and the scores match too."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
@@ -111,7 +86,7 @@ def test_language_model_features_and_scores_online(synth_data, tmp_path: Path) -
             "sources": {"per_source": 50, "als_iterations": 3},
             "ranker": {"n_estimators": 60, "early_stopping_rounds": 20},
             "lm": {
-                "model": str(_tiny_bert(items, tmp_path / "bert")),
+                "model": str(tiny_bert),
                 "dim": 16,
                 "epochs": 1,
                 "encoder_epochs": 0,

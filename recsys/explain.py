@@ -90,16 +90,18 @@ class Explanation:
 def explain(pipe: Pipeline, user_id: Any, k: int = 10, n_similar: int = 3) -> Explanation:
     """The user's top-k (exactly what `pipe.recommend` returns) with, per item, every
     feature contribution and the `n_similar` most similar items of the user's history."""
-    from recsys.pipeline import build_features
-
     uidx = int(pipe.user_index_.lookup(pl.Series([user_id]))[0])
     h = pipe.history_
-    recs, scores = pipe.recommend_indices(np.array([uidx], dtype=np.int64), k)
+    known = uidx >= 0 and h.user_last_t[uidx] >= 0
+    users = np.array([uidx], dtype=np.int64)
+    # the features of every candidate, computed once: recommend ranks them, and the
+    # contributions below come from the listed items' rows
+    all_feats = pipe.candidate_features(users) if known else None
+    recs, scores = pipe.recommend_indices(users, k, feats=all_feats)
     recs, scores = recs[0], scores[0]
     valid = recs >= 0
     recs, scores = recs[valid], scores[valid]
     ranks = np.arange(1, len(recs) + 1, dtype=np.int32)
-    known = uidx >= 0 and h.user_last_t[uidx] >= 0
     hist_items = h.X[uidx].indices if known else np.array([], dtype=np.int32)
     text = item_text(pipe.items_)
     ids = pipe.item_index_.take(recs)
@@ -108,13 +110,8 @@ def explain(pipe: Pipeline, user_id: Any, k: int = 10, n_similar: int = 3) -> Ex
     contrib_rows: list[pl.DataFrame] = []
     bias = np.full(len(recs), np.nan)
     source = np.array(["fallback"] * len(recs), dtype=object)
-    if known and len(recs):
-        pairs = pipe._candidates(pipe.sources_, h, np.array([uidx], dtype=np.int64))
-        # features over all candidates, as recommend computes them, then the list's rows
-        lm = getattr(pipe, "lm", None)
-        args = (h, pairs, pipe.item_cats_, pipe.config) + ((lm,) if lm is not None else ())
-        feats = build_features(*args)
-        feats = feats.filter(pl.col(I).is_in(recs.tolist()))
+    if all_feats is not None and len(recs):
+        feats = all_feats.filter(pl.col(I).is_in(recs.tolist()))
         if len(feats):
             pos = {int(i): r for r, i in enumerate(recs.tolist())}
             row_of = np.array([pos[int(i)] for i in feats[I].to_list()])

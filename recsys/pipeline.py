@@ -344,8 +344,19 @@ class Pipeline:
         return np.lexsort((-pop, -recent))
 
     # -- recommending --------------------------------------------------------------
-    def recommend_indices(self, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k item indices and scores for user indices (-1 = unknown user)."""
+    def candidate_features(self, users: np.ndarray) -> pl.DataFrame:
+        """Every candidate of the given user indices (users with history) with its
+        source columns and features: the rows the ranker scores."""
+        pairs = self._candidates(self.sources_, self.history_, users)
+        return build_features(self.history_, pairs, self.item_cats_, self.config, self.lm)
+
+    def recommend_indices(
+        self, users: np.ndarray, k: int, feats: pl.DataFrame | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item indices and scores for user indices (-1 = unknown user).
+
+        `feats`: `candidate_features` of these users, when the caller already has them.
+        """
         h = self.history_
         out_items = np.full((len(users), k), -1, dtype=np.int64)
         out_scores = np.full((len(users), k), np.nan, dtype=np.float64)
@@ -354,8 +365,8 @@ class Pipeline:
         has_hist[known] = h.user_last_t[users[known]] >= 0
         warm = np.unique(users[has_hist])
         if len(warm):
-            pairs = self._candidates(self.sources_, h, warm)
-            feats = build_features(h, pairs, self.item_cats_, self.config, self.lm)
+            if feats is None:
+                feats = self.candidate_features(warm)
             scored = feats.select(U, I).with_columns(
                 pl.Series("score", self.ranker_.predict(feats))
             )

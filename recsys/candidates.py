@@ -268,7 +268,11 @@ class ALS:
         return self
 
     def scores(self, users: np.ndarray, h: History) -> np.ndarray:
-        return self.user_factors_[users] @ self.item_factors_.T
+        # float64 products rounded to float32: the same values for one user as for a
+        # batch (a float32 product's last bit depends on the BLAS kernel the batch
+        # size picks, which reorders near-equal scores between online and offline)
+        U64 = self.user_factors_[users].astype(np.float64)
+        return (U64 @ self.item_factors_.T.astype(np.float64)).astype(np.float32)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"user_factors": self.user_factors_, "item_factors": self.item_factors_}
@@ -401,18 +405,34 @@ def _keep_top_k_per_row(
 
 
 def top_n(scores: np.ndarray, seen: sp.csr_matrix, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-n items per row, best first, never an item in `seen` (rows aligned).
-
-    Slots with no finite score are -1.
-    """
-    s = scores.copy()
+    """Top-n items per row, never an item in `seen` (rows aligned), nor one without a
+    finite score: by score descending, ties by item index ascending (so the list does
+    not depend on how it is computed; `recsys.online` takes the same lists by cheaper
+    means). Slots beyond the row's eligible items are -1 (score -inf)."""
+    s = np.array(scores, copy=True)
     r, c = seen.nonzero()
     s[r, c] = -np.inf
-    n = min(n, s.shape[1])
-    part = np.argpartition(-s, n - 1, axis=1)[:, :n]
-    ps = np.take_along_axis(s, part, axis=1)
-    order = np.argsort(-ps, axis=1, kind="stable")
-    items = np.take_along_axis(part, order, axis=1)
-    vals = np.take_along_axis(ps, order, axis=1)
-    items[~np.isfinite(vals)] = -1
+    s[~np.isfinite(s)] = -np.inf
+    n_rows, n_items = s.shape
+    n = min(n, n_items)
+    items = np.full((n_rows, n), -1, dtype=np.int64)
+    vals = np.full((n_rows, n), -np.inf, dtype=s.dtype)
+    if n == 0 or n_rows == 0:
+        return items, vals
+    # the n-th largest score of each row: every item above it is taken, and of the
+    # items equal to it the first ones by index, until the row has n
+    kth = -np.partition(-s, n - 1, axis=1)[:, n - 1]
+    sel = s > kth[:, None]
+    short = n - sel.sum(axis=1)
+    tr, tc = np.nonzero((s == kth[:, None]) & np.isfinite(kth)[:, None])
+    pos = np.arange(len(tr)) - np.searchsorted(tr, tr)
+    keep = pos < short[tr]
+    sel[tr[keep], tc[keep]] = True
+    rr, cc = np.nonzero(sel)
+    vv = s[rr, cc]
+    o = np.lexsort((cc, -vv, rr))
+    rr, cc, vv = rr[o], cc[o], vv[o]
+    pos = np.arange(len(rr)) - np.searchsorted(rr, rr)
+    items[rr, pos] = cc
+    vals[rr, pos] = vv
     return items, vals

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,11 @@ class UserState:
     @property
     def last_t(self) -> int:
         return int(self.times[-1]) if len(self.times) else -1
+
+    @cached_property
+    def seen(self) -> np.ndarray:
+        """The distinct items, ascending."""
+        return np.unique(self.items)
 
 
 @dataclass
@@ -142,8 +148,13 @@ class OnlineRanker:
 
         # per-source prepared state
         self._prep: dict[str, object] = {}
-        self._recent: dict[int, np.ndarray] = {}  # RecentPopular rows by end time
+        # RecentPopular rows by end time, with their items in candidate order
+        self._recent: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # sources whose scores do not depend on the user: items by (score desc, index)
+        self._orders: dict[str, np.ndarray] = {}
         for s in self.sources:
+            if isinstance(s, MostPopular):
+                self._orders[s.name] = np.argsort(-s.counts_, kind="stable")
             if isinstance(s, ItemKNN):
                 self._prep[s.name] = s.sim_.T.tocsr()  # what `X @ sim_.T` multiplies by
             elif isinstance(s, EASE):
@@ -152,7 +163,7 @@ class OnlineRanker:
                 self._prep[s.name] = pos
             elif isinstance(s, ALS):
                 Y = s.item_factors_.astype(np.float64)
-                self._prep[s.name] = (Y.T @ Y, np.ascontiguousarray(s.item_factors_.T))
+                self._prep[s.name] = (Y.T @ Y, np.ascontiguousarray(Y.T))
             elif not isinstance(s, MostPopular | RecentPopular | NextItem | LMNearest):
                 raise TypeError(f"no online version of candidate source {s.name!r}")
 
@@ -176,7 +187,7 @@ class OnlineRanker:
         return UserState(items, times, u)
 
     def seen(self, state: UserState) -> np.ndarray:
-        return np.unique(state.items)
+        return state.seen
 
     # -- candidates -----------------------------------------------------------------
     def source_scores(self, state: UserState) -> np.ndarray:
@@ -191,14 +202,7 @@ class OnlineRanker:
             if isinstance(s, MostPopular):
                 out[r] = s.counts_
             elif isinstance(s, RecentPopular):
-                t_end = state.last_t if state.last_t >= 0 else self.now
-                row = self._recent.get(t_end)
-                if row is None:
-                    row = s.counts_at(np.array([t_end]), self.n_items)[0]
-                    if len(self._recent) >= 4096:
-                        self._recent.clear()
-                    self._recent[t_end] = row
-                out[r] = row
+                out[r] = self._recent_row(s, state)[0]
             elif isinstance(s, ItemKNN):
                 out[r] = _row_sum(self._prep[s.name], seen)  # type: ignore[arg-type]
             elif isinstance(s, EASE):
@@ -215,7 +219,8 @@ class OnlineRanker:
                     )
                     out[r, s.items_] = np.asarray(xk @ s.B_, np.float32)
             elif isinstance(s, ALS):
-                out[r] = (self._als_factor(s, state) @ self._prep[s.name][1])[0]  # type: ignore[index]
+                f = self._als_factor(s, state).astype(np.float64)  # as ALS.scores
+                out[r] = (f @ self._prep[s.name][1])[0]  # type: ignore[index]
             elif isinstance(s, NextItem):
                 last = state.items[-s.last_n :][::-1]
                 wv = (s.decay ** np.arange(len(last))).astype(np.float32)
@@ -236,6 +241,22 @@ class OnlineRanker:
                 out[r] = (uvec @ lm.item_vectors_.T).astype(np.float32)[0]
         return out
 
+    def _recent_row(self, s: RecentPopular, state: UserState) -> tuple[np.ndarray, np.ndarray]:
+        """RecentPopular's row for the user's last event time, and its items by (count
+        descending, index): counts are finite and >= 0, so the order is the positive
+        counts sorted, then the zeros in index order. Cached by end time."""
+        t_end = state.last_t if state.last_t >= 0 else self.now
+        hit = self._recent.get(t_end)
+        if hit is None:
+            row = s.counts_at(np.array([t_end]), self.n_items)[0]
+            pos = np.flatnonzero(row > 0)
+            pos = pos[np.lexsort((pos, -row[pos]))]
+            hit = (row, np.concatenate([pos, np.flatnonzero(row == 0)]))
+            if len(self._recent) >= 4096:
+                self._recent.clear()
+            self._recent[t_end] = hit
+        return hit
+
     def _als_factor(self, s: ALS, state: UserState) -> np.ndarray:
         """The fitted factor of a bundle user; for new or fresh histories, the ALS
         least-squares solution against the fixed item factors."""
@@ -253,26 +274,44 @@ class OnlineRanker:
 
     def candidates(self, state: UserState) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Union of each source's top-`per_source` unseen items (sorted by index), with
-        `{source}_score` and `{source}_rank` columns, as `generate_candidates`."""
+        `{source}_score` and `{source}_rank` columns, as `generate_candidates`.
+
+        Each source's list is `recsys.candidates.top_n`'s (score descending, ties by
+        index). The popularity sources walk their items in that order (precomputed, or
+        cached by end time) past the seen ones; the other rows are partitioned together,
+        and a row whose n-th score is tied beyond the partition takes the tied items
+        in index order."""
         S = self.source_scores(state)
-        S_masked = S.copy()
-        S_masked[:, self.seen(state)] = -np.inf
+        seen = self.seen(state)
+        free = np.ones(self.n_items, dtype=bool)
+        free[seen] = False
         n = min(self.per_source, self.n_items)
-        part = np.argpartition(-S_masked, n - 1, axis=1)[:, :n]
-        ps = np.take_along_axis(S_masked, part, axis=1)
-        order = np.argsort(-ps, axis=1, kind="stable")
-        top = np.take_along_axis(part, order, axis=1)
-        ok = np.isfinite(np.take_along_axis(ps, order, axis=1))
-        cands = np.unique(top[ok])
+        tops: list[np.ndarray | None] = [None] * len(self.sources)
+        rest = []
+        for r, s in enumerate(self.sources):
+            if isinstance(s, MostPopular):
+                order = self._orders[s.name]
+            elif isinstance(s, RecentPopular):
+                order = self._recent_row(s, state)[1]
+            else:
+                rest.append(r)
+                continue
+            head = order[: n + len(seen)]
+            tops[r] = head[free[head]][:n]
+        if rest:
+            for r, t in zip(rest, top_rows(S[rest], seen, n), strict=True):
+                tops[r] = t
+        cands = np.unique(np.concatenate(tops))
+        nc = len(cands)
         cols: dict[str, np.ndarray] = {}
-        rank = np.empty(self.n_items, dtype=np.int32)
         for r, s in enumerate(self.sources):
             sc = S[r, cands]
             cols[f"{s.name}_score"] = np.where(np.isfinite(sc), sc, np.nan).astype(np.float32)
-            rank.fill(self.per_source + 1)
-            t = top[r][ok[r]]
-            rank[t] = np.arange(1, len(t) + 1, dtype=np.int32)
-            cols[f"{s.name}_rank"] = rank[cands].copy()
+            rank = np.full(nc, self.per_source + 1, dtype=np.int32)
+            t = tops[r]
+            assert t is not None
+            rank[np.searchsorted(cands, t)] = np.arange(1, len(t) + 1, dtype=np.int32)
+            cols[f"{s.name}_rank"] = rank
         if "lm_score" in cols:  # features.lm.lm_candidate_rank: rank "min", best = 1
             v = cols["lm_score"]
             asc = np.sort(v)
@@ -395,6 +434,32 @@ class OnlineRanker:
         s = self.trees.predict(X)
         order = np.argsort(-s, kind="stable")
         return Ranked(cands[order], s[order])
+
+
+def top_rows(S: np.ndarray, seen: np.ndarray, n: int) -> list[np.ndarray]:
+    """`recsys.candidates.top_n` of each row of `S` (modified in place) with the same
+    `seen` items: the first `n` unseen items with a finite score, by score descending
+    then index. The rows are partitioned together; a row whose n-th score is tied
+    beyond the partition takes the tied items in index order."""
+    n = min(n, S.shape[1])
+    S[~np.isfinite(S)] = -np.inf
+    S[:, seen] = -np.inf
+    if n == 0:
+        return [np.zeros(0, np.int64) for _ in range(len(S))]
+    part = np.argpartition(-S, n - 1, axis=1)[:, :n]
+    ps = np.take_along_axis(S, part, axis=1)
+    kth = ps.min(axis=1)
+    at_kth = kth[:, None]
+    tied = np.count_nonzero(at_kth == S, axis=1) > np.count_nonzero(ps == at_kth, axis=1)
+    for j in np.flatnonzero(tied & (kth > -np.inf)).tolist():
+        m = S[j]
+        above = np.flatnonzero(m > kth[j])
+        part[j] = np.concatenate([above, np.flatnonzero(m == kth[j])[: n - len(above)]])
+        ps[j] = m[part[j]]
+    o = np.lexsort((part, -ps), axis=1)
+    part = np.take_along_axis(part, o, axis=1)
+    ps = np.take_along_axis(ps, o, axis=1)
+    return [part[j][ps[j] > -np.inf] for j in range(len(S))]
 
 
 def _gather(m: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

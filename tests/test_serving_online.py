@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import scipy.sparse as sp
 
+from recsys.candidates import top_n
 from recsys.data import I, U
-from recsys.online import OnlineRanker
+from recsys.online import OnlineRanker, top_rows
 from recsys.pipeline import Pipeline, build_features
 
 
@@ -44,7 +46,8 @@ def test_every_feature_column_has_the_same_values_online(
         for c in offline_cols:
             off = f[c].cast(pl.Float64).to_numpy()
             on = np.asarray(cols[c], dtype=np.float64)
-            # float32 matrix products (ALS) differ in the last bit between batch sizes
+            if c.endswith("_rank"):  # each source's list: the same items, the same order
+                np.testing.assert_array_equal(on, off, err_msg=f"{c}, user {u}")
             np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-6, err_msg=f"{c}, user {u}")
 
 
@@ -64,6 +67,32 @@ def test_online_scores_equal_offline_scores(loaded: Pipeline, online: OnlineRank
         # and the online top-k is the offline top-k (up to the order of exact ties)
         top = np.sort(ranked.scores[:k])[::-1]
         np.testing.assert_allclose(top, np.sort(off["score"].to_numpy())[::-1], atol=1e-9)
+
+
+def test_online_top_rows_equal_offline_top_n() -> None:
+    """The candidate lists: the same items in the same order, ties included (scores
+    with many equal values, zeros of both signs, -inf, NaN, +inf, seen items)."""
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        n_items = int(rng.integers(1, 120))
+        rows = [
+            rng.integers(-3, 4, n_items).astype(np.float32),
+            ((rng.random(n_items) < 0.2) * rng.integers(1, 4, n_items)).astype(np.float32),
+            rng.standard_normal(n_items).astype(np.float32),
+            rng.integers(-1, 2, n_items).astype(np.float32) * np.float32(0.0),
+        ]
+        S = np.stack([rows[int(k)] for k in rng.integers(0, 4, 3)])
+        for v, share in ((-np.inf, 0.2), (np.nan, 0.05), (np.inf, 0.05)):
+            if rng.random() < 0.4:
+                S[rng.random(S.shape) < share] = v
+        seen = np.flatnonzero(rng.random(n_items) < 0.3)
+        n = int(rng.integers(1, n_items + 10))
+        mask = np.zeros((len(S), n_items), dtype=np.float32)
+        mask[:, seen] = 1
+        items, _ = top_n(S, sp.csr_matrix(mask), n)
+        got = top_rows(S.copy(), seen, n)
+        for j in range(len(S)):
+            np.testing.assert_array_equal(got[j], items[j][items[j] >= 0], err_msg=f"{trial}")
 
 
 def test_compiled_trees_equal_lightgbm(online: OnlineRanker) -> None:

@@ -152,6 +152,7 @@ class OnlineRanker:
         self._recent: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # sources whose scores do not depend on the user: items by (score desc, index)
         self._orders: dict[str, np.ndarray] = {}
+        self._ranks = np.arange(1, self.per_source + 1, dtype=np.int32)
         for s in self.sources:
             if isinstance(s, MostPopular):
                 self._orders[s.name] = np.argsort(-s.counts_, kind="stable")
@@ -301,17 +302,24 @@ class OnlineRanker:
         if rest:
             for r, t in zip(rest, top_rows(S[rest], seen, n), strict=True):
                 tops[r] = t
-        cands = np.unique(np.concatenate(tops))
+        # the union, ascending: a mark per item (cheaper than np.unique here)
+        mark = np.zeros(self.n_items, dtype=bool)
+        for t in tops:
+            mark[t] = True
+        cands = np.flatnonzero(mark)
         nc = len(cands)
+        at = np.empty(self.n_items, dtype=np.int64)
+        at[cands] = np.arange(nc)
+        sc = S[:, cands]
+        sc[~np.isfinite(sc)] = np.nan
+        ranks = np.full((len(self.sources), nc), self.per_source + 1, dtype=np.int32)
         cols: dict[str, np.ndarray] = {}
         for r, s in enumerate(self.sources):
-            sc = S[r, cands]
-            cols[f"{s.name}_score"] = np.where(np.isfinite(sc), sc, np.nan).astype(np.float32)
-            rank = np.full(nc, self.per_source + 1, dtype=np.int32)
             t = tops[r]
             assert t is not None
-            rank[np.searchsorted(cands, t)] = np.arange(1, len(t) + 1, dtype=np.int32)
-            cols[f"{s.name}_rank"] = rank
+            ranks[r, at[t]] = self._ranks[: len(t)]
+            cols[f"{s.name}_score"] = sc[r]
+            cols[f"{s.name}_rank"] = ranks[r]
         if "lm_score" in cols:  # features.lm.lm_candidate_rank: rank "min", best = 1
             v = cols["lm_score"]
             asc = np.sort(v)
@@ -418,13 +426,18 @@ class OnlineRanker:
         return cols
 
     def feature_matrix(self, state: UserState) -> tuple[np.ndarray, np.ndarray]:
-        """(candidate items, [n_candidates, n_features] float32 in the ranker's order)."""
+        """(candidate items, [n_candidates, n_features] float32 in the ranker's order;
+        column-major: each column is written in one contiguous pass)."""
         cands, cols = self.candidates(state)
         cols.update(self.feature_columns(state, cands))
-        X = np.empty((len(cands), len(self.features)), dtype=np.float32)
+        return cands, self.matrix(cols, len(cands))
+
+    def matrix(self, cols: dict[str, np.ndarray], n: int) -> np.ndarray:
+        """The ranker's float32 input from feature columns of length `n`."""
+        Xt = np.empty((len(self.features), n), dtype=np.float32)
         for j, c in enumerate(self.features):
-            X[:, j] = cols[c]
-        return cands, X
+            Xt[j] = cols[c]
+        return Xt.T
 
     def rank(self, state: UserState) -> Ranked:
         """Every candidate of a user with history, best first."""
@@ -456,7 +469,10 @@ def top_rows(S: np.ndarray, seen: np.ndarray, n: int) -> list[np.ndarray]:
         above = np.flatnonzero(m > kth[j])
         part[j] = np.concatenate([above, np.flatnonzero(m == kth[j])[: n - len(above)]])
         ps[j] = m[part[j]]
-    o = np.lexsort((part, -ps), axis=1)
+    # by score descending, then index: sort by index, then a stable sort by score
+    part.sort(axis=1)
+    ps = np.take_along_axis(S, part, axis=1)
+    o = np.argsort(-ps, axis=1, kind="stable")
     part = np.take_along_axis(part, o, axis=1)
     ps = np.take_along_axis(ps, o, axis=1)
     return [part[j][ps[j] > -np.inf] for j in range(len(S))]
@@ -472,7 +488,13 @@ def _gather(m: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray,
         cols = np.empty(total, dtype=m.indices.dtype)
         vals = np.empty(total, dtype=m.data.dtype)
         _csr_row_index(
-            len(rows), rows.astype(m.indptr.dtype), m.indptr, m.indices, m.data, cols, vals
+            len(rows),
+            rows.astype(m.indptr.dtype, copy=False),
+            m.indptr,
+            m.indices,
+            m.data,
+            cols,
+            vals,
         )
         return lens, cols, vals
     starts = np.cumsum(lens) - lens

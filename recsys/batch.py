@@ -45,26 +45,36 @@ def read_users(path: Path) -> pl.Series:
     return df[USER].unique(maintain_order=True)
 
 
-def _job_key(bundle_dir: Path, users: pl.Series, k: int, batch_size: int) -> str:
+def _job_key(
+    bundle_dir: Path, users: pl.Series, k: int, batch_size: int, new_item_every: int | None = None
+) -> str:
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     h = hashlib.sha256()
     h.update(json.dumps(manifest["files"], sort_keys=True).encode())
     h.update(users.cast(pl.String).str.join("\x1f").item().encode())
-    h.update(f"{k}/{batch_size}".encode())
+    h.update(f"{k}/{batch_size}/{new_item_every}".encode())
     return h.hexdigest()
 
 
 def recommend_file(
-    bundle_dir: Path, users_path: Path, out: Path, k: int = 10, batch_size: int = 2000
+    bundle_dir: Path,
+    users_path: Path,
+    out: Path,
+    k: int = 10,
+    batch_size: int = 2000,
+    new_item_every: int | None = None,
 ) -> tuple[int, int]:
-    """Write (user_id, item_id, rank, score) for every user; returns (users, rows)."""
+    """Write (user_id, item_id, rank, score) for every user; returns (users, rows).
+    `new_item_every` overrides the bundle's setting of the new-item slots."""
     from recsys.pipeline import Pipeline
 
     users = read_users(users_path)
     pipe = Pipeline.load(str(bundle_dir))
+    if new_item_every is not None:
+        pipe.new_item_every = new_item_every
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = out.with_name(out.name + ".parts")
-    key = _job_key(bundle_dir, users, k, batch_size)
+    key = _job_key(bundle_dir, users, k, batch_size, new_item_every)
     state = parts / "job.json"
     if parts.exists() and (not state.exists() or json.loads(state.read_text()).get("key") != key):
         shutil.rmtree(parts)

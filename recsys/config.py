@@ -59,6 +59,13 @@ class PipelineConfig(BaseModel):
         None, description="item columns holding categories ('|' or ',' separated); None = auto"
     )
     use_lm: bool = Field(True, description="use the language model when one is available")
+    new_item_every: int = Field(
+        0,
+        ge=0,
+        description="every n-th place of each list (n, 2n, ...) goes to the user's best item "
+        "without interactions, by the language model's score of the user against the item's "
+        "text (0: off; needs the language model)",
+    )
     lm: LMConfig = Field(default_factory=LMConfig, description="the language model")
     seed: int = 0
     sources: SourcesConfig = Field(default_factory=SourcesConfig)

@@ -37,6 +37,7 @@ from recsys.candidates import (
 )
 from recsys.config import PipelineConfig
 from recsys.data import I, IdIndex, U, to_internal
+from recsys.lm.cold import cold_order, cold_pool, merge
 from recsys.ranker import Ranker
 from recsys.schema import ITEM, USER, DataError
 
@@ -377,13 +378,16 @@ class Pipeline:
             )
             pos = {int(u): r for r, u in enumerate(top[U].to_list())}
             top_items, top_scores = top[I].to_list(), top["score"].to_list()
+            cold = self._cold_lists(warm, k)
             for r, u in enumerate(users.tolist()):
                 j = pos.get(u) if has_hist[r] else None
                 if j is None:
                     continue
-                its = top_items[j]
+                its, scs = np.asarray(top_items[j], np.int64), np.asarray(top_scores[j])
+                if cold is not None:  # new-item slots: NaN scores (not the ranker's)
+                    its, scs = merge(its, scs, cold[u], self.new_item_every, k)
                 out_items[r, : len(its)] = its
-                out_scores[r, : len(its)] = top_scores[j]
+                out_scores[r, : len(its)] = scs
         # fallback: users without history, and topping up short lists
         for r in range(len(users)):
             n = int((out_items[r] >= 0).sum())
@@ -395,9 +399,33 @@ class Pipeline:
                 : k - n
             ]
             out_items[r, n : n + len(extra)] = extra
-            base = float(np.nanmin(out_scores[r, :n])) if n else 0.0
+            base = float(np.nanmin(out_scores[r, :n], initial=np.inf)) if n else 0.0
+            base = 0.0 if not np.isfinite(base) else base
             out_scores[r, n : n + len(extra)] = base - 1.0 - np.arange(len(extra))
         return out_items, out_scores
+
+    @property
+    def new_item_every(self) -> int:
+        """Every n-th place of a list goes to an item without interactions (0: off)."""
+        n = getattr(self, "new_item_every_", None)
+        return int(self.config.new_item_every if n is None else n)
+
+    @new_item_every.setter
+    def new_item_every(self, n: int) -> None:
+        self.new_item_every_ = n
+
+    def _cold_lists(self, users: np.ndarray, k: int) -> dict[int, np.ndarray] | None:
+        """Each user's best items without interactions for the new-item slots of a
+        k-long list, by the language model (None: slots off, or nothing to place)."""
+        every = self.new_item_every
+        if every < 1 or self.lm is None or k < every:
+            return None
+        pool = cold_pool(self.history_.X)
+        if len(pool) == 0:
+            return None
+        uv = self.lm.user_vectors(users, self.history_)
+        items, _ = cold_order(uv, self.lm.text_vectors_, pool, k // every)
+        return dict(zip(users.tolist(), items, strict=True))
 
     def recommend(
         self,

@@ -257,3 +257,46 @@ def test_cold_items_are_interleaved_into_the_lm_ranking() -> None:
     # best cold item right after the 2nd warm one, then after the 4th and the 6th
     np.testing.assert_allclose(got, [0.4, 0.8, 0.6], atol=1e-3)
     assert got[1] < 0.8 and got[2] < 0.6
+
+
+def test_new_item_slots_place_items_without_interactions(lm_pipeline) -> None:  # type: ignore[no-untyped-def]
+    from recsys.lm.cold import cold_order, cold_pool
+
+    p = lm_pipeline
+    pool = cold_pool(p.history_.X)
+    assert len(pool) >= 3  # the synthetic catalogue has items nobody met
+    users = np.flatnonzero(p.history_.user_last_t >= 0)[:20]
+    base, _ = p.recommend_indices(users, 10)
+    p.new_item_every = 3
+    try:
+        got, scores = p.recommend_indices(users, 10)
+    finally:
+        p.new_item_every_ = None
+    slots, rest = [2, 5, 8], [0, 1, 3, 4, 6, 7, 9]
+    # places 3, 6, 9: each user's best items without interactions, by the language model
+    want, _ = cold_order(p.lm.user_vectors(users, p.history_), p.lm.text_vectors_, pool, 3)
+    np.testing.assert_array_equal(got[:, slots], want)
+    assert np.isnan(scores[:, slots]).all()
+    # the other places keep the ranker's order and scores
+    np.testing.assert_array_equal(got[:, rest], base[:, :7])
+    assert np.isfinite(scores[:, rest]).all()
+    assert p.recommend_indices(users, 10)[0].tolist() == base.tolist()  # off again
+
+
+def test_interleave_keeps_prefixes_and_skips_duplicates() -> None:
+    from recsys.lm.cold import interleave
+
+    ranked, cold = np.arange(1, 11), np.array([100, 101, 102])
+    full, is_cold = interleave(ranked, cold, 4)
+    assert full.tolist() == [1, 2, 3, 100, 4, 5, 6, 101, 7, 8, 9, 102, 10]
+    for k in (1, 4, 8, 10):  # a list of k is the first k places of the longest one
+        assert interleave(ranked, cold, 4, k)[0].tolist() == full[:k].tolist()
+    assert is_cold.tolist() == [p in (100, 101, 102) for p in full.tolist()]
+    # a cold item the ranker already placed is not shown twice
+    assert interleave(np.array([1, 100, 3]), np.array([100, 101]), 2)[0].tolist() == [
+        1,
+        100,
+        3,
+        101,
+    ]
+    assert interleave(ranked, cold, 0)[0].tolist() == ranked.tolist()

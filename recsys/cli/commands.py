@@ -123,12 +123,21 @@ def recommend(
         min=1,
         help="Users per chunk; finished chunks survive an interruption and a rerun resumes.",
     ),
+    new_item_every: int | None = typer.Option(
+        None,
+        "--new-item-every",
+        min=0,
+        help="Every n-th place of a list goes to the user's best item without interactions "
+        "(by the language model; score empty). 0 turns it off; default: the bundle's setting.",
+    ),
 ) -> None:
     """Top-k lists for every user in a file, in resumable chunks with a progress bar."""
     from recsys.batch import recommend_file
 
     t0 = time.perf_counter()
-    n_users, n_rows = recommend_file(bundle, users, out, k=k, batch_size=batch_size)
+    n_users, n_rows = recommend_file(
+        bundle, users, out, k=k, batch_size=batch_size, new_item_every=new_item_every
+    )
     dt = time.perf_counter() - t0
     console.print(
         f"{n_rows} rows for {n_users} users written to [bold]{out}[/] in {dt:.1f} s "

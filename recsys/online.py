@@ -30,6 +30,7 @@ from features.time_aware import EventTimeIndex
 from features.user import item_mean_user_activity
 from recsys.candidates import ALS, EASE, ItemKNN, MostPopular, NextItem, RecentPopular
 from recsys.data import I, T, U
+from recsys.lm.cold import cold_pool, merge_ranked
 from recsys.lm.source import LMNearest
 from recsys.pipeline import Pipeline
 
@@ -89,6 +90,9 @@ class OnlineRanker:
         self.features = list(p.ranker_.features_)
         self.lm_features: Callable[[UserState, np.ndarray], dict[str, np.ndarray]] | None = None
         self.lm = getattr(p, "lm_", None)  # the language model, when the bundle has one
+        # new-item slots (recsys.lm.cold): items without interactions in the bundle
+        self.new_item_every = p.new_item_every if self.lm is not None else 0
+        self._cold_pool = cold_pool(h.X) if self.new_item_every else np.zeros(0, np.int64)
 
         ev = h.ev
         lev = ev.lazy()
@@ -446,7 +450,16 @@ class OnlineRanker:
             return Ranked(cands, np.zeros(0))
         s = self.trees.predict(X)
         order = np.argsort(-s, kind="stable")
-        return Ranked(cands[order], s[order])
+        items, scores = cands[order], s[order]
+        if len(self._cold_pool):  # new-item slots, as Pipeline.recommend_indices places them
+            lm = self.lm
+            hist = state.items[-lm.config.history_len :][::-1]  # type: ignore[union-attr]
+            uvec = lm.user_vectors_from([hist])[0]  # type: ignore[union-attr]
+            items, scores = merge_ranked(
+                items, scores, uvec, lm.text_vectors_, self._cold_pool,  # type: ignore[union-attr]
+                self.new_item_every, seen=state.items,
+            )  # fmt: skip
+        return Ranked(items, scores)
 
 
 def top_rows(S: np.ndarray, seen: np.ndarray, n: int) -> list[np.ndarray]:

@@ -290,7 +290,8 @@ class RecService:
             items, scores = items[keep], scores[keep]
         ids = m.item_ids
         out: list[tuple[Id, float | None]] = [
-            (ids[j], s) for j, s in zip(items[:k].tolist(), scores[:k].tolist(), strict=True)
+            (ids[j], None if s != s else s)  # NaN: a new-item slot, not the ranker's
+            for j, s in zip(items[:k].tolist(), scores[:k].tolist(), strict=True)
         ]
         if len(out) < k:  # too few candidates: popular items the user has not met, unscored
             if state is None:

@@ -300,3 +300,22 @@ def test_interleave_keeps_prefixes_and_skips_duplicates() -> None:
         101,
     ]
     assert interleave(ranked, cold, 0)[0].tolist() == ranked.tolist()
+
+
+def test_new_item_slots_are_the_same_online(lm_pipeline, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from recsys.online import OnlineRanker
+
+    p = lm_pipeline
+    users = np.flatnonzero(p.history_.user_last_t >= 0)[:10]
+    p.new_item_every = 3
+    try:
+        offline, scores = p.recommend_indices(users, 10)
+        online = OnlineRanker(p, tree_cache=tmp_path / "trees")
+    finally:
+        p.new_item_every_ = None
+    for r, u in enumerate(users.tolist()):
+        got = online.rank(online.user_state(u))
+        # the same items without interactions at places 3, 6, 9, with no ranker score
+        assert got.items[[2, 5, 8]].tolist() == offline[r, [2, 5, 8]].tolist()
+        assert np.isnan(got.scores[[2, 5, 8]]).all() and np.isnan(scores[r, [2, 5, 8]]).all()
+        assert np.isfinite(got.scores[[0, 1, 3, 4, 6, 7, 9]]).all()

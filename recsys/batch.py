@@ -72,6 +72,8 @@ def recommend_file(
     pipe = Pipeline.load(str(bundle_dir))
     if new_item_every is not None:
         pipe.new_item_every = new_item_every
+    if pipe.new_item_every and pipe.lm is None:
+        log.warning("new-item slots are off: the bundle has no language model to rank them")
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = out.with_name(out.name + ".parts")
     key = _job_key(bundle_dir, users, k, batch_size, new_item_every)

@@ -249,6 +249,8 @@ class Pipeline:
 
             with stage("language model", self.timings_):
                 self.lm_ = LanguageModel(cfg.lm, cfg.seed).fit(h_in, items)
+        if cfg.new_item_every and self.lm_ is None:
+            log.warning("new_item_every is set but there is no language model: no new-item slots")
         with stage("sources (targets)", self.timings_):
             sources_in = [s.fit(h_in) for s in make_sources(cfg, self.lm_)]
         with stage("candidates (targets)", self.timings_):

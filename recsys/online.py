@@ -152,7 +152,7 @@ class OnlineRanker:
 
         # per-source prepared state
         self._prep: dict[str, object] = {}
-        # RecentPopular rows by end time, with their items in candidate order
+        # RecentPopular rows by end time, with their positive items in candidate order
         self._recent: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # sources whose scores do not depend on the user: items by (score desc, index)
         self._orders: dict[str, np.ndarray] = {}
@@ -247,16 +247,15 @@ class OnlineRanker:
         return out
 
     def _recent_row(self, s: RecentPopular, state: UserState) -> tuple[np.ndarray, np.ndarray]:
-        """RecentPopular's row for the user's last event time, and its items by (count
-        descending, index): counts are finite and >= 0, so the order is the positive
-        counts sorted, then the zeros in index order. Cached by end time."""
+        """RecentPopular's row for the user's last event time, and its items with a
+        positive count by (count descending, index); the rest of its order is the zeros
+        in index order (counts are finite and >= 0). Cached by end time."""
         t_end = state.last_t if state.last_t >= 0 else self.now
         hit = self._recent.get(t_end)
         if hit is None:
             row = s.counts_at(np.array([t_end]), self.n_items)[0]
             pos = np.flatnonzero(row > 0)
-            pos = pos[np.lexsort((pos, -row[pos]))]
-            hit = (row, np.concatenate([pos, np.flatnonzero(row == 0)]))
+            hit = (row, pos[np.lexsort((pos, -row[pos]))].astype(np.int32))
             if len(self._recent) >= 4096:
                 self._recent.clear()
             self._recent[t_end] = hit
@@ -295,14 +294,18 @@ class OnlineRanker:
         rest = []
         for r, s in enumerate(self.sources):
             if isinstance(s, MostPopular):
-                order = self._orders[s.name]
+                head = self._orders[s.name][: n + len(seen)]
+                tops[r] = head[free[head]][:n]
             elif isinstance(s, RecentPopular):
-                order = self._recent_row(s, state)[1]
+                row, positive = self._recent_row(s, state)
+                head = positive[: n + len(seen)]
+                top = head[free[head]][:n]
+                if len(top) < n:  # then the zero counts, by index
+                    zeros = np.flatnonzero((row == 0) & free)[: n - len(top)]
+                    top = np.concatenate([top, zeros])
+                tops[r] = top
             else:
                 rest.append(r)
-                continue
-            head = order[: n + len(seen)]
-            tops[r] = head[free[head]][:n]
         if rest:
             for r, t in zip(rest, top_rows(S[rest], seen, n), strict=True):
                 tops[r] = t

@@ -95,6 +95,31 @@ def test_online_top_rows_equal_offline_top_n() -> None:
             np.testing.assert_array_equal(got[j], items[j][items[j] >= 0], err_msg=f"{trial}")
 
 
+def test_online_source_lists_equal_top_n_with_fresh_events(online: OnlineRanker) -> None:
+    """Each source's list (its ranks among the candidates) is `top_n` of the source's
+    row, for bundle users and for users with fresh events (new end times, new items)."""
+    rng = np.random.default_rng(1)
+    n = online.per_source
+    for u in range(0, 60, 3):
+        extra = None
+        if u % 2:
+            k = int(rng.integers(1, 6))
+            t = online.now + np.sort(rng.integers(1, 10 * 86400, k))
+            extra = (rng.integers(0, online.n_items, k), t)
+        st = online.user_state(u, extra)
+        cands, cols = online.candidates(st)
+        S = online.source_scores(st)
+        mask = np.zeros((1, online.n_items), dtype=np.float32)
+        mask[0, st.seen] = 1
+        for r, s in enumerate(online.sources):
+            items, _ = top_n(S[r : r + 1], sp.csr_matrix(mask), n)
+            want = items[0][items[0] >= 0]
+            rank = cols[f"{s.name}_rank"]
+            listed = rank <= n
+            got = cands[listed][np.argsort(rank[listed])]
+            np.testing.assert_array_equal(got, want, err_msg=f"{s.name}, user {u}")
+
+
 def test_compiled_trees_equal_lightgbm(online: OnlineRanker) -> None:
     _, X = online.feature_matrix(online.user_state(0))
     assert online.trees.check(X) <= 1e-9

@@ -10,7 +10,7 @@ other places keep the ranker's order. A list's first k places are the same whate
 length is asked for, so the online path can merge once and cut to any k.
 
 The offline path (`Pipeline.recommend_indices`) and the online path
-(`recsys.online.OnlineRanker.rank`) both call `interleave` on `cold_order`'s output.
+(`recsys.online.OnlineRanker.rank`) both `merge` a ranked list with `cold_order`'s.
 """
 
 from __future__ import annotations
@@ -30,12 +30,18 @@ def cold_order(
     """Each user's best `n` items of `pool`, best first: (items [U, n'], scores [U, n'])
     with n' = min(n, len(pool)); ties go to the lower item index."""
     n = min(n, len(pool))
+    items = np.zeros((len(user_vectors), max(n, 0)), dtype=np.int64)
+    scores = np.zeros((len(user_vectors), max(n, 0)), dtype=np.float32)
     if n <= 0:
-        empty = np.zeros((len(user_vectors), 0))
-        return empty.astype(np.int64), empty
-    S = (user_vectors @ text_vectors[pool].T).astype(np.float32)
-    order = np.lexsort((np.broadcast_to(pool, S.shape), -S), axis=1)[:, :n]
-    return pool[order].astype(np.int64), np.take_along_axis(S, order, axis=1)
+        return items, scores
+    tv = text_vectors[pool].T
+    step = max(1, (1 << 22) // len(pool))  # users per chunk: about 16 MB of scores
+    for a in range(0, len(user_vectors), step):
+        S = (user_vectors[a : a + step] @ tv).astype(np.float32)
+        order = np.lexsort((np.broadcast_to(pool, S.shape), -S), axis=1)[:, :n]
+        items[a : a + step] = pool[order]
+        scores[a : a + step] = np.take_along_axis(S, order, axis=1)
+    return items, scores
 
 
 def interleave(

@@ -2,9 +2,10 @@
 
 OpenMP threads (LightGBM's, torch's) sleep rather than spin while they wait, unless
 `OMP_WAIT_POLICY` says otherwise: on a machine whose cores other jobs also use,
-spinning threads take the CPU from the threads that have work, and the ranker's
-training ran 3 to 7 times slower for it (benchmarks/README.md, "Fit time"). OpenMP
-reads the variable once, when it is loaded, so it is set before anything imports it.
+spinning threads take the CPU from the threads that have work: the ranker's training
+ran 5.5 times slower beside two busy processes, and no faster on a quiet machine
+(benchmarks/README.md, "OpenMP wait policy"). OpenMP reads the variable once, when it
+is loaded, so it is set before anything imports it.
 """
 
 import os

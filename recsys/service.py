@@ -67,9 +67,17 @@ def _id_map(ids: pl.Series) -> tuple[dict[Any, int], bool]:
 class Model:
     """One loaded bundle, ready to rank: nothing in it changes after `warm`."""
 
-    def __init__(self, pipeline: Pipeline, path: str | Path, tree_cache: Path | None = None):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        path: str | Path,
+        tree_cache: Path | None = None,
+        new_item_every: int | None = None,
+    ):
         self.path = str(path)
         self.pipeline = pipeline
+        if new_item_every is not None:  # the server's setting over the bundle's
+            pipeline.new_item_every = new_item_every
         self.ranker = OnlineRanker(pipeline, tree_cache=tree_cache)
         self.users, self.user_int = _id_map(pipeline.user_index_.ids)
         self.items, self.item_int = _id_map(pipeline.item_index_.ids)
@@ -85,10 +93,12 @@ class Model:
         self.warmed = False
 
     @classmethod
-    def load(cls, path: str | Path, tree_cache: Path | None = None) -> Model:
+    def load(
+        cls, path: str | Path, tree_cache: Path | None = None, new_item_every: int | None = None
+    ) -> Model:
         from recsys import bundle
 
-        return cls(bundle.load(path), path, tree_cache)
+        return cls(bundle.load(path), path, tree_cache, new_item_every)
 
     def warm(self, n_users: int = 8) -> None:
         """Rank a few users (compiles, fills caches) and check the tree evaluator gives
@@ -159,6 +169,7 @@ class ServiceLimits:
     cache_users: int = 50_000
     prefill: bool = False  # rank the bundle's users into the cache before ready
     max_k: int = 1000
+    new_item_every: int | None = None  # new-item slots; None: the bundle's setting
 
 
 class RecService:
@@ -195,7 +206,8 @@ class RecService:
 
     @classmethod
     def from_bundle(cls, path: str | Path, warm: bool = True, **kw: Any) -> RecService:
-        model = Model.load(path, kw.get("tree_cache"))
+        limits = kw.get("limits") or ServiceLimits()
+        model = Model.load(path, kw.get("tree_cache"), limits.new_item_every)
         if warm:
             model.warm()
         return cls(model, **kw)
@@ -455,7 +467,7 @@ class RecService:
             if only_first and self._model is not None:
                 return self._model.version  # a reload taken meanwhile is newer
             t0 = time.perf_counter()
-            model = Model.load(path, self.tree_cache)
+            model = Model.load(path, self.tree_cache, self.limits.new_item_every)
             model.warm()
             filled = self._prefilled(model) if self.use_cache and self.limits.prefill else None
             self._model = model

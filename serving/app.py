@@ -351,6 +351,7 @@ def app_from_env() -> Guard:
             cache_users=settings.cache_users,
             prefill=settings.prefill,
             max_k=settings.max_k,
+            new_item_every=settings.new_item_every,
         ),
         state_dir=settings.state_dir,
         tree_cache=settings.tree_cache,

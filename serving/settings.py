@@ -29,3 +29,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(256_000, ge=1024)
     max_events_per_user: int = Field(500, ge=1)
     max_fresh_users: int = Field(100_000, ge=1)
+    new_item_every: int | None = Field(
+        None,
+        ge=0,
+        description="every n-th place of a list goes to an item without interactions "
+        "(language-model bundles; 0: off); unset: the bundle's own setting",
+    )

@@ -319,3 +319,28 @@ def test_new_item_slots_are_the_same_online(lm_pipeline, tmp_path) -> None:  # t
         assert got.items[[2, 5, 8]].tolist() == offline[r, [2, 5, 8]].tolist()
         assert np.isnan(got.scores[[2, 5, 8]]).all() and np.isnan(scores[r, [2, 5, 8]]).all()
         assert np.isfinite(got.scores[[0, 1, 3, 4, 6, 7, 9]]).all()
+
+
+def test_endpoint_serves_new_item_slots_when_set(lm_pipeline, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from recsys.lm.cold import cold_pool
+    from recsys.service import RecService, ServiceLimits
+    from serving.app import create_app
+    from serving.settings import Settings
+
+    d = tmp_path / "b"
+    lm_pipeline.save(str(d))
+    pool = {lm_pipeline.item_index_.ids[int(i)] for i in cold_pool(lm_pipeline.history_.X)}
+    user = lm_pipeline.user_index_.ids[
+        int(np.flatnonzero(lm_pipeline.history_.user_last_t >= 0)[0])
+    ]
+    for every, slots in ((None, []), (3, [2, 5, 8])):
+        service = RecService.from_bundle(
+            d, limits=ServiceLimits(new_item_every=every), tree_cache=tmp_path / "trees"
+        )
+        r = TestClient(create_app(service, Settings())).get(f"/v1/recommendations/{user}?k=10")
+        assert r.status_code == 200
+        items = r.json()["items"]
+        assert [j for j, it in enumerate(items) if it["score"] is None] == slots
+        assert all(items[j]["item_id"] in pool for j in slots)

@@ -58,7 +58,9 @@ class LMConfig(BaseModel):
         ge=0,
         lt=1,
         description="share of the LM source's ranking given to items without interactions, "
-        "ranked by their text vectors (0: they compete on raw scores)",
+        "ranked by their text vectors (0: they compete on raw scores). This only makes them "
+        "candidates; the ranker rarely keeps them: `new_item_every` gives them places in "
+        "the lists",
     )
     history_len: int = Field(20, ge=1, description="recent items the user tower attends to")
     batch_size: int = Field(256, ge=8, description="CPU batch; CUDA uses 4x")

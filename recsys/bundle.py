@@ -9,7 +9,8 @@
     lm_*.safetensors       the language model: fine-tuned encoder layers and projection,
                            user tower, item vectors (the manifest's "lm" section names
                            the base encoder and tokenizer, the text template, sizes)
-    ranker-N.txt           LightGBM's own text models (one per fold, averaged)
+    ranker-N.txt           LightGBM's own text models (one per fold, averaged; one with
+                           `[ranker] refit`)
     importances.parquet    ranker feature importances
 
 Written to a temporary sibling directory and renamed into place, so a failed save

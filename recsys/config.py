@@ -46,6 +46,11 @@ class RankerConfig(BaseModel):
         3, ge=1, description="models averaged, each early-stopped on its own fold of users"
     )
     valid_fraction: float = Field(0.2, gt=0, lt=1, description="held-out users when n_folds is 1")
+    refit: bool = Field(
+        False,
+        description="the folds only choose the number of trees (their mean); one model with "
+        "that many trees is then trained on every user and predicts alone",
+    )
 
 
 class PipelineConfig(BaseModel):

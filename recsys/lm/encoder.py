@@ -10,6 +10,7 @@ dynamically quantised copy of the encoder's linear layers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -160,7 +161,7 @@ class ItemTower(nn.Module):
     def bottom(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states entering layer `start`, and the pooled final output."""
         out = self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        return out.hidden_states[self.start], mean_pool(out.last_hidden_state, mask)
+        return out.hidden_states[self.start], mean_pool(out.last_hidden_state.float(), mask)
 
     def top(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the trainable layers from cached hidden states; pooled, before the head."""
@@ -184,6 +185,44 @@ def quantized_copy(encoder: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(
             copy.deepcopy(encoder).eval(), {nn.Linear}, dtype=torch.qint8
         )
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX), so
+    that oneDNN's bf16 kernels beat fp32 and int8 instead of emulating bf16."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_precision(choice: str) -> str:
+    """The precision `cpu_inference_copy` uses for `choice` ('auto': bf16 where the CPU
+    has it natively, else int8)."""
+    if choice == "auto":
+        return "bf16" if cpu_bf16_native() else "int8"
+    if choice not in ("bf16", "int8"):
+        raise ValueError(f"cpu precision must be 'auto', 'bf16' or 'int8', not {choice!r}")
+    return choice
+
+
+def cpu_inference_copy(encoder: nn.Module, precision: str = "auto") -> nn.Module:
+    """A copy of the encoder for fast CPU inference.
+
+    bf16: the weights in bfloat16 and plain (eager) attention, which at item-text
+    lengths beats the fused kernel; its pooled outputs stay within 1e-4 cosine of fp32.
+    int8: dynamic quantisation of the linear layers, for CPUs without bf16 hardware
+    (about 0.95 cosine to fp32)."""
+    import copy
+
+    if cpu_precision(precision) == "int8":
+        return quantized_copy(encoder)
+    m = copy.deepcopy(encoder).eval().to(torch.bfloat16)
+    if hasattr(m, "set_attn_implementation"):
+        # a model without eager attention keeps its own
+        with contextlib.suppress(ValueError, NotImplementedError):
+            m.set_attn_implementation("eager")
+    return m
 
 
 def encode_pooled(

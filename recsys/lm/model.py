@@ -38,10 +38,11 @@ from recsys.lm.config import LMConfig
 from recsys.lm.encoder import (
     ItemTower,
     Tokens,
+    cpu_inference_copy,
+    cpu_precision,
     encode_pooled,
     load_pretrained,
     load_tokens,
-    quantized_copy,
     resolve_model,
     save_tokens,
 )
@@ -219,13 +220,15 @@ class LanguageModel:
     ) -> tuple[np.ndarray, list[torch.Tensor] | None]:
         cfg = self.config
         enc = tower.encoder
+        precision = "fp32"
         if dev.type == "cpu" and cfg.quantize_cpu:
-            enc = quantized_copy(enc)
+            precision = cpu_precision(cfg.cpu_precision)
+            enc = cpu_inference_copy(enc, precision)
         enc = enc.to(dev).eval()
         if not keep_hidden or tower.start == 0:
             # the frozen encoder's output depends only on the model and the texts: cached
             key = hashlib.sha256(
-                f"{resolve_model(cfg.model)}|{cfg.max_length}|{cfg.quantize_cpu}|{dev.type}".encode()
+                f"{resolve_model(cfg.model)}|{cfg.max_length}|{precision}|{dev.type}".encode()
                 + "\x1f".join(self.texts_).encode()
             ).hexdigest()[:20]
             path = cache_root() / "lm-frozen" / f"{key}.safetensors"
@@ -296,7 +299,7 @@ class LanguageModel:
         enc = tower.encoder
         if dev.type == "cpu" and self.config.quantize_cpu:
             if getattr(self, "_quantized", None) is None:
-                self._quantized = quantized_copy(enc)
+                self._quantized = cpu_inference_copy(enc, self.config.cpu_precision)
             enc = self._quantized
         pooled = encode_pooled(
             enc.to(dev), tokens, dev, self.config.encode_batch_size, self.pad_id_, progress

@@ -161,11 +161,13 @@ class OnlineRanker:
             if isinstance(s, MostPopular):
                 self._orders[s.name] = np.argsort(-s.counts_, kind="stable")
             if isinstance(s, ItemKNN):
-                self._prep[s.name] = s.sim_.T.tocsr()  # what `X @ sim_.T` multiplies by
+                # what `X @ sim_.T` multiplies by, and its transpose for `_row_sum_any`
+                self._prep[s.name] = (s.sim_.T.tocsr(), _sorted_csr(s.sim_))
             elif isinstance(s, EASE):
                 pos = np.full(self.n_items, -1, dtype=np.int64)
                 pos[s.items_] = np.arange(len(s.items_))
-                self._prep[s.name] = pos
+                BT = _sorted_csr(s.B_.T) if sp.issparse(s.B_) else None
+                self._prep[s.name] = (pos, BT)
             elif isinstance(s, ALS):
                 Y = s.item_factors_.astype(np.float64)
                 self._prep[s.name] = (Y.T @ Y, np.ascontiguousarray(Y.T))
@@ -209,14 +211,15 @@ class OnlineRanker:
             elif isinstance(s, RecentPopular):
                 out[r] = self._recent_row(s, state)[0]
             elif isinstance(s, ItemKNN):
-                out[r] = _row_sum(self._prep[s.name], seen)  # type: ignore[arg-type]
+                M, MT = self._prep[s.name]  # type: ignore[misc]
+                out[r] = _row_sum_any(M, MT, seen)
             elif isinstance(s, EASE):
                 out[r] = -np.inf
-                pos = self._prep[s.name]
-                p = pos[seen]  # type: ignore[index]
+                pos, BT = self._prep[s.name]  # type: ignore[misc]
+                p = pos[seen]
                 p = p[p >= 0]
                 if sp.issparse(s.B_):
-                    out[r, s.items_] = _row_sum(s.B_, p)
+                    out[r, s.items_] = _row_sum_any(s.B_, BT, p)
                 else:
                     xk = sp.csr_matrix(
                         (np.ones(len(p), np.float32), p, np.array([0, len(p)])),
@@ -529,6 +532,33 @@ def _row_sum(m: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray | None = No
         vals = np.repeat(w.astype(out.dtype), lens) * vals
     np.add.at(out, cols, vals.astype(out.dtype, copy=False))
     return out
+
+
+def _sorted_csr(m: sp.spmatrix) -> sp.csr_matrix:
+    """`m` as CSR with each row's entries in column order (a copy where needed)."""
+    c = sp.csr_matrix(m, copy=True)
+    c.sort_indices()
+    return c
+
+
+# a scattered add costs about five times a matrix-vector product's step per stored
+# entry (measured: 4.8 ns against 0.96 ns per entry on EASE's 2.5M-entry matrix)
+MATVEC_SHARE = 0.2
+
+
+def _row_sum_any(m: sp.csr_matrix, mT: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
+    """`_row_sum(m, rows)` (ones as weights, `rows` ascending and distinct), or, for a
+    long history whose rows hold more than `MATVEC_SHARE` of the matrix's entries, the
+    product of the transpose `mT` (rows in column order) with the rows' indicator: each
+    output then adds the same entries in the same order (rows ascending) and the
+    indicator's zeros add nothing, so the values are the same to the bit, in time
+    bounded by the matrix rather than by the history (the heaviest users' requests)."""
+    lens = m.indptr[rows + 1] - m.indptr[rows]
+    if int(lens.sum()) <= MATVEC_SHARE * m.nnz:
+        return _row_sum(m, rows)
+    x = np.zeros(m.shape[0], dtype=m.dtype)
+    x[rows] = 1
+    return np.asarray(mT @ x, dtype=m.dtype)
 
 
 def _rows_at(m: sp.csr_matrix, rows: np.ndarray, at: np.ndarray, n: int) -> np.ndarray:

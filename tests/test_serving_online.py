@@ -69,6 +69,26 @@ def test_online_scores_equal_offline_scores(loaded: Pipeline, online: OnlineRank
         np.testing.assert_allclose(top, np.sort(off["score"].to_numpy())[::-1], atol=1e-9)
 
 
+def test_long_histories_take_the_matrix_vector_product_with_the_same_scores(
+    loaded: Pipeline, online: OnlineRanker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ItemKNN and EASE rows for a long history come from the transposed matrix times
+    the history's indicator: the same float32 values, to the bit, as the scattered sum
+    of the history's rows and as the offline sources."""
+    import recsys.online as online_mod
+
+    users = np.arange(0, len(loaded.user_index_), 5)[:30]
+    rows = {}
+    for share in (np.inf, 0.0):  # every history by scattering, then by the product
+        monkeypatch.setattr(online_mod, "MATVEC_SHARE", share)
+        rows[share] = np.stack([online.source_scores(online.user_state(int(u))) for u in users])
+    np.testing.assert_array_equal(rows[0.0], rows[np.inf])
+    h = loaded.history_
+    for r, s in enumerate(online.sources):
+        if s.name in ("itemknn", "ease"):
+            np.testing.assert_array_equal(rows[0.0][:, r], s.scores(users, h), err_msg=s.name)
+
+
 def test_online_top_rows_equal_offline_top_n() -> None:
     """The candidate lists: the same items in the same order, ties included (scores
     with many equal values, zeros of both signs, -inf, NaN, +inf, seen items)."""

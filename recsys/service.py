@@ -14,6 +14,7 @@ request) and `bundle.json` (the bundle every worker should serve).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -172,6 +173,16 @@ class ServiceLimits:
     new_item_every: int | None = None  # new-item slots; None: the bundle's setting
 
 
+def _settle_gc() -> None:
+    """Collect the garbage (a replaced bundle's cycles included), then freeze what is
+    left: Python's full collections then skip the ~100,000 objects that the bundle and
+    the imported libraries keep alive, a pass of about 80 ms that would otherwise land
+    inside some request. Objects freed by reference counting are freed as before."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class RecService:
     """Top-k lists, fresh events, similar items and reloads over a loaded bundle."""
 
@@ -182,8 +193,13 @@ class RecService:
         state_dir: str | Path | None = None,
         tree_cache: Path | None = None,
         cache: bool = True,
+        freeze_gc: bool = False,
     ) -> None:
         self._model = model
+        # a server's process: after each bundle swap, what is alive (the bundle, the
+        # libraries) leaves the cyclic collector's view, whose full passes over it
+        # would otherwise stall a request now and then (see `_settle_gc`)
+        self.freeze_gc = freeze_gc
         self.limits = limits or ServiceLimits()
         self.tree_cache = tree_cache
         self.use_cache = cache
@@ -473,6 +489,8 @@ class RecService:
             self._model = model
             with self._lock:
                 self._cache = filled if filled is not None else OrderedDict()
+            if self.freeze_gc:
+                _settle_gc()
             log.info(
                 "serving bundle %s (%s), loaded in %.1f s",
                 path,

@@ -356,6 +356,7 @@ def app_from_env() -> Guard:
         state_dir=settings.state_dir,
         tree_cache=settings.tree_cache,
         cache=settings.cache and settings.cache_users > 0,
+        freeze_gc=True,
     )
     bundle = settings.bundle
 

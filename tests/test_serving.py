@@ -343,3 +343,35 @@ def test_serve_refuses_a_tampered_bundle_before_starting(bundle_dir: Path, tmp_p
     )
     assert r.returncode == 2, r.stderr
     assert "items.parquet" in r.stderr
+
+
+def test_server_service_freezes_the_loaded_bundle_out_of_the_collector(
+    bundle_dir: Path, tree_cache: Path, tmp_path: Path
+) -> None:
+    """With `freeze_gc` (what `recsys serve` uses) the objects alive after a load are
+    frozen, so full collections do not walk them during requests; a reload unfreezes,
+    lets the replaced bundle be collected, and freezes the new state."""
+    import gc
+    import weakref
+
+    gc.unfreeze()
+    svc = RecService(None, tree_cache=tree_cache, freeze_gc=True)
+    try:
+        svc.start(bundle_dir)
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000
+        m = svc.model
+        m.cycle = [m]  # type: ignore[attr-defined]  # only the collector frees a cycle
+        old = weakref.ref(m)
+        del m
+        copy = tmp_path / "b2"
+        shutil.copytree(bundle_dir, copy)
+        svc.reload(copy)
+        assert old() is None  # the replaced bundle did not stay frozen
+        assert gc.get_freeze_count() > 1000
+        assert svc.recommend(str(svc.model.user_ids[0]), k=5).items
+    finally:
+        gc.unfreeze()
+    plain = RecService(None, tree_cache=tree_cache)
+    plain.start(bundle_dir)
+    assert gc.get_freeze_count() == 0

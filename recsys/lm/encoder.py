@@ -4,9 +4,10 @@ head and normalisation, with the encoder split so that its frozen bottom runs on
 Training fine-tunes only the top `train_layers` layers (LoRA or full); the hidden
 states entering the first of them are computed once for every item and cached, so a
 training step costs only the top layers. Encoding for vectors sorts texts by length
-(little padding), runs under `torch.inference_mode` and, on CPU, on a reduced-precision
-copy of the encoder (`cpu_inference_copy`: bf16 weights where the CPU has bf16
-hardware, else int8 dynamic quantisation of the linear layers).
+(little padding), runs under `torch.inference_mode` and, on CPU, runs batches side by
+side on one-threaded workers, on a reduced-precision copy of the encoder
+(`cpu_inference_copy`: bf16 weights where the CPU has bf16 hardware, else int8
+dynamic quantisation of the linear layers).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,6 +228,17 @@ def cpu_inference_copy(encoder: nn.Module, precision: str = "auto") -> nn.Module
     return m
 
 
+@contextlib.contextmanager
+def ops_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` inside the block (this thread and the pool)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def encode_pooled(
     encoder: nn.Module,
     tokens: Tokens,
@@ -234,25 +247,47 @@ def encode_pooled(
     pad_id: int = 0,
     progress: bool = False,
 ) -> np.ndarray:
-    """Mean-pooled encoder output of every tokenised text, float32 [n, hidden]."""
+    """Mean-pooled encoder output of every tokenised text, float32 [n, hidden].
+
+    On CPU the batches are shared among `torch.get_num_threads()` worker threads whose
+    ops each run on one thread: at item-text sizes one batch's ops are too small to
+    split well across cores (an op's threads wait for each other, and for any core
+    another job holds), while whole batches side by side keep every core busy."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     hidden = int(encoder.config.hidden_size)  # type: ignore[union-attr]
     out = np.zeros((len(tokens.lengths), hidden), dtype=np.float32)
     batches = tokens.batches(batch_size)
-    t0 = time.perf_counter()
+    cpu = device.type == "cpu"
+    workers = max(1, min(torch.get_num_threads(), len(batches))) if cpu else 1
     bar = tqdm(total=len(tokens.lengths), desc="encode items", unit="item", disable=not progress)
-    with torch.inference_mode():
-        for idx in batches:
-            ids, mask = tokens.pad(idx, pad_id)
-            ids, mask = ids.to(device), mask.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                h = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            out[idx] = mean_pool(h.float(), mask).cpu().numpy()
-            bar.update(len(idx))
+
+    def run(part: list[np.ndarray]) -> None:
+        if cpu:
+            torch.set_num_threads(1)  # (a new thread starts with the default count)
+        with torch.inference_mode():
+            for idx in part:
+                ids, mask = tokens.pad(idx, pad_id)
+                ids, mask = ids.to(device), mask.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not cpu):
+                    h = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                out[idx] = mean_pool(h.float(), mask).cpu().numpy()
+                bar.update(len(idx))
+
+    t0 = time.perf_counter()
+    with ops_threads(1) if cpu else contextlib.nullcontext():
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="encode") as ex:
+                # every worker gets short and long batches alike
+                list(ex.map(run, [batches[j::workers] for j in range(workers)]))
+        else:
+            run(batches)
     bar.close()
-    dt = time.perf_counter() - t0
-    log.debug("encoded %d items in %.1f s", len(out), dt)
+    log.debug(
+        "encoded %d items in %.1f s (%d workers)", len(out), time.perf_counter() - t0, workers
+    )
     return out
 
 

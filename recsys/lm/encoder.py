@@ -271,7 +271,8 @@ def encode_pooled(
             for idx in part:
                 ids, mask = tokens.pad(idx, pad_id)
                 ids, mask = ids.to(device), mask.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not cpu):
+                cuda = device.type == "cuda"
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     h = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
                 out[idx] = mean_pool(h.float(), mask).cpu().numpy()
                 bar.update(len(idx))

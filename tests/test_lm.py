@@ -240,6 +240,77 @@ def test_cpu_inference_copy_bf16_stays_close_to_fp32_and_int8_runs(tiny_bert: Pa
         cpu_precision("fp8")
 
 
+def test_bf16_copy_fuses_linears_and_attention_without_changing_vectors(tiny_bert: Path) -> None:
+    """The bf16 CPU copy runs its linear layers (bias, and GELU in the intermediate
+    blocks) through oneDNN's fused linear and attention with a float32 softmax; each
+    padded text's vector is its own, as from the unfused fp32 encoder; a block whose
+    output the fusion would change is left as it is."""
+    from collections import Counter
+
+    from recsys.lm.encoder import (
+        CPU_ATTENTION,
+        Tokens,
+        _linear_pointwise,
+        cpu_inference_copy,
+        encode_pooled,
+        fuse_cpu_bf16,
+        load_pretrained,
+        mean_pool,
+    )
+
+    tok, enc = load_pretrained(str(tiny_bert))
+    with torch.no_grad():  # sharp, strong attention: attending to padding would show
+        for layer in enc.encoder.layer:
+            att = layer.attention
+            for lin, f in ((att.self.query, 8), (att.self.key, 8), (att.self.value, 10)):
+                lin.weight.mul_(f)
+            att.output.dense.weight.mul_(10)
+    fused = cpu_inference_copy(enc, "bf16")
+    kinds = Counter(type(m).__name__ for m in fused.modules())
+    if _linear_pointwise() is not None:
+        # per layer: query, key, value, attention output, intermediate (+GELU), output
+        assert kinds["FusedLinear"] == 6 * 2 + 1  # and the pooler
+        assert [m.act for m in fused.modules() if type(m).__name__ == "FusedLinear"].count(
+            "gelu"
+        ) == 2
+        assert kinds["Linear"] == 0 and kinds["BertIntermediate"] == 0
+    assert fused.config._attn_implementation == CPU_ATTENTION
+    assert next(enc.parameters()).dtype == torch.float32  # the original is left alone
+
+    texts = [" ".join(["word"] * (1 + i % 7)) + f" item {i}" for i in range(24)]
+    tokens = Tokens.from_texts(tok, texts, 16)
+    ids, mask = tokens.pad(np.arange(len(texts)))  # one batch: padding up to 6 tokens
+    assert (mask.sum(1) < mask.shape[1]).sum() > 10
+    with torch.inference_mode():
+        v = mean_pool(fused(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+    v = v.float().numpy()
+    np.testing.assert_allclose(v, encode_pooled(fused, tokens, torch.device("cpu"), 5), atol=0.02)
+    for j in range(len(texts)):
+        ids, mask = tokens.pad(np.array([j]))
+        with torch.inference_mode():
+            alone = mean_pool(enc(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        # bf16 rounding: about 0.01 here; attending to the padding: about 0.6
+        np.testing.assert_allclose(v[j], alone[0].numpy(), atol=0.05)
+
+    class Doubled(torch.nn.Module):  # `dense` then GELU, but not what fusion gives
+        def __init__(self, block: torch.nn.Module) -> None:
+            super().__init__()
+            self.dense, self.intermediate_act_fn = block.dense, block.intermediate_act_fn
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * self.intermediate_act_fn(self.dense(x))
+
+    import copy
+
+    m = copy.deepcopy(enc).eval().to(torch.bfloat16)
+    m.encoder.layer[0].intermediate = Doubled(m.encoder.layer[0].intermediate)
+    done = fuse_cpu_bf16(m)
+    assert type(m.encoder.layer[0].intermediate).__name__ == "Doubled"
+    if _linear_pointwise() is not None:
+        assert done["linear_gelu"] == 1  # the other layer's block
+        assert type(m.encoder.layer[0].intermediate.dense).__name__ == "FusedLinear"
+
+
 def test_encoding_workers_give_the_same_vectors(tiny_bert: Path) -> None:
     """CPU encoding shares the batches among one-threaded workers (one per torch
     thread): every text gets its own vector, the same as with a single worker, and

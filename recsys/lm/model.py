@@ -228,7 +228,8 @@ class LanguageModel:
         if not keep_hidden or tower.start == 0:
             # the frozen encoder's output depends only on the model and the texts: cached
             key = hashlib.sha256(
-                f"{resolve_model(cfg.model)}|{cfg.max_length}|{precision}|{dev.type}".encode()
+                f"{resolve_model(cfg.model)}|{cfg.max_length}|{precision}|{dev.type}|"
+                f"{sorted(getattr(enc, 'recsys_fused', {}).items())}".encode()
                 + "\x1f".join(self.texts_).encode()
             ).hexdigest()[:20]
             path = cache_root() / "lm-frozen" / f"{key}.safetensors"

@@ -15,6 +15,7 @@ and takes attention's softmax in float32 (`fuse_cpu_bf16`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -227,6 +228,7 @@ def cpu_inference_copy(encoder: nn.Module, precision: str = "auto") -> nn.Module
     return m
 
 
+@functools.cache
 def _linear_pointwise() -> object | None:
     """oneDNN's linear with fused bias and activation (what torch.compile's CPU
     backend calls), or None in a torch build without it."""

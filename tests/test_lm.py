@@ -473,3 +473,48 @@ def test_endpoint_serves_new_item_slots_when_set(lm_pipeline, tmp_path) -> None:
         items = r.json()["items"]
         assert [j for j, it in enumerate(items) if it["score"] is None] == slots
         assert all(items[j]["item_id"] in pool for j in slots)
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "mpnet", "roberta"])
+def test_bf16_copy_of_other_encoders_stays_close_to_fp32(arch: str) -> None:
+    """Encoders other than BERT: linear layers are fused where they are plain linears,
+    attention takes the float32 softmax where the model uses transformers' attention
+    interface (MPNet does not: it keeps eager attention), and padded texts still get
+    their own vectors."""
+    import transformers as tf
+
+    from recsys.lm.encoder import CPU_ATTENTION, _linear_pointwise, cpu_inference_copy, mean_pool
+
+    small = {"vocab_size": 100, "max_position_embeddings": 64}
+    cfg = {
+        "distilbert": tf.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, **small),
+        "mpnet": tf.MPNetConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            **small,
+        ),
+        "roberta": tf.RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            **small,
+        ),
+    }[arch]
+    torch.manual_seed(0)
+    enc = tf.AutoModel.from_config(cfg).eval()
+    fused = cpu_inference_copy(enc, "bf16")
+    done = fused.recsys_fused
+    if _linear_pointwise() is not None:
+        assert done["linear"] >= 10
+    assert done["attention"] == (arch != "mpnet")
+    assert (fused.config._attn_implementation == CPU_ATTENTION) == (arch != "mpnet")
+    ids = torch.randint(5, 100, (6, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[3:, 8:] = 0
+    with torch.inference_mode():
+        a = mean_pool(enc(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        b = mean_pool(fused(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999

@@ -304,6 +304,9 @@ def _use_fp32_softmax_attention(m: nn.Module) -> bool:
         AttentionInterface.register(CPU_ATTENTION, _fp32_softmax_attention)
         AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
         m.set_attn_implementation(CPU_ATTENTION)
+        # a model outside the attention interface may keep its own without raising
+        if getattr(m.config, "_attn_implementation", None) != CPU_ATTENTION:  # type: ignore[union-attr]
+            raise NotImplementedError("the model kept its own attention")
     except (ImportError, ValueError, NotImplementedError, KeyError, TypeError) as e:
         log.debug("float32-softmax attention not available for this model: %s", e)
         # eager attention beats the fused kernel at item-text lengths

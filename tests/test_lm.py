@@ -412,6 +412,25 @@ def test_new_item_slots_place_items_without_interactions(lm_pipeline) -> None:  
     assert p.recommend_indices(users, 10)[0].tolist() == base.tolist()  # off again
 
 
+def test_cold_order_breaks_ties_by_index_for_one_user_as_for_many() -> None:
+    """Items with the same text vector tie for every user: each list takes the lowest
+    indices first, whether its user is scored alone (a request) or with others (a
+    batch job), so the new-item slots are the same online and offline."""
+    from recsys.lm.cold import cold_order
+
+    rng = np.random.default_rng(0)
+    for d in (8, 32, 128):
+        tv = rng.standard_normal((300, d)).astype(np.float32)
+        tv /= np.linalg.norm(tv, axis=1, keepdims=True)
+        pool = np.sort(rng.choice(300, 13, replace=False))
+        tv[pool] = tv[pool[0]]
+        uv = rng.standard_normal((10, d)).astype(np.float32)
+        many, _ = cold_order(uv, tv, pool, 3)
+        assert (many == pool[:3]).all()
+        for r in range(len(uv)):
+            assert cold_order(uv[r : r + 1], tv, pool, 3)[0][0].tolist() == pool[:3].tolist()
+
+
 def test_interleave_keeps_prefixes_and_skips_duplicates() -> None:
     from recsys.lm.cold import interleave
 

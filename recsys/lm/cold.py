@@ -34,10 +34,13 @@ def cold_order(
     scores = np.zeros((len(user_vectors), max(n, 0)), dtype=np.float32)
     if n <= 0:
         return items, scores
-    tv = text_vectors[pool].T
-    step = max(1, (1 << 22) // len(pool))  # users per chunk: about 16 MB of scores
+    # float64 products rounded to float32: the float32 product's last bit depends on
+    # how many users are multiplied at once (one online, many offline), which would
+    # break ties between equal scores differently in the two paths
+    tv = text_vectors[pool].T.astype(np.float64)
+    step = max(1, (1 << 21) // len(pool))  # users per chunk: about 16 MB of scores
     for a in range(0, len(user_vectors), step):
-        S = (user_vectors[a : a + step] @ tv).astype(np.float32)
+        S = (user_vectors[a : a + step].astype(np.float64) @ tv).astype(np.float32)
         order = np.lexsort((np.broadcast_to(pool, S.shape), -S), axis=1)[:, :n]
         items[a : a + step] = pool[order]
         scores[a : a + step] = np.take_along_axis(S, order, axis=1)

@@ -394,7 +394,7 @@ def encode_pooled(
     hidden = int(encoder.config.hidden_size)  # type: ignore[union-attr]
     out = np.zeros((len(tokens.lengths), hidden), dtype=np.float32)
     batches = tokens.batches(batch_size)
-    cpu = device.type == "cpu"
+    cpu, cuda = device.type == "cpu", device.type == "cuda"
     workers = max(1, min(torch.get_num_threads(), len(batches))) if cpu else 1
     bar = tqdm(total=len(tokens.lengths), desc="encode items", unit="item", disable=not progress)
 
@@ -405,7 +405,6 @@ def encode_pooled(
             for idx in part:
                 ids, mask = tokens.pad(idx, pad_id)
                 ids, mask = ids.to(device), mask.to(device)
-                cuda = device.type == "cuda"
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     h = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
                 out[idx] = mean_pool(h.float(), mask).cpu().numpy()

@@ -43,6 +43,7 @@ from recsys.lm.encoder import (
     encode_pooled,
     load_pretrained,
     load_tokens,
+    ops_threads,
     resolve_model,
     save_tokens,
 )
@@ -78,11 +79,11 @@ class LanguageModel:
 
     # -- fitting ------------------------------------------------------------------------
     def fit(self, h: History, items: pl.DataFrame) -> LanguageModel:
-        threads = torch.get_num_threads()
-        try:
+        cfg = self.config
+        cpu = _device(cfg).type != "cuda"
+        threads = cfg.cpu_threads if cpu and cfg.cpu_threads else torch.get_num_threads()
+        with ops_threads(threads):  # torch's thread count is restored afterwards
             return self._fit(h, items)
-        finally:
-            torch.set_num_threads(threads)
 
     def _fit(self, h: History, items: pl.DataFrame) -> LanguageModel:
         cfg = self.config
@@ -92,8 +93,6 @@ class LanguageModel:
         t_start = time.perf_counter()
         dev = _device(cfg)
         cuda = dev.type == "cuda"
-        if not cuda and cfg.cpu_threads:
-            torch.set_num_threads(cfg.cpu_threads)
         self.texts_ = item_texts(items, cfg.template)
         tokenizer, encoder = load_pretrained(cfg.model)
         self.tokenizer_ = tokenizer

@@ -21,6 +21,8 @@ def lm_pair_features(
 ) -> pl.DataFrame:
     """(u, i, lm_sim_last, lm_sim_max, lm_sim_mean_recent) for candidate pairs.
 
+    item_vectors: a unit vector per item index (the pipeline passes the language
+    model's `similarity_vectors`, its text vectors).
     histories: user -> item indices, most recent first (the history before the cutoff).
     lm_sim_last: cosine with the user's most recent item; lm_sim_max: best match among
     the last `max_history` items; lm_sim_mean_recent: mean cosine with the last 10.

@@ -400,7 +400,7 @@ class OnlineRanker:
         cols["item_idle_at_user_days"] = cols["item_idle_days"] - days_since_last
         if self.lm is not None:  # pipeline.lm_features, the same function for one user
             pairs = pl.DataFrame({U: np.zeros(nc, np.int32), I: cands.astype(np.int32)})
-            f = lm_pair_features(pairs, self.lm.item_vectors_, {0: items[-100:][::-1]})
+            f = lm_pair_features(pairs, self.lm.similarity_vectors, {0: items[-100:][::-1]})
             for c in f.columns:
                 if c not in (U, I):
                     cols[c] = f[c].to_numpy().astype(np.float64)

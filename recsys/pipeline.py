@@ -195,11 +195,12 @@ def build_features(
 
 
 def lm_features(lm: LanguageModel, h: History, pairs: pl.DataFrame) -> pl.DataFrame:
-    """Similarities of each candidate to the user's history in the LM's item space."""
+    """Similarities of each candidate to the user's history, in the space of the LM's
+    text vectors (`LanguageModel.similarity_vectors`)."""
     users = np.unique(pairs[U].to_numpy())
     hists = h.last_items(users, 100)
     return lm_pair_features(
-        pairs.select(U, I), lm.item_vectors_, dict(zip(users.tolist(), hists, strict=True))
+        pairs.select(U, I), lm.similarity_vectors, dict(zip(users.tolist(), hists, strict=True))
     )
 
 

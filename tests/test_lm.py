@@ -142,6 +142,41 @@ def test_pipeline_with_lm_has_lm_source_and_features(lm_pipeline) -> None:  # ty
     assert any(s.name == "lm" for s in lm_pipeline.sources_)
 
 
+def test_similarity_features_use_text_vectors_and_old_bundles_keep_theirs(  # type: ignore[no-untyped-def]
+    lm_pipeline, tmp_path
+) -> None:
+    from recsys.pipeline import Pipeline, lm_features
+
+    lm = lm_pipeline.lm
+    # the learned per-item offsets make the item vectors differ from the text vectors
+    assert np.abs(lm.item_vectors_ - lm.text_vectors_).max() > 1e-3
+    h = lm_pipeline.history_
+    last = h.last_items(np.array([0]), 100)[0][0]
+    pairs = pl.DataFrame({"u": [0] * 30, "i": list(range(30))}).cast(
+        {"u": h.ev["u"].dtype, "i": h.ev["i"].dtype}
+    )
+
+    def sim_last(p: Pipeline) -> np.ndarray:
+        return lm_features(p.lm, p.history_, pairs).sort("i")["lm_sim_last"].to_numpy()
+
+    text = lm.text_vectors_[:30] @ lm.text_vectors_[last]
+    np.testing.assert_allclose(sim_last(lm_pipeline), text, atol=1e-5)
+
+    # a bundle written before the features moved to the text vectors (no
+    # "similarity_space" in its manifest) keeps the item vectors its ranker learned on
+    d = tmp_path / "b"
+    lm_pipeline.save(str(d))
+    assert json.loads((d / "manifest.json").read_text())["lm"]["similarity_space"] == "text"
+    np.testing.assert_allclose(sim_last(Pipeline.load(str(d))), text, atol=1e-5)
+    manifest = json.loads((d / "manifest.json").read_text())
+    del manifest["lm"]["similarity_space"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    old = Pipeline.load(str(d))
+    np.testing.assert_allclose(
+        sim_last(old), lm.item_vectors_[:30] @ lm.item_vectors_[last], atol=1e-5
+    )
+
+
 def test_no_lm_runs_nothing_lm(synth_data, lm_config) -> None:  # type: ignore[no-untyped-def]
     from recsys.pipeline import Pipeline
 

@@ -196,6 +196,7 @@ class LanguageModel:
             self.item_vectors_ = tower.head.to(dev)(P.to(dev), all_idx).float().cpu().numpy()
             # the text alone (no per-item offsets): what a cold item gets, for every item
             self.text_vectors_ = tower.head(P.to(dev)).float().cpu().numpy()
+        self.similarity_space_ = "text"
         if state.lora:
             tower.encoder = tower.encoder.merge_and_unload()  # type: ignore[operator]
         self.tower_ = tower.cpu().eval()
@@ -279,6 +280,18 @@ class LanguageModel:
         if not hasattr(self, "item_vectors_"):
             raise RuntimeError("LanguageModel is not fitted: call fit() or load() first")
 
+    @property
+    def similarity_vectors(self) -> np.ndarray:
+        """The vectors of the ranker's similarity features (`lm_sim_*`): the text
+        vectors, i.e. the fine-tuned tower over each item's text without its learned
+        per-item offset, so that they measure likeness in content beside the
+        co-occurrence that the CF sources and `lm_score` already carry. (Bundles from
+        before this choice use the item vectors, which their ranker was trained on.)"""
+        self._check()
+        if getattr(self, "similarity_space_", "text") == "item":
+            return self.item_vectors_
+        return self.text_vectors_
+
     def user_vectors(self, users: np.ndarray, h: History) -> np.ndarray:
         """[len(users), d] from each user's recent items in `h` (zeros without history)."""
         self._check()
@@ -350,6 +363,7 @@ class LanguageModel:
             "validation_recall": self.best_recall_,
             "recall_at": self.recall_at_,
             "scale": self.scale_,
+            "similarity_space": self.similarity_space_,
             "files": {
                 "item_tower": f"{prefix}item_tower.safetensors",
                 "user_tower": f"{prefix}user_tower.safetensors",
@@ -397,6 +411,11 @@ class LanguageModel:
         lm.best_recall_ = float(section.get("validation_recall", float("nan")))
         lm.recall_at_ = int(section.get("recall_at", config.recall_at))
         lm.scale_ = float(section.get("scale", 20.0))
+        # bundles written before the similarity features moved to the text vectors
+        # keep the vectors their ranker was trained on
+        lm.similarity_space_ = str(section.get("similarity_space", "item"))
+        if lm.similarity_space_ not in ("item", "text"):
+            raise ValueError(f"unknown LM similarity space {lm.similarity_space_!r}")
         return lm
 
 

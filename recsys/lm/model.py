@@ -288,7 +288,7 @@ class LanguageModel:
         co-occurrence that the CF sources and `lm_score` already carry. (Bundles from
         before this choice use the item vectors, which their ranker was trained on.)"""
         self._check()
-        if getattr(self, "similarity_space_", "text") == "item":
+        if self.similarity_space_ == "item":
             return self.item_vectors_
         return self.text_vectors_
 

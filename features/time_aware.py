@@ -10,6 +10,9 @@ import polars as pl
 
 DAY = 86_400
 _SHIFT = 34  # item index in the high bits, time offset or event rank in the low 34
+# the upop_* windows: the last N days before a user's end time, and the last share of all events
+UPOP_DAYS: tuple[float, ...] = (1, 7, 30, 180)
+UPOP_SHARES: tuple[float, ...] = (0.002, 0.01, 0.05)
 
 
 def popularity_before_user_time(
@@ -72,8 +75,8 @@ class EventTimeIndex:
         self,
         items: np.ndarray,
         t_end: np.ndarray,
-        windows_days: tuple[float, ...] = (1, 7, 30, 180),
-        windows_share: tuple[float, ...] = (0.002, 0.01, 0.05),
+        windows_days: tuple[float, ...] = UPOP_DAYS,
+        windows_share: tuple[float, ...] = UPOP_SHARES,
     ) -> dict[str, np.ndarray]:
         """The upop_* columns for query items with their users' end times."""
         key_t, key_r, t_sorted, t_min = self.key_t, self.key_r, self.t_sorted, self.t_min

@@ -39,7 +39,8 @@ class History:
         self.user_last_t = np.full(self.n_users, -1, dtype=np.int64)
         self.user_last_t[last[U].to_numpy()] = last[T].to_numpy()
         if self.now is None:
-            self.now = int(self.ev[T].max() or 0)
+            t_max = self.ev[T].max()
+            self.now = int(t_max) if isinstance(t_max, int) else 0
 
     @classmethod
     def before(cls, ev: pl.DataFrame, cutoff: int, n_users: int, n_items: int) -> History:
@@ -190,7 +191,9 @@ class EASE:
             keep = keep[np.argsort(-counts[keep], kind="stable")[: self.max_items]]
             keep.sort()
         Xk = h.X[:, keep].astype(np.float32)
-        G = np.asarray((Xk.T @ Xk).todense(), dtype=np.float64 if self.double else np.float32)
+        G: np.ndarray = np.asarray(
+            (Xk.T @ Xk).todense(), dtype=np.float64 if self.double else np.float32
+        )
         G[np.diag_indices_from(G)] += self.l2
         P = _spd_inverse(G)
         B = P / (-np.diag(P))

@@ -167,11 +167,11 @@ def _similar_history(
 ) -> pl.DataFrame:
     """Per recommended item, the history items with the largest cosine similarity over
     the users who interacted with both (zero-similarity items left out)."""
-    schema = {
-        "rank": pl.Int32,
+    schema: dict[str, pl.DataType] = {
+        "rank": pl.Int32(),
         ITEM: pipe.item_index_.dtype,
         "history_item_id": pipe.item_index_.dtype,
-        "similarity": pl.Float64,
+        "similarity": pl.Float64(),
     }
     if not len(recs) or not len(hist_items) or n < 1:
         return pl.DataFrame(schema=schema).with_columns(pl.lit("").alias("history_text"))

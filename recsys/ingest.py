@@ -162,7 +162,12 @@ def _movielens_latest(src: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     ratings_path = src / "ratings.csv"
     ratings = _read_ml_csv(
         ratings_path,
-        {"userId": pl.Int64, "movieId": pl.Int64, "rating": pl.Float64, "timestamp": pl.Int64},
+        {
+            "userId": pl.Int64(),
+            "movieId": pl.Int64(),
+            "rating": pl.Float64(),
+            "timestamp": pl.Int64(),
+        },
     ).select(
         pl.col("userId").alias(USER),
         pl.col("movieId").alias(ITEM),
@@ -173,7 +178,7 @@ def _movielens_latest(src: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
 
     movies_path = src / "movies.csv"
     movies = _read_ml_csv(
-        movies_path, {"movieId": pl.Int64, "title": pl.String, "genres": pl.String}
+        movies_path, {"movieId": pl.Int64(), "title": pl.String(), "genres": pl.String()}
     ).select(
         pl.col("movieId").alias(ITEM),
         pl.col("title"),
@@ -198,7 +203,7 @@ def _movielens_tags(path: Path) -> pl.LazyFrame:
     """Each movie's distinct tags, lowercased, most applied first, at most MAX_TAGS."""
     tag = pl.col("tag").cast(pl.String).str.to_lowercase().str.replace_all("|", " ", literal=True)
     return (
-        _read_ml_csv(path, {"movieId": pl.Int64, "tag": pl.String})
+        _read_ml_csv(path, {"movieId": pl.Int64(), "tag": pl.String()})
         .select(pl.col("movieId").alias(ITEM), tag.str.strip_chars().alias("tag"))
         .filter(pl.col("tag").is_not_null() & (pl.col("tag") != ""))
         .group_by(ITEM, "tag")

@@ -60,10 +60,16 @@ def summarize(
     top = recs[:, :k]
     coverage = len(np.unique(top[top >= 0])) / max(n_items, 1)
     return {
-        f"ndcg@{k}": float(per["ndcg"].mean() or 0.0),
-        f"recall@{k}": float(per["recall"].mean() or 0.0),
-        f"hr@{k}": float(per["hr"].mean() or 0.0),
-        f"mrr@{k}": float(per["mrr"].mean() or 0.0),
+        f"ndcg@{k}": _mean(per["ndcg"]),
+        f"recall@{k}": _mean(per["recall"]),
+        f"hr@{k}": _mean(per["hr"]),
+        f"mrr@{k}": _mean(per["mrr"]),
         "coverage": coverage,
         "users": float(len(per)),
     }
+
+
+def _mean(s: pl.Series) -> float:
+    """The mean of a numeric column; 0 for no rows."""
+    m = s.mean()
+    return float(m) if isinstance(m, int | float) else 0.0

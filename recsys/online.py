@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from features.lm import lm_pair_features
 from features.popularity import DAY, item_age, item_popularity
 from features.sequence import transitions
-from features.time_aware import EventTimeIndex
+from features.time_aware import UPOP_DAYS, UPOP_SHARES, EventTimeIndex
 from features.user import item_mean_user_activity
 from recsys.candidates import ALS, EASE, ItemKNN, MostPopular, NextItem, RecentPopular
 from recsys.data import I, T, U
@@ -42,7 +42,6 @@ except ImportError:  # pragma: no cover - a scipy that moved it: the numpy gathe
 log = logging.getLogger("recsys")
 
 RECENT_CATS = 20  # features.affinity.user_category_affinity's recent_n
-UPOP_DAYS, UPOP_SHARES = EventTimeIndex.counts.__defaults__  # the offline windows
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,12 @@ class OnlineRanker:
         self._items_by_time = self._hist_items[by_time]
 
         # per-source prepared state
-        self._prep: dict[str, object] = {}
+        # ItemKNN: (what `X @ sim_.T` multiplies by, its transpose for `_row_sum_any`)
+        self._knn: dict[str, tuple[sp.csr_matrix, sp.csr_matrix]] = {}
+        # EASE: (position of each item among the source's items (-1: none), B's transpose)
+        self._ease: dict[str, tuple[np.ndarray, sp.csr_matrix | None]] = {}
+        # ALS: (Y'Y, Y' as a contiguous float64 array)
+        self._als: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         # RecentPopular rows by end time, with their positive items in candidate order
         self._recent: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # sources whose scores do not depend on the user: items by (score desc, index)
@@ -161,16 +165,15 @@ class OnlineRanker:
             if isinstance(s, MostPopular):
                 self._orders[s.name] = np.argsort(-s.counts_, kind="stable")
             if isinstance(s, ItemKNN):
-                # what `X @ sim_.T` multiplies by, and its transpose for `_row_sum_any`
-                self._prep[s.name] = (s.sim_.T.tocsr(), _sorted_csr(s.sim_))
+                self._knn[s.name] = (s.sim_.T.tocsr(), _sorted_csr(s.sim_))
             elif isinstance(s, EASE):
                 pos = np.full(self.n_items, -1, dtype=np.int64)
                 pos[s.items_] = np.arange(len(s.items_))
                 BT = _sorted_csr(s.B_.T) if sp.issparse(s.B_) else None
-                self._prep[s.name] = (pos, BT)
+                self._ease[s.name] = (pos, BT)
             elif isinstance(s, ALS):
                 Y = s.item_factors_.astype(np.float64)
-                self._prep[s.name] = (Y.T @ Y, np.ascontiguousarray(Y.T))
+                self._als[s.name] = (Y.T @ Y, np.ascontiguousarray(Y.T))
             elif not isinstance(s, MostPopular | RecentPopular | NextItem | LMNearest):
                 raise TypeError(f"no online version of candidate source {s.name!r}")
 
@@ -211,11 +214,11 @@ class OnlineRanker:
             elif isinstance(s, RecentPopular):
                 out[r] = self._recent_row(s, state)[0]
             elif isinstance(s, ItemKNN):
-                M, MT = self._prep[s.name]  # type: ignore[misc]
+                M, MT = self._knn[s.name]
                 out[r] = _row_sum_any(M, MT, seen)
             elif isinstance(s, EASE):
                 out[r] = -np.inf
-                pos, BT = self._prep[s.name]  # type: ignore[misc]
+                pos, BT = self._ease[s.name]
                 p = pos[seen]
                 p = p[p >= 0]
                 if sp.issparse(s.B_):
@@ -228,7 +231,7 @@ class OnlineRanker:
                     out[r, s.items_] = np.asarray(xk @ s.B_, np.float32)
             elif isinstance(s, ALS):
                 f = self._als_factor(s, state).astype(np.float64)  # as ALS.scores
-                out[r] = (f @ self._prep[s.name][1])[0]  # type: ignore[index]
+                out[r] = (f @ self._als[s.name][1])[0]
             elif isinstance(s, NextItem):
                 last = state.items[-s.last_n :][::-1]
                 wv = (s.decay ** np.arange(len(last))).astype(np.float32)
@@ -273,7 +276,7 @@ class OnlineRanker:
         if len(seen) == 0:
             return np.zeros((1, s.item_factors_.shape[1]), dtype=np.float32)
         Y = s.item_factors_[seen].astype(np.float64)
-        YtY, _ = self._prep[s.name]  # type: ignore[misc]
+        YtY, _ = self._als[s.name]
         A = YtY + s.alpha * (Y.T @ Y)
         A[np.diag_indices_from(A)] += s.regularization
         b = (1.0 + s.alpha) * Y.sum(axis=0)
@@ -312,9 +315,11 @@ class OnlineRanker:
         if rest:
             for r, t in zip(rest, top_rows(S[rest], seen, n), strict=True):
                 tops[r] = t
+        lists = [t for t in tops if t is not None]
+        assert len(lists) == len(tops), "a source without its list"
         # the union, ascending: a mark per item (cheaper than np.unique here)
         mark = np.zeros(self.n_items, dtype=bool)
-        for t in tops:
+        for t in lists:
             mark[t] = True
         cands = np.flatnonzero(mark)
         nc = len(cands)
@@ -324,9 +329,7 @@ class OnlineRanker:
         sc[~np.isfinite(sc)] = np.nan
         ranks = np.full((len(self.sources), nc), self.per_source + 1, dtype=np.int32)
         cols: dict[str, np.ndarray] = {}
-        for r, s in enumerate(self.sources):
-            t = tops[r]
-            assert t is not None
+        for r, (s, t) in enumerate(zip(self.sources, lists, strict=True)):
             ranks[r, at[t]] = self._ranks[: len(t)]
             cols[f"{s.name}_score"] = sc[r]
             cols[f"{s.name}_rank"] = ranks[r]
@@ -360,8 +363,8 @@ class OnlineRanker:
         upop = self._upop_counts(cands, last_t)
         if upop is None:
             upop = self._time_index.counts(cands, np.full(nc, last_t))
-        for c, v in upop.items():
-            cols[c] = np.asarray(v, dtype=np.float64)
+        for c, counts in upop.items():
+            cols[c] = np.asarray(counts, dtype=np.float64)
         # features.sequence.sequence_follow
         last = items[-self.last_n :][::-1]
         w = self.decay ** np.arange(len(last), dtype=np.float64)

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -42,6 +42,7 @@ from recsys.ranker import Ranker
 from recsys.schema import ITEM, USER, DataError
 
 if TYPE_CHECKING:
+    from recsys.explain import Explanation
     from recsys.lm.model import LanguageModel
 
 log = logging.getLogger("recsys")
@@ -209,6 +210,8 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig | None = None) -> None:
         self.config = config or PipelineConfig()
+        # the manifest of the bundle this pipeline was loaded from; empty when fitted here
+        self.manifest_: dict[str, Any] = {}
 
     # -- fitting -----------------------------------------------------------------
     def fit(self, interactions: pl.DataFrame, items: pl.DataFrame) -> Pipeline:
@@ -470,7 +473,7 @@ class Pipeline:
         bar.close()
         return pl.concat(frames) if frames else pl.DataFrame()
 
-    def explain(self, user_id: object, k: int = 10, n_similar: int = 3):  # type: ignore[no-untyped-def]
+    def explain(self, user_id: object, k: int = 10, n_similar: int = 3) -> Explanation:
         """The user's top-k with each item's feature contributions (they add up, with
         the bias, to the score) and similar history items: a `recsys.explain.Explanation`."""
         from recsys.explain import explain

@@ -85,7 +85,7 @@ class Model:
         self.item_ids: list[Id] = pipeline.item_index_.ids.to_list()
         self.user_ids: list[Id] = pipeline.user_index_.ids.to_list()
         self.fallback = np.asarray(pipeline.fallback_, dtype=np.int64)
-        manifest = getattr(pipeline, "manifest_", {}) or {}
+        manifest = pipeline.manifest_
         digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
         self.version = f"{manifest.get('created_at', 'unsaved')}-{digest[:12]}"
         self.now = self.ranker.now

@@ -195,7 +195,7 @@ def _item_text(rng: np.random.Generator, cat: _Catalogue) -> dict[str, list[str]
 
     title_w = topic_words((n, 3), rng.random((n, 3)) < cat.weights[:, 1:2])
     title_len = rng.integers(2, 4, n)
-    title_fill = np.where(rng.random(n) < 0.3, filler[:, 0], None)
+    title_fill = np.where(rng.random(n) < 0.3, filler[:, 0], np.array(None, dtype=object))
 
     tag_idx = np.argsort(rng.random((n, v)) / zipf, axis=1)[:, :4]  # distinct, typical first
     tags_main = words[cat.topics[:, 0:1], tag_idx[:, :3]]

@@ -122,7 +122,7 @@ def _recommendation(rec: Any) -> Response:
     )
 
 
-def create_app(service: RecService, settings: Settings | None = None) -> FastAPI:
+def create_app(service: RecService, settings: Settings | None = None) -> Guard:
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -249,7 +249,7 @@ def create_app(service: RecService, settings: Settings | None = None) -> FastAPI
         metrics.set_bundle(new)
         return _json({"old_version": old, "model_version": new})
 
-    return Guard(app, metrics, settings.max_body_bytes)  # type: ignore[return-value]
+    return Guard(app, metrics, settings.max_body_bytes)
 
 
 Scope = MutableMapping[str, Any]

@@ -7,6 +7,7 @@ import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -25,25 +26,32 @@ class Metrics:
         # in multiprocess mode the values live in files; a private registry keeps
         # tests that build several apps from clashing on metric names
         self.registry = None if self.multiprocess else CollectorRegistry()
-        kw = {"registry": self.registry} if self.registry is not None else {}
+        registry = REGISTRY if self.registry is None else self.registry
         self.requests = Counter(
-            "recsys_http_requests", "HTTP requests", ["endpoint", "method", "status"], **kw
+            "recsys_http_requests",
+            "HTTP requests",
+            ["endpoint", "method", "status"],
+            registry=registry,
         )
         self.errors = Counter(
-            "recsys_http_errors", "HTTP responses with status >= 400", ["endpoint", "status"], **kw
+            "recsys_http_errors",
+            "HTTP responses with status >= 400",
+            ["endpoint", "status"],
+            registry=registry,
         )
         self.latency = Histogram(
             "recsys_http_request_duration_seconds",
             "request latency",
             ["endpoint"],
             buckets=BUCKETS,
-            **kw,
+            registry=registry,
         )
-        gkw = dict(kw)
-        if self.multiprocess:
-            gkw["multiprocess_mode"] = "liveall"
         self.bundle = Gauge(
-            "recsys_bundle_info", "the bundle being served (1 for its version)", ["version"], **gkw
+            "recsys_bundle_info",
+            "the bundle being served (1 for its version)",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="liveall" if self.multiprocess else "all",
         )
         self._version: str | None = None
         self._children: dict[tuple[str, str, int], tuple[object, object, object | None]] = {}

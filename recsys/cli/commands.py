@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 import typer
@@ -17,6 +18,9 @@ from recsys.cli.lm import bench_app, encode_items
 from recsys.cli.serve import serve
 from recsys.cli.synth import synth
 from recsys.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from recsys.evaluate import Report
 
 console = Console(stderr=False)
 log = logging.getLogger("recsys")
@@ -234,7 +238,7 @@ def explain(
     console.print(t)
 
 
-def print_report(rep) -> None:  # type: ignore[no-untyped-def]
+def print_report(rep: Report) -> None:
     k = rep.k
     ease = rep.rows.get("EASE", {}).get(f"ndcg@{k}")
     t = Table(title=f"{rep.n_users} users, {rep.n_items} items, {rep.n_test} held-out events")

@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +59,12 @@ def load_pretrained(ref: str) -> tuple[object, nn.Module]:
             f"cannot load the language model {ref!r} (looked in {path!r}, offline): {e}"
         ) from e
     return tok, model
+
+
+def hidden_size(encoder: nn.Module) -> int:
+    """The width of the encoder's hidden states, from its Hugging Face config."""
+    config: Any = encoder.config
+    return int(config.hidden_size)
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -115,9 +122,10 @@ class Head(nn.Module):
         super().__init__()
         self.dim = dim or hidden
         self.linear = nn.Linear(hidden, self.dim)
-        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, self.dim))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
+        first, last = nn.Linear(hidden, hidden), nn.Linear(hidden, self.dim)
+        self.mlp = nn.Sequential(first, nn.GELU(), last)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
         self.n_items = n_items
         self.ids = nn.Embedding(max(n_items, 1), self.dim)
         nn.init.zeros_(self.ids.weight)
@@ -150,7 +158,7 @@ class ItemTower(nn.Module):
     def __init__(self, encoder: nn.Module, dim: int, train_layers: int, n_items: int = 0) -> None:
         super().__init__()
         self.encoder = encoder
-        hidden = int(encoder.config.hidden_size)  # type: ignore[union-attr]
+        hidden = hidden_size(encoder)
         self.head = Head(hidden, dim, n_items)
         layers = encoder_layers(encoder)
         n = len(layers) if layers is not None else 0
@@ -297,21 +305,22 @@ def _use_fp32_softmax_attention(m: nn.Module) -> bool:
     the transformers version does not take a registered attention function."""
     if not hasattr(m, "set_attn_implementation"):
         return False
+    model: Any = m  # a transformers PreTrainedModel
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
         AttentionInterface.register(CPU_ATTENTION, _fp32_softmax_attention)
         AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
-        m.set_attn_implementation(CPU_ATTENTION)
+        model.set_attn_implementation(CPU_ATTENTION)
         # a model outside the attention interface may keep its own without raising
-        if getattr(m.config, "_attn_implementation", None) != CPU_ATTENTION:  # type: ignore[union-attr]
+        if getattr(model.config, "_attn_implementation", None) != CPU_ATTENTION:
             raise NotImplementedError("the model kept its own attention")
     except (ImportError, ValueError, NotImplementedError, KeyError, TypeError) as e:
         log.debug("float32-softmax attention not available for this model: %s", e)
         # eager attention beats the fused kernel at item-text lengths
         with contextlib.suppress(ValueError, NotImplementedError):
-            m.set_attn_implementation("eager")
+            model.set_attn_implementation("eager")
         return False
     return True
 
@@ -391,7 +400,7 @@ def encode_pooled(
 
     from tqdm.auto import tqdm
 
-    hidden = int(encoder.config.hidden_size)  # type: ignore[union-attr]
+    hidden = hidden_size(encoder)
     out = np.zeros((len(tokens.lengths), hidden), dtype=np.float32)
     batches = tokens.batches(batch_size)
     cpu, cuda = device.type == "cpu", device.type == "cuda"

@@ -41,6 +41,7 @@ from recsys.lm.encoder import (
     cpu_inference_copy,
     cpu_precision,
     encode_pooled,
+    hidden_size,
     load_pretrained,
     load_tokens,
     ops_threads,
@@ -139,7 +140,6 @@ class LanguageModel:
         state = _TrainState(tower, user_tower, scale, loss_fn, dev)
         if finetune and cfg.finetune == "lora" and tower.start < tower.n_layers:
             state.add_lora(cfg)
-        self.history_ = {"phase1": [], "phase2": []}
         resumed = state.try_resume(ckdir)
 
         t0 = time.perf_counter()
@@ -182,7 +182,7 @@ class LanguageModel:
                 )
             state.finish(ckdir)
         self.timings_["train"] = time.perf_counter() - t0
-        self.history_ = state.history
+        self.history_: dict[str, list[dict[str, float]]] = state.history
         self.best_recall_ = state.best
         self.encoder_tuned_ = state.best_uses_encoder
         self.recall_at_ = cfg.recall_at
@@ -246,7 +246,7 @@ class LanguageModel:
                 os.replace(str(path) + ".tmp", path)
             return pooled, None
         # hidden states entering the first trainable block, per item (ragged, fp32 on CPU)
-        n, hid = len(tokens.lengths), int(enc.config.hidden_size)
+        n, hid = len(tokens.lengths), hidden_size(enc)
         pooled = np.zeros((n, hid), dtype=np.float32)
         hidden: list[torch.Tensor] = [torch.empty(0)] * n
         shadow = ItemTower.__new__(ItemTower)
@@ -333,7 +333,7 @@ class LanguageModel:
         trained = {
             f"encoder.{k}": v.contiguous()
             for k, v in tower.encoder.state_dict().items()
-            if self.encoder_tuned_ and _layer_of(k) is not None and _layer_of(k) >= tower.start
+            if self.encoder_tuned_ and (layer := _layer_of(k)) is not None and layer >= tower.start
         }
         head = {f"head.{k}": v.contiguous() for k, v in tower.head.state_dict().items()}
         save_file(trained | head, str(d / f"{prefix}item_tower.safetensors"))
@@ -475,12 +475,12 @@ class _TrainState:
         )
         lc = LoraConfig(
             r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
+            lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft says int; any > 0 scales
             lora_dropout=cfg.lora_dropout,
             target_modules=targets,
             layers_to_transform=layers,
         )
-        self.tower.encoder = get_peft_model(self.tower.encoder, lc)  # type: ignore[assignment]
+        self.tower.encoder = get_peft_model(self.tower.encoder, lc)
         self.lora = True
 
     def trainable(self, phase: str) -> dict[str, nn.Parameter]:
@@ -671,9 +671,10 @@ class _TrainState:
                         tgt_u = torch.unique(target)
                         if cfg.encoder_items_per_step and dev.type == "cpu":
                             # on CPU only some targets run through the encoder each step
-                            keep = erng.permutation(len(tgt_u))[: cfg.encoder_items_per_step]
-                            tgt_u = torch.sort(tgt_u[torch.from_numpy(keep)]).values
-                        fresh = self._pooled(tgt_u.cpu().numpy(), cache)  # type: ignore[arg-type]
+                            pick = erng.permutation(len(tgt_u))[: cfg.encoder_items_per_step]
+                            tgt_u = torch.sort(tgt_u[torch.from_numpy(pick)]).values
+                        assert cache is not None, "the encoder phase runs on the token cache"
+                        fresh = self._pooled(tgt_u.cpu().numpy(), cache)
                         pa = pa.clone()
                         pa[torch.searchsorted(allc, tgt_u)] = fresh.to(pa.dtype)
                     keep = torch.rand(len(allc), device=dev) >= cfg.id_dropout

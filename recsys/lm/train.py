@@ -77,6 +77,8 @@ def split_validation(
 class SampledSoftmax(torch.nn.Module):
     """Cross-entropy over candidates with logQ correction and history masking."""
 
+    log_q: torch.Tensor  # a buffer: log of each item's sampling probability
+
     def __init__(self, target_counts: np.ndarray, batch_size: int, n_negatives: int) -> None:
         super().__init__()
         n = len(target_counts)

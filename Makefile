@@ -19,11 +19,13 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check recsys features serving tests benchmarks
+	$(BIN)/mypy recsys features serving
 	$(BIN)/python -m pytest -q -n 2
 
 lint: setup
 	$(BIN)/ruff check recsys features serving tests benchmarks
 	$(BIN)/ruff format --check recsys features serving tests benchmarks
+	$(BIN)/mypy recsys features serving
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

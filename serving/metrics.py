@@ -25,32 +25,31 @@ class Metrics:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         # in multiprocess mode the values live in files; a private registry keeps
         # tests that build several apps from clashing on metric names
-        self.registry = None if self.multiprocess else CollectorRegistry()
-        registry = REGISTRY if self.registry is None else self.registry
+        self.registry = REGISTRY if self.multiprocess else CollectorRegistry()
         self.requests = Counter(
             "recsys_http_requests",
             "HTTP requests",
             ["endpoint", "method", "status"],
-            registry=registry,
+            registry=self.registry,
         )
         self.errors = Counter(
             "recsys_http_errors",
             "HTTP responses with status >= 400",
             ["endpoint", "status"],
-            registry=registry,
+            registry=self.registry,
         )
         self.latency = Histogram(
             "recsys_http_request_duration_seconds",
             "request latency",
             ["endpoint"],
             buckets=BUCKETS,
-            registry=registry,
+            registry=self.registry,
         )
         self.bundle = Gauge(
             "recsys_bundle_info",
             "the bundle being served (1 for its version)",
             ["version"],
-            registry=registry,
+            registry=self.registry,
             multiprocess_mode="liveall" if self.multiprocess else "all",
         )
         self._version: str | None = None
@@ -87,4 +86,4 @@ class Metrics:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST  # type: ignore[arg-type]
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -51,6 +51,15 @@ class RankerConfig(BaseModel):
         description="the folds only choose the number of trees (their mean); one model with "
         "that many trees is then trained on every user and predicts alone",
     )
+    lm_gain: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="factor on the split gain of the language model's features (LightGBM's "
+        "feature_contri): fitted on the history the ranker's examples come from, they tell "
+        "its targets apart better there than when recommending, so the ranker trusts them "
+        "less (1: as any feature; 0: never split on)",
+    )
 
 
 class PipelineConfig(BaseModel):

@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("recsys")
 
 CATEGORY_COLUMNS = ("genres", "genre", "category", "categories", "subcategory", "section")
+# the language model's ranker columns: its source's score and rank ("lm" source), their
+# rank among the candidates and the similarities of features.lm
+LM_PREFIX = "lm_"
 
 
 @contextmanager
@@ -290,6 +293,14 @@ class Pipeline:
             )
         with stage("ranker", self.timings_):
             rc = cfg.ranker
+            cols = self.feature_columns(feats)
+            lm_cols = [c for c in cols if c.startswith(LM_PREFIX)]
+            if lm_cols and rc.lm_gain != 1:
+                log.info(
+                    "ranker: the language model's %d features at %.2f of their split gain",
+                    len(lm_cols),
+                    rc.lm_gain,
+                )
             self.ranker_ = Ranker(
                 n_estimators=rc.n_estimators,
                 learning_rate=rc.learning_rate,
@@ -302,7 +313,8 @@ class Pipeline:
                 n_folds=rc.n_folds,
                 refit=rc.refit,
                 seed=cfg.seed,
-            ).fit(feats.select(self.feature_columns(feats)), labels, feats[U].to_numpy())
+                feature_gain=dict.fromkeys(lm_cols, rc.lm_gain),
+            ).fit(feats.select(cols), labels, feats[U].to_numpy())
         with stage("sources (all)", self.timings_):
             self.history_ = History(ev, n_u, n_i)
             self.sources_ = [s.fit(self.history_) for s in make_sources(cfg, self.lm_)]

@@ -38,6 +38,7 @@ class Ranker:
         seed: int = 0,
         n_jobs: int = 0,
         refit: bool = False,
+        feature_gain: dict[str, float] | None = None,
     ) -> None:
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
@@ -51,6 +52,9 @@ class Ranker:
         self.seed = seed
         self.n_jobs = n_jobs
         self.refit = refit
+        # a factor on the split gain of named features (LightGBM's feature_contri);
+        # the rest keep 1
+        self.feature_gain = dict(feature_gain or {})
 
     def _params(self) -> dict[str, object]:
         return {
@@ -67,7 +71,13 @@ class Ranker:
             "seed": self.seed,
             "num_threads": self.n_jobs,
             "verbosity": -1,
-        }
+        } | self._gain_params()
+
+    def _gain_params(self) -> dict[str, object]:
+        feats = getattr(self, "features_", None)
+        if not feats or all(self.feature_gain.get(f, 1.0) == 1.0 for f in feats):
+            return {}
+        return {"feature_contri": [float(self.feature_gain.get(f, 1.0)) for f in feats]}
 
     def fit(self, X: pl.DataFrame, y: np.ndarray, group_ids: np.ndarray) -> Ranker:
         """X rows must be contiguous per group (sorted by group id)."""

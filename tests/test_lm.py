@@ -140,6 +140,10 @@ def test_pipeline_with_lm_has_lm_source_and_features(lm_pipeline) -> None:  # ty
     for f in ("lm_score", "lm_rank", "lm_cand_rank", "lm_sim_last", "lm_sim_max"):
         assert f in feats
     assert any(s.name == "lm" for s in lm_pipeline.sources_)
+    # the ranker weighs their split gain by `[ranker] lm_gain`, and only theirs
+    gain = lm_pipeline.ranker_.feature_gain
+    assert sorted(gain) == sorted(f for f in feats if f.startswith("lm_"))
+    assert set(gain.values()) == {lm_pipeline.config.ranker.lm_gain}
 
 
 def test_similarity_features_use_text_vectors_and_old_bundles_keep_theirs(  # type: ignore[no-untyped-def]

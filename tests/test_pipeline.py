@@ -75,3 +75,31 @@ def test_ranker_refit_trains_one_model_with_the_folds_mean_tree_count() -> None:
     assert one.boosters_[0].num_trees() == round(float(np.mean(folds.fold_trees_)))
     s = one.predict(df)
     assert np.corrcoef(s, X[:, 0])[0, 1] > 0.8
+
+
+def test_ranker_feature_gain_scales_a_features_splits() -> None:
+    """`feature_gain` (what `[ranker] lm_gain` sets for the language model's columns):
+    at 0 the ranker never splits on the feature, however telling; below 1 it still
+    uses a feature that carries the signal alone; unnamed features keep their gain."""
+    from recsys.ranker import Ranker
+
+    rng = np.random.default_rng(1)
+    n_users, per_user = 100, 30
+    X = rng.standard_normal((n_users * per_user, 3)).astype(np.float32)
+    # "a" tells the targets apart best, "b" less well, "c" not at all
+    y = (X[:, 0] + 0.7 * X[:, 1] + 0.3 * rng.standard_normal(len(X)) > 1.2).astype(int)
+    groups = np.repeat(np.arange(n_users), per_user)
+    df = pl.DataFrame(X, schema=["a", "b", "c"])
+    kw = dict(n_estimators=40, learning_rate=0.1, min_child_samples=5, early_stopping_rounds=40)
+
+    def gains(r: Ranker) -> dict[str, float]:
+        imp = np.sum([b.feature_importance("gain") for b in r.boosters_], axis=0)
+        return dict(zip(r.features_, imp.tolist(), strict=True))
+
+    free = gains(Ranker(**kw).fit(df, y, groups))  # type: ignore[arg-type]
+    off = gains(Ranker(feature_gain={"a": 0.0}, **kw).fit(df, y, groups))  # type: ignore[arg-type]
+    half = gains(Ranker(feature_gain={"a": 0.5}, **kw).fit(df, y, groups))  # type: ignore[arg-type]
+    assert free["a"] > free["b"] > 0
+    assert off["a"] == 0 and off["b"] > 0
+    assert half["a"] > 0
+    assert half["a"] / sum(half.values()) < free["a"] / sum(free.values())

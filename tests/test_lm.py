@@ -135,6 +135,40 @@ def test_checkpoint_resumes(synth_data, lm_config, tmp_path, monkeypatch) -> Non
     assert b.timings_["train"] < a.timings_["train"]
 
 
+def test_time_budget_ends_training_between_whole_epochs(synth_data, lm_config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A budget that runs out inside an epoch ends the fit before that epoch: the model
+    is the one the same number of whole epochs gives without a budget (so a fit does
+    not depend on where in an epoch the machine's speed put the deadline)."""
+    import types
+
+    import recsys.lm.model as M
+    from recsys.candidates import History
+    from recsys.data import IdIndex, to_internal
+
+    clock = types.SimpleNamespace(t=0.0)
+
+    def tick() -> float:  # a machine where every reading of the clock takes 10 ms
+        clock.t += 0.01
+        return clock.t
+
+    monkeypatch.setattr(M, "time", types.SimpleNamespace(perf_counter=tick))
+    inter, items = synth_data
+    ev = to_internal(inter, IdIndex.from_values(inter["user_id"]), IdIndex(items["item_id"]))
+    h = History(ev, int(ev["u"].max()) + 1, len(items))
+    # two epochs under a budget they do not reach: how long an epoch takes
+    cfg = lm_config.lm.model_copy(
+        update={"finetune": "none", "epochs": 2, "patience": 10, "cpu_time_budget_s": 1e6}
+    )
+    two = M.LanguageModel(cfg).fit(h, items)
+    epoch_s = two.history_["heads"][0]["seconds"]
+    whole = two.history_["heads"][0]["examples"]
+    # up to five epochs under a budget that ends half-way through the third
+    budgeted = cfg.model_copy(update={"epochs": 5, "cpu_time_budget_s": 2.5 * epoch_s})
+    b = M.LanguageModel(budgeted).fit(h, items)
+    assert [e["examples"] for e in b.history_["heads"]] == [whole, whole]
+    np.testing.assert_array_equal(b.item_vectors_, two.item_vectors_)
+
+
 def test_pipeline_with_lm_has_lm_source_and_features(lm_pipeline) -> None:  # type: ignore[no-untyped-def]
     feats = lm_pipeline.ranker_.features_
     for f in ("lm_score", "lm_rank", "lm_cand_rank", "lm_sim_last", "lm_sim_max"):

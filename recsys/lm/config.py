@@ -76,10 +76,12 @@ class LMConfig(BaseModel):
         400_000, ge=1, description="training examples per epoch (latest kept)"
     )
     cpu_time_budget_s: float | None = Field(
-        240.0, description="CPU: training stops after this many seconds (None: no budget)"
+        300.0,
+        description="CPU: training stops after this many seconds (None: no budget); an "
+        "epoch starts only if one as long as the last would end within it",
     )
     heads_budget_share: float = Field(
-        0.6, gt=0, le=1, description="CPU: share of the training budget before fine-tuning"
+        0.7, gt=0, le=1, description="CPU: share of the training budget before fine-tuning"
     )
     encode_batch_size: int = Field(128, ge=1)
     quantize_cpu: bool = Field(

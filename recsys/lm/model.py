@@ -631,10 +631,21 @@ class _TrainState:
         dev = self.dev
         P0d = P0.to(dev)
         bad = int(resumed.get("bad", 0)) if resumed.get("phase") == phase else 0
+        # the last epoch's seconds (table refresh and validation included): an epoch is
+        # started only when one as long would end within the budget, so that a fit is
+        # made of whole epochs, the same on a faster or slower machine as long as they
+        # fit; the check inside the epoch remains for a first epoch that overruns
+        last_s = 0.0
         for epoch in range(start_epoch, max_epochs):
-            # an encoder epoch first refreshes the table and ends with a validation pass
-            margin = 30.0 if phase == "encoder" and epoch > 0 else 0.0
-            if deadline is not None and time.perf_counter() > deadline - margin:
+            t_epoch = time.perf_counter()
+            if deadline is not None and t_epoch + last_s > deadline:
+                if last_s:
+                    log.info(
+                        "lm %s: no epoch %d, it would end past the time budget (%.0f s each)",
+                        phase,
+                        epoch + 1,
+                        last_s,
+                    )
                 break
             erng = np.random.default_rng([seed, 0 if phase == "heads" else 1, epoch])
             # the first encoder epoch starts from the frozen encoder: its table is P0
@@ -727,6 +738,7 @@ class _TrainState:
             )
             if bad >= cfg.patience or stopped:
                 break
+            last_s = time.perf_counter() - t_epoch
         for p in self.encoder_params().values():
             p.requires_grad_(False)
 

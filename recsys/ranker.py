@@ -56,8 +56,8 @@ class Ranker:
         # the rest keep 1
         self.feature_gain = dict(feature_gain or {})
 
-    def _params(self) -> dict[str, object]:
-        return {
+    def _params(self, features: list[str]) -> dict[str, object]:
+        params: dict[str, object] = {
             "objective": "lambdarank",
             "metric": "ndcg",
             "eval_at": [10],
@@ -71,13 +71,11 @@ class Ranker:
             "seed": self.seed,
             "num_threads": self.n_jobs,
             "verbosity": -1,
-        } | self._gain_params()
-
-    def _gain_params(self) -> dict[str, object]:
-        feats = getattr(self, "features_", None)
-        if not feats or all(self.feature_gain.get(f, 1.0) == 1.0 for f in feats):
-            return {}
-        return {"feature_contri": [float(self.feature_gain.get(f, 1.0)) for f in feats]}
+        }
+        gain = [float(self.feature_gain.get(f, 1.0)) for f in features]
+        if any(g != 1.0 for g in gain):
+            params["feature_contri"] = gain
+        return params
 
     def fit(self, X: pl.DataFrame, y: np.ndarray, group_ids: np.ndarray) -> Ranker:
         """X rows must be contiguous per group (sorted by group id)."""
@@ -88,6 +86,7 @@ class Ranker:
             folds = np.array_split(groups, self.n_folds)
         else:
             folds = [groups[: max(1, int(len(groups) * self.valid_fraction))]]
+        params = self._params(self.features_)
         Xn = X.to_numpy().astype(np.float32)
         self.boosters_: list[lgb.Booster] = []
         scores = []
@@ -99,7 +98,7 @@ class Ranker:
             )
             valid = lgb.Dataset(Xn[va], y[va], group=_group_sizes(group_ids[va]), reference=train)
             booster = lgb.train(
-                self._params() | {"seed": self.seed + f},
+                params | {"seed": self.seed + f},
                 train,
                 num_boost_round=self.n_estimators,
                 valid_sets=[valid],
@@ -126,7 +125,7 @@ class Ranker:
         if self.refit:
             n_trees = max(1, round(float(np.mean(self.fold_trees_))))
             train = lgb.Dataset(Xn, y, group=_group_sizes(group_ids), feature_name=self.features_)
-            self.boosters_ = [lgb.train(self._params(), train, num_boost_round=n_trees)]
+            self.boosters_ = [lgb.train(params, train, num_boost_round=n_trees)]
             log.info("ranker: one model on all %d users, %d trees", len(groups), n_trees)
         return self
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from recsys.candidates import ALS, EASE, History, ItemKNN, MostPopular, Source, 
 from recsys.config import PipelineConfig
 from recsys.data import IdIndex, U, to_canonical, to_internal
 from recsys.metrics import summarize
-from recsys.pipeline import Pipeline, item_categories
+from recsys.pipeline import Pipeline, is_lm_feature, item_categories
 from recsys.report import markdown, write_plots
 from recsys.schema import ITEM, USER
 from recsys.split import split_last_fraction
@@ -210,7 +209,7 @@ def uses_lm(pipe: Pipeline) -> bool:
     named like one (`lm_*`, `*_lm`, `*_lm_*`)."""
     if getattr(pipe, "lm", None) is not None:
         return True
-    return any(re.search(r"(^|_)lm(_|$)", f) for f in pipe.ranker_.features_)
+    return any(is_lm_feature(f) for f in pipe.ranker_.features_)
 
 
 def write_report(rep: Report, out_dir: str | Path) -> tuple[Path, Path]:

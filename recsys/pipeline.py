@@ -9,6 +9,7 @@ for recommending.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -49,8 +50,13 @@ log = logging.getLogger("recsys")
 
 CATEGORY_COLUMNS = ("genres", "genre", "category", "categories", "subcategory", "section")
 # the language model's ranker columns: its source's score and rank ("lm" source), their
-# rank among the candidates and the similarities of features.lm
-LM_PREFIX = "lm_"
+# rank among the candidates, the similarities of features.lm, and any column named like
+# them (`lm_*`, `*_lm`, `*_lm_*`) that an `OnlineRanker.lm_features` hook adds
+LM_FEATURE = re.compile(r"(^|_)lm(_|$)")
+
+
+def is_lm_feature(name: str) -> bool:
+    return LM_FEATURE.search(name) is not None
 
 
 @contextmanager
@@ -294,7 +300,7 @@ class Pipeline:
         with stage("ranker", self.timings_):
             rc = cfg.ranker
             cols = self.feature_columns(feats)
-            lm_cols = [c for c in cols if c.startswith(LM_PREFIX)]
+            lm_cols = [c for c in cols if is_lm_feature(c)]
             if lm_cols and rc.lm_gain != 1:
                 log.info(
                     "ranker: the language model's %d features at %.2f of their split gain",

@@ -42,11 +42,9 @@ def lm_pair_features(
             h = histories.get(int(u[rows[0]]))
             if h is None or len(h) == 0:
                 continue
-            h = h[:max_history]
-            s = item_vectors[i[rows]] @ item_vectors[h].T  # [cands, hist]
-            last[rows] = s[:, 0]
-            best[rows] = s.max(axis=1)
-            mean[rows] = s[:, :10].mean(axis=1)
+            last[rows], best[rows], mean[rows] = lm_similarities(
+                i[rows], item_vectors, h, max_history
+            )
     return pl.DataFrame(
         {
             "u": pairs["u"],
@@ -56,6 +54,18 @@ def lm_pair_features(
             "lm_sim_mean_recent": mean,
         }
     )
+
+
+def lm_similarities(
+    items: np.ndarray, item_vectors: np.ndarray, history: np.ndarray, max_history: int = 100
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`lm_pair_features`' three columns for one user: the candidates `items` against
+    `history` (item indices, most recent first, not empty), as float32 arrays
+    (lm_sim_last, lm_sim_max, lm_sim_mean_recent). The serving path calls this
+    directly, without building frames per request."""
+    h = history[:max_history]
+    s = item_vectors[items] @ item_vectors[h].T  # [cands, hist]
+    return s[:, 0], s.max(axis=1), s[:, :10].mean(axis=1)
 
 
 def lm_candidate_rank(pairs: pl.LazyFrame, score: str = "lm_score") -> pl.LazyFrame:

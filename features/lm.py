@@ -12,12 +12,15 @@ import itertools
 import numpy as np
 import polars as pl
 
+LM_SIM_COLUMNS = ("lm_sim_last", "lm_sim_max", "lm_sim_mean_recent")
+SIM_HISTORY = 100  # the most recent items the similarity features look at
+
 
 def lm_pair_features(
     pairs: pl.DataFrame,
     item_vectors: np.ndarray,
     histories: dict[int, np.ndarray],
-    max_history: int = 100,
+    max_history: int = SIM_HISTORY,
 ) -> pl.DataFrame:
     """(u, i, lm_sim_last, lm_sim_max, lm_sim_mean_recent) for candidate pairs.
 
@@ -49,15 +52,16 @@ def lm_pair_features(
         {
             "u": pairs["u"],
             "i": pairs["i"],
-            "lm_sim_last": last,
-            "lm_sim_max": best,
-            "lm_sim_mean_recent": mean,
+            **dict(zip(LM_SIM_COLUMNS, (last, best, mean), strict=True)),
         }
     )
 
 
 def lm_similarities(
-    items: np.ndarray, item_vectors: np.ndarray, history: np.ndarray, max_history: int = 100
+    items: np.ndarray,
+    item_vectors: np.ndarray,
+    history: np.ndarray,
+    max_history: int = SIM_HISTORY,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`lm_pair_features`' three columns for one user: the candidates `items` against
     `history` (item indices, most recent first, not empty), as float32 arrays

@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from features.lm import lm_similarities
+from features.lm import LM_SIM_COLUMNS, SIM_HISTORY, lm_similarities
 from features.popularity import DAY, item_age, item_popularity
 from features.sequence import transitions
 from features.time_aware import UPOP_DAYS, UPOP_SHARES, EventTimeIndex
@@ -402,9 +402,10 @@ class OnlineRanker:
         cols["item_age_at_user_days"] = cols["item_age_days"] - days_since_last
         cols["item_idle_at_user_days"] = cols["item_idle_days"] - days_since_last
         if self.lm is not None:  # pipeline.lm_features, the same function for one user
-            sims = lm_similarities(cands, self.lm.similarity_vectors, items[-100:][::-1])
-            for c, v in zip(("lm_sim_last", "lm_sim_max", "lm_sim_mean_recent"), sims, strict=True):
-                cols[c] = v.astype(np.float64)
+            hist = items[-SIM_HISTORY:][::-1]
+            sims = lm_similarities(cands, self.lm.similarity_vectors, hist)
+            for c, sim in zip(LM_SIM_COLUMNS, sims, strict=True):
+                cols[c] = sim.astype(np.float64)
         if self.lm_features is not None:
             cols.update(self.lm_features(state, cands))
         return cols

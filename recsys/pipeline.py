@@ -20,7 +20,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from features.affinity import user_category_affinity
-from features.lm import lm_candidate_rank, lm_pair_features
+from features.lm import SIM_HISTORY, lm_candidate_rank, lm_pair_features
 from features.popularity import item_age, item_popularity
 from features.sequence import sequence_follow, transitions
 from features.time_aware import popularity_before_user_time
@@ -208,7 +208,7 @@ def lm_features(lm: LanguageModel, h: History, pairs: pl.DataFrame) -> pl.DataFr
     """Similarities of each candidate to the user's history, in the space of the LM's
     text vectors (`LanguageModel.similarity_vectors`)."""
     users = np.unique(pairs[U].to_numpy())
-    hists = h.last_items(users, 100)
+    hists = h.last_items(users, SIM_HISTORY)
     return lm_pair_features(
         pairs.select(U, I), lm.similarity_vectors, dict(zip(users.tolist(), hists, strict=True))
     )

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -33,6 +34,9 @@ from recsys.data import I, T, U
 from recsys.lm.cold import cold_pool, merge_ranked
 from recsys.lm.source import LMNearest
 from recsys.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from recsys.lm.model import LanguageModel
 
 try:  # the C++ row gather behind scipy's `csr[rows]`, without its per-call overhead
     from scipy.sparse._sparsetools import csr_row_index as _csr_row_index
@@ -52,6 +56,8 @@ class UserState:
     times: np.ndarray  # int64 epoch seconds
     user: int = -1
     fresh: bool = False  # events beyond the bundle's history (ALS factors are re-solved)
+    # per-request values computed once from the state (the LM's user vector)
+    memo: dict[object, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def last_t(self) -> int:
@@ -246,11 +252,18 @@ class OnlineRanker:
                     rows, wts = w.indices.astype(np.int64), w.data
                 out[r] = _row_sum(s.trans_, rows, wts)
             elif isinstance(s, LMNearest):
-                lm = s.model
-                hist = state.items[-lm.config.history_len :][::-1]
-                uvec = lm.user_vectors_from([hist])
-                out[r] = (uvec @ lm.item_vectors_.T).astype(np.float32)[0]
+                uvec = self._user_vector(s.model, state)
+                out[r] = (uvec @ s.model.item_vectors_.T).astype(np.float32)[0]
         return out
+
+    def _user_vector(self, lm: LanguageModel, state: UserState) -> np.ndarray:
+        """The language model's user vector ([1, d]) over the state's recent items, once
+        per state (the LM source and the new-item slots both use it)."""
+        v = state.memo.get(lm)
+        if v is None:
+            hist = state.items[-lm.config.history_len :][::-1]
+            v = state.memo[lm] = lm.user_vectors_from([hist])
+        return v
 
     def _recent_row(self, s: RecentPopular, state: UserState) -> tuple[np.ndarray, np.ndarray]:
         """RecentPopular's row for the user's last event time, and its items with a
@@ -461,10 +474,10 @@ class OnlineRanker:
         items, scores = cands[order], s[order]
         if len(self._cold_pool):  # new-item slots, as Pipeline.recommend_indices places them
             lm = self.lm
-            hist = state.items[-lm.config.history_len :][::-1]  # type: ignore[union-attr]
-            uvec = lm.user_vectors_from([hist])[0]  # type: ignore[union-attr]
+            assert lm is not None, "new-item slots without a language model"
+            uvec = self._user_vector(lm, state)[0]
             items, scores = merge_ranked(
-                items, scores, uvec, lm.text_vectors_, self._cold_pool,  # type: ignore[union-attr]
+                items, scores, uvec, lm.text_vectors_, self._cold_pool,
                 self.new_item_every, seen=state.items,
             )  # fmt: skip
         return Ranked(items, scores)

@@ -7,10 +7,17 @@ running them through the same validation as `fit`, and returns the two paths.
 
 from __future__ import annotations
 
+import ast
+import gzip
+import html
 import io
+import json
 import logging
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import polars as pl
 
@@ -408,6 +415,291 @@ def ingest_mind(src_dir: PathLike, out_dir: PathLike) -> tuple[Path, Path]:
         inter = inter.filter(known)
     inter = validate_interactions(inter, source=str(beh_path), items=items)
     return _write(inter, items, out_dir, "mind")
+
+
+# ------------------------------------------------------------------------------- Amazon
+
+_TAG = re.compile(r"<[^>]*>|<[^>]*$")  # tags, and a tag cut off at the end of the text
+_SPACE = re.compile(r"\s+")
+_AMAZON_FIELDS = {  # canonical name: source fields, in order of preference (2023, 2018, 2014)
+    USER: ("user_id", "reviewerID"),
+    ITEM: ("parent_asin", "asin"),
+    TS: ("timestamp", "unixReviewTime"),
+    RATING: ("rating", "overall"),
+}
+_AMAZON_CSV_HEADER = {"user_id": USER, "parent_asin": ITEM, "asin": ITEM, "item_id": ITEM}
+
+
+def _is_gzip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _open_text(path: Path, what: str) -> IO[str]:
+    """Open a text file, gzip-compressed or not (told by its first bytes, not its name)."""
+    if not path.is_file():
+        raise DataError("file not found", file=str(path), expected=what)
+    if _is_gzip(path):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+    return path.open("r", encoding="utf-8", errors="replace")
+
+
+def _json_lines(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row, record) for every non-empty line. Rows are 0-based line numbers.
+
+    Lines are JSON objects (2018, 2023) or Python dict literals (the 2014 files, read with
+    ast.literal_eval, which evaluates literals only).
+    """
+    try:
+        with _open_text(path, what) as f:
+            for row, line in enumerate(f):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    try:
+                        record = ast.literal_eval(line)
+                    except (ValueError, SyntaxError, MemoryError, RecursionError):
+                        record = None
+                if not isinstance(record, dict):
+                    raise DataError(
+                        f"not a JSON object: {line[:80]!r}",
+                        file=str(path),
+                        rows=[row],
+                        expected=f"{what}: one JSON object per line",
+                    )
+                yield row, record
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read the file: {e}", file=str(path), expected=what) from e
+
+
+def _amazon_text(value: Any, sep: str = " ") -> str | None:
+    """Flatten a metadata value to one clean string: the strings of lists (and lists of
+    lists) joined with `sep` without repeats, HTML tags dropped, entities unescaped,
+    whitespace collapsed; None if nothing is left."""
+    parts: list[str] = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v is None:
+            continue
+        if isinstance(v, list | tuple):
+            stack.extend(reversed(v))
+            continue
+        text = html.unescape(_TAG.sub(" ", html.unescape(str(v))))
+        text = _SPACE.sub(" ", text).strip()
+        if text and text not in parts:
+            parts.append(text)
+    return sep.join(parts) or None
+
+
+def _amazon_meta(path: Path) -> pl.DataFrame:
+    """Item text from a metadata file: one row per item id, the first record wins."""
+    what = "Amazon metadata (meta_*.json[.gz] or meta_*.jsonl[.gz])"
+    ids: list[str] = []
+    cols: dict[str, list[str | None]] = {
+        "title": [],
+        "brand": [],
+        "category": [],
+        "description": [],
+        "features": [],
+    }
+    seen: set[str] = set()
+    for row, rec in _json_lines(path, what):
+        item = rec.get("parent_asin") or rec.get("asin")
+        if not item:
+            raise DataError(
+                "record has no item id",
+                file=str(path),
+                column="asin",
+                rows=[row],
+                expected="an 'asin' (2014, 2018) or 'parent_asin' (2023) field",
+            )
+        item = str(item)
+        if item in seen:
+            continue
+        seen.add(item)
+        ids.append(item)
+        categories = rec.get("categories") or rec.get("category")
+        if rec.get("main_category"):
+            categories = [rec["main_category"], categories or []]
+        cols["title"].append(_amazon_text(rec.get("title")))
+        cols["brand"].append(_amazon_text(rec.get("brand") or rec.get("store")))
+        cols["category"].append(_amazon_text(categories, "|"))
+        cols["description"].append(_amazon_text(rec.get("description")))
+        cols["features"].append(_amazon_text(rec.get("features") or rec.get("feature"), "|"))
+    if not ids:
+        raise DataError("no item records", file=str(path), expected=what)
+    return pl.DataFrame(
+        {ITEM: ids, **cols}, schema={ITEM: pl.String, **dict.fromkeys(cols, pl.String)}
+    )
+
+
+def _amazon_reviews_json(path: Path) -> pl.DataFrame:
+    what = "Amazon reviews (*.json[.gz] / *.jsonl[.gz], one review per line)"
+    values: dict[str, list[Any]] = {c: [] for c in _AMAZON_FIELDS}
+    missing: dict[str, list[int]] = {}
+    for row, rec in _json_lines(path, what):
+        for col, fields in _AMAZON_FIELDS.items():
+            v = next((rec[f] for f in fields if rec.get(f) not in (None, "")), None)
+            if v is None and col != RATING:
+                missing.setdefault(fields[-1], []).append(row)
+            values[col].append(None if v is None else str(v))
+    for field, rows in missing.items():
+        raise DataError(
+            f"{len(rows)} review(s) without this field",
+            file=str(path),
+            column=field,
+            rows=rows[:10_000],
+            expected="user (reviewerID / user_id), item (asin / parent_asin), time "
+            "(unixReviewTime / timestamp) in every review",
+        )
+    if not values[USER]:
+        raise DataError("no reviews", file=str(path), expected=what)
+    df = pl.DataFrame(
+        {
+            USER: pl.Series(values[USER], dtype=pl.String),
+            ITEM: pl.Series(values[ITEM], dtype=pl.String),
+            TS: pl.Series(values[TS], dtype=pl.String),
+            RATING: pl.Series(values[RATING], dtype=pl.String),
+        }
+    )
+    return _amazon_numbers(df, path)
+
+
+def _amazon_numbers(df: pl.DataFrame, path: Path) -> pl.DataFrame:
+    """Epoch times (seconds in 2014/2018, ms in 2023) and ratings from strings."""
+    df = df.with_row_index("row").with_columns(
+        pl.col(TS).str.strip_chars().cast(pl.Float64, strict=False).cast(pl.Int64).alias("_ts"),
+        pl.col(RATING).str.strip_chars().cast(pl.Float64, strict=False).alias("_rating"),
+    )
+    checks = (
+        (pl.col("_ts").is_null(), TS, "epoch seconds or milliseconds"),
+        (pl.col("_rating").is_null() & pl.col(RATING).is_not_null(), RATING, "a star rating"),
+    )
+    for bad_rows, column, expected in checks:
+        bad = df.filter(bad_rows)
+        if bad.height:
+            raise DataError(
+                f"{bad.height} value(s) are not {expected}, e.g. {bad[column].head(3).to_list()}",
+                file=str(path),
+                column=column,
+                rows=bad["row"].head(10_000).to_list(),
+                expected=expected,
+            )
+    return df.select(USER, ITEM, pl.col("_ts").alias(TS), pl.col("_rating").alias(RATING))
+
+
+def _amazon_ratings_csv(path: Path, meta_ids: set[str]) -> pl.DataFrame:
+    """A ratings-only CSV: 2018 'item,user,rating,time' or 2014 'user,item,rating,time'
+    without a header (which column holds items is told by the ids found in META), or the
+    2023 benchmark layout with a header (user_id,parent_asin,rating,timestamp,...)."""
+    what = "Amazon ratings CSV: item,user,rating,timestamp (2018) or user,item,... (2014)"
+    try:
+        with _open_text(path, what) as f:
+            text = f.read()
+        first = text.split("\n", 1)[0].strip().split(",")
+        header = [c.strip() for c in first]
+        has_header = USER in header and any(c in _AMAZON_CSV_HEADER for c in header[1:])
+        raw = pl.read_csv(
+            io.StringIO(text),
+            has_header=has_header,
+            infer_schema=False,
+            truncate_ragged_lines=False,
+        )
+    except pl.exceptions.PolarsError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot read the file: {first_line}", file=str(path), expected=what) from e
+    if has_header:
+        rename = {c: _AMAZON_CSV_HEADER[c] for c in raw.columns if c in _AMAZON_CSV_HEADER}
+        if "parent_asin" in rename and "asin" in rename:
+            del rename["asin"]
+        df = raw.rename(rename)
+        missing = [c for c in (USER, ITEM, RATING, TS) if c not in df.columns]
+        if missing:
+            raise DataError(
+                f"missing column(s) {', '.join(missing)} (header: {','.join(raw.columns)})",
+                file=str(path),
+                expected="user_id, parent_asin, rating, timestamp",
+            )
+        return _amazon_numbers(df.select(USER, ITEM, TS, RATING), path)
+    if raw.width != 4:
+        raise DataError(
+            f"{raw.width} columns, first row {','.join(first)}",
+            file=str(path),
+            expected="4 columns without a header: item,user,rating,timestamp (2018) or "
+            "user,item,rating,timestamp (2014)",
+        )
+    a, b = raw.columns[:2]
+    hits_a = raw[a].unique().is_in(list(meta_ids)).sum()
+    hits_b = raw[b].unique().is_in(list(meta_ids)).sum()
+    if hits_a == hits_b == 0:
+        raise DataError(
+            "neither of the first two columns holds item ids found in the metadata",
+            file=str(path),
+            expected="the CSV and the metadata file of the same Amazon category",
+        )
+    item, user = (a, b) if hits_a >= hits_b else (b, a)
+    df = raw.select(
+        pl.col(user).alias(USER),
+        pl.col(item).alias(ITEM),
+        pl.col(raw.columns[3]).alias(TS),
+        pl.col(raw.columns[2]).alias(RATING),
+    )
+    return _amazon_numbers(df, path)
+
+
+def ingest_amazon(
+    reviews_src: PathLike,
+    meta_src: PathLike,
+    out_dir: PathLike,
+    min_user_events: int = 1,
+) -> tuple[Path, Path]:
+    """Convert an Amazon review category (McAuley lab: 2014, 2018 or 2023 release).
+
+    REVIEWS: the reviews (JSON lines, e.g. Magazine_Subscriptions_5.json.gz or
+    All_Beauty.jsonl.gz) or a ratings-only CSV (e.g. Magazine_Subscriptions.csv); META: the
+    category's metadata (meta_*.json[.gz] / meta_*.jsonl[.gz]). Gzip is detected from the
+    content. Every review is an interaction with its rating. Items are the reviewed items,
+    with title, brand (2023: store), category, description and features as clean text
+    (HTML dropped, lists joined); reviewed items missing from META keep empty text.
+    Repeated (user, item, time) rows are dropped; users with fewer than `min_user_events`
+    interactions are left out.
+    """
+    reviews, meta_path = Path(reviews_src), Path(meta_src)
+    meta = _amazon_meta(meta_path)
+    if reviews.name.lower().endswith((".csv", ".csv.gz")):
+        inter = _amazon_ratings_csv(reviews, set(meta[ITEM].to_list()))
+    else:
+        inter = _amazon_reviews_json(reviews)
+    n = inter.height
+    inter = inter.unique([USER, ITEM, TS], keep="first", maintain_order=True)
+    if inter.height < n:
+        log.info("%s: dropped %d repeated (user, item, time) review(s)", reviews, n - inter.height)
+    if min_user_events > 1:
+        inter = inter.filter(pl.len().over(USER) >= min_user_events)
+        if inter.height == 0:
+            raise DataError(
+                f"no user has {min_user_events} or more reviews",
+                file=str(reviews),
+                expected="a lower --min-user-events",
+            )
+    reviewed = inter.select(pl.col(ITEM).unique(maintain_order=True))
+    items = reviewed.join(meta, on=ITEM, how="left", maintain_order="left")
+    no_meta = items.height - reviewed.join(meta, on=ITEM, how="semi").height
+    if no_meta:
+        log.warning(
+            "%s: %d of %d reviewed item(s) are not in %s; they keep empty text",
+            reviews,
+            no_meta,
+            items.height,
+            meta_path,
+        )
+    items = validate_items(items, source=str(meta_path))
+    inter = validate_interactions(inter, source=str(reviews), items=items)
+    return _write(inter, items, out_dir, "amazon")
 
 
 # ---------------------------------------------------------------------------- generic

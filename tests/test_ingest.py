@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import gzip
+import json
 import logging
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 from recsys.cli.ingest import ingest_app
-from recsys.ingest import ingest_csv, ingest_mind, ingest_movielens
+from recsys.ingest import ingest_amazon, ingest_csv, ingest_mind, ingest_movielens
 from recsys.schema import DataError, read_interactions, read_items
 
 SHARED_ML = Path(__file__).resolve().parents[1].parent / "shared/datasets/ml-latest-small"
@@ -166,6 +168,170 @@ def test_mind_layout(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert hist["timestamp"].to_list() == [first - dt.timedelta(seconds=s) for s in (3, 2, 1)]
 
 
+# -------------------------------------------------------------------------------- Amazon
+
+
+def _gz_lines(path: Path, lines: list[str]) -> Path:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def _amazon_meta(d: Path) -> Path:
+    rows = [
+        json.dumps(
+            {
+                "asin": "B1",
+                "title": "Wired",
+                "brand": "Conde Nast",
+                "category": ["Magazine Subscriptions", "Science &amp; Technology"],
+                "description": ["<b>Wired</b> covers technology &amp; culture.", "", ""],
+                "feature": [],
+                "also_buy": ["B2"],
+            }
+        ),
+        json.dumps(  # the 2018 magazine metadata has cut-off HTML in place of titles
+            {
+                "asin": "B2",
+                "title": '<span class="a-size-medium a-color-secondary"',
+                "brand": "",
+                "category": ["Magazine Subscriptions", "Home & Garden"],
+                "description": "Gardening ideas.<br>Every month.",
+                "feature": ["12 issues", "Print"],
+            }
+        ),
+        json.dumps({"asin": "B1", "title": "A later duplicate record", "brand": "x"}),
+        # the 2014 files hold Python literals, not JSON
+        "{'asin': 'B3', 'title': 'Chess Life', 'categories': [['Books', 'Games'], ['Games']]}",
+    ]
+    return _gz_lines(d / "meta_Magazine_Subscriptions.json.gz", rows)
+
+
+def _review(user: str, item: str, ts: int, rating: float = 5.0) -> str:
+    return json.dumps(
+        {"reviewerID": user, "asin": item, "unixReviewTime": ts, "overall": rating, "vote": "2"}
+    )
+
+
+def test_amazon_reviews_and_meta(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    meta = _amazon_meta(tmp_path)
+    reviews = _gz_lines(
+        tmp_path / "Magazine_Subscriptions_5.json.gz",
+        [
+            _review("A1", "B1", 1_000_000_000, 4.0),
+            _review("A1", "B2", 1_100_000_000),
+            _review("A1", "B2", 1_100_000_000),  # repeated review: dropped
+            _review("A2", "B3", 1_200_000_000, 1.0),
+            _review("A2", "B9", 1_300_000_000),  # not in the metadata: empty text
+            _review("A3", "B1", 1_400_000_000),
+        ],
+    )
+    with caplog.at_level(logging.WARNING, logger="recsys"):
+        out = ingest_amazon(reviews, meta, tmp_path / "out")
+    assert "1 of 4 reviewed item(s) are not in" in caplog.text
+    inter, items = _read(out)
+    assert inter.schema == pl.Schema(
+        {"user_id": pl.String, "item_id": pl.String, "timestamp": UTC_US, "rating": pl.Float64}
+    )
+    assert inter.select("user_id", "item_id").rows() == [
+        ("A1", "B1"),
+        ("A1", "B2"),
+        ("A2", "B3"),
+        ("A2", "B9"),
+        ("A3", "B1"),
+    ]
+    assert inter["timestamp"][0] == dt.datetime.fromtimestamp(1_000_000_000, dt.UTC)
+    assert inter["rating"].to_list() == [4.0, 5.0, 1.0, 5.0, 5.0]
+    assert items.columns == ["item_id", "title", "brand", "category", "description", "features"]
+    assert all(items[c].dtype == pl.String for c in items.columns)
+    rows = {r["item_id"]: r for r in items.iter_rows(named=True)}
+    assert sorted(rows) == ["B1", "B2", "B3", "B9"]  # reviewed items only
+    assert rows["B1"]["title"] == "Wired" and rows["B1"]["brand"] == "Conde Nast"  # first wins
+    assert rows["B1"]["category"] == "Magazine Subscriptions|Science & Technology"
+    assert rows["B1"]["description"] == "Wired covers technology & culture."
+    assert rows["B2"]["title"] is None and rows["B2"]["brand"] is None  # HTML only, empty
+    assert rows["B2"]["description"] == "Gardening ideas. Every month."
+    assert rows["B2"]["features"] == "12 issues|Print"
+    assert rows["B3"]["category"] == "Books|Games"
+    assert all(v is None for k, v in rows["B9"].items() if k != "item_id")
+
+
+def test_amazon_ratings_csv_either_column_order_and_min_user_events(tmp_path: Path) -> None:
+    meta = _amazon_meta(tmp_path)
+    events = [("A1", "B1", 1_000_000_000), ("A1", "B2", 1_000_000_100), ("A2", "B3", 1_000_000_200)]
+    (tmp_path / "ratings_2018.csv").write_text(  # item,user,rating,time, no header
+        "".join(f"{i},{u},5.0,{t}\n" for u, i, t in events)
+    )
+    (tmp_path / "ratings_2014.csv").write_text(  # user,item,rating,time, no header
+        "".join(f"{u},{i},5.0,{t}\n" for u, i, t in events)
+    )
+    a, _ = _read(ingest_amazon(tmp_path / "ratings_2018.csv", meta, tmp_path / "a"))
+    b, _ = _read(ingest_amazon(tmp_path / "ratings_2014.csv", meta, tmp_path / "b"))
+    assert a.equals(b) and a.select("user_id", "item_id").rows() == [(u, i) for u, i, _ in events]
+    c, items = _read(
+        ingest_amazon(tmp_path / "ratings_2018.csv", meta, tmp_path / "c", min_user_events=2)
+    )
+    assert c["user_id"].to_list() == ["A1", "A1"] and items["item_id"].to_list() == ["B1", "B2"]
+
+
+def test_amazon_2023_layout(tmp_path: Path) -> None:
+    meta = _gz_lines(
+        tmp_path / "meta_All_Beauty.jsonl.gz",
+        [
+            json.dumps(
+                {
+                    "parent_asin": "P1",
+                    "main_category": "All Beauty",
+                    "title": "Rose water toner",
+                    "store": "Heritage",
+                    "categories": [],
+                    "features": ["Alcohol free", "8 fl oz"],
+                    "description": ["Hydrating toner."],
+                    "details": {"Brand": "Heritage"},
+                }
+            )
+        ],
+    )
+    reviews = _gz_lines(
+        tmp_path / "All_Beauty.jsonl.gz",
+        [
+            json.dumps(
+                {
+                    "user_id": "U1",
+                    "asin": "C1",
+                    "parent_asin": "P1",
+                    "rating": 5.0,
+                    "timestamp": 1588687728923,  # milliseconds
+                    "text": "Lovely",
+                }
+            )
+        ],
+    )
+    inter, items = _read(ingest_amazon(reviews, meta, tmp_path / "out"))
+    assert inter["item_id"].to_list() == ["P1"]  # the parent item, as the metadata names it
+    assert inter["timestamp"][0] == dt.datetime(2020, 5, 5, 14, 8, 48, 923000, tzinfo=dt.UTC)
+    row = items.row(0, named=True)
+    assert row["brand"] == "Heritage" and row["category"] == "All Beauty"
+    assert row["features"] == "Alcohol free|8 fl oz" and row["description"] == "Hydrating toner."
+
+
+def test_amazon_bad_input_names_file_row_and_column(tmp_path: Path) -> None:
+    meta = _amazon_meta(tmp_path)
+    broken = _gz_lines(tmp_path / "r.json.gz", [_review("A1", "B1", 1), "{not json", "[1, 2]"])
+    with pytest.raises(DataError) as e:
+        ingest_amazon(broken, meta, tmp_path / "out")
+    assert e.value.rows == [1] and "r.json.gz" in str(e.value) and "JSON object" in str(e.value)
+    no_user = _gz_lines(tmp_path / "s.json.gz", [json.dumps({"asin": "B1", "unixReviewTime": 1})])
+    with pytest.raises(DataError) as e:
+        ingest_amazon(no_user, meta, tmp_path / "out")
+    assert e.value.column == "reviewerID" and e.value.rows == [0]
+    (tmp_path / "t.csv").write_text("B1,A1,5.0,yesterday\n")
+    with pytest.raises(DataError) as e:
+        ingest_amazon(tmp_path / "t.csv", meta, tmp_path / "out")
+    assert e.value.column == "timestamp" and e.value.rows == [0]
+    assert not (tmp_path / "out" / "interactions.parquet").exists()
+
+
 # ----------------------------------------------------------------------------- generic
 
 
@@ -251,7 +417,7 @@ def test_cli_csv_with_map_prints_paths_and_counts(tmp_path: Path) -> None:
 
 def test_cli_help_and_bad_input(tmp_path: Path) -> None:
     runner = CliRunner()
-    for cmd in ("movielens", "mind", "csv"):
+    for cmd in ("movielens", "mind", "amazon", "csv"):
         res = runner.invoke(_cli(), ["ingest", cmd, "--help"])
         assert res.exit_code == 0 and "OUT" in res.output.upper()
     res = runner.invoke(_cli(), ["ingest", "csv", "x.csv", "o", "--map", "user_id"])

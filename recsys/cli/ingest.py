@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import typer
 
 ingest_app = typer.Typer(
-    help="Convert MovieLens, MIND or any CSV/Parquet event log to the canonical tables "
+    help="Convert MovieLens, MIND, Amazon reviews or any CSV/Parquet event log to the "
+    "canonical tables "
     "(OUT_DIR/interactions.parquet and OUT_DIR/items.parquet), validated like `fit` does.",
     no_args_is_help=True,
 )
@@ -65,6 +66,37 @@ def mind(
     from recsys.ingest import ingest_mind
 
     _report(ingest_mind(src, out))
+
+
+@ingest_app.command(
+    "amazon",
+    help="Amazon reviews (McAuley lab, 2014/2018/2023 releases): every review is an "
+    "interaction with its rating; items get title, brand, category, description and "
+    "features as clean text. Example: recsys ingest amazon Magazine_Subscriptions.csv "
+    "meta_Magazine_Subscriptions.json.gz data/magazine",
+)
+def amazon(
+    reviews: Path = typer.Argument(
+        ...,
+        help="Reviews as JSON lines (e.g. *_5.json.gz, *.jsonl.gz) or a ratings-only CSV "
+        "(item,user,rating,timestamp as in 2018; user,item,... as in 2014; or the 2023 "
+        "benchmark CSV with a header). Gzip or plain.",
+    ),
+    meta: Path = typer.Argument(
+        ..., help="The category's metadata: meta_*.json[.gz] or meta_*.jsonl[.gz]."
+    ),
+    out: Path = typer.Argument(..., help=_OUT),
+    min_user_events: int = typer.Option(
+        1,
+        "--min-user-events",
+        min=1,
+        help="Leave out users with fewer interactions than this (1 keeps everyone).",
+    ),
+) -> None:
+    """Convert an Amazon review category and its metadata."""
+    from recsys.ingest import ingest_amazon
+
+    _report(ingest_amazon(reviews, meta, out, min_user_events=min_user_events))
 
 
 def _parse_mapping(pairs: list[str]) -> dict[str, str]:

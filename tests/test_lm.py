@@ -266,20 +266,38 @@ def test_bundle_round_trip_and_encode_items(lm_pipeline, synth_data, tmp_path) -
 
 
 def test_bench_encode_cli_reports_items_per_second(tiny_bert: Path) -> None:
+    """`recsys bench encode` prints the CPU's flags and the precision `auto` picks,
+    and times fp32 and that precision in one run, with the cosine between them."""
     from typer.testing import CliRunner
 
     from recsys.cli import app, commands  # noqa: F401  (registers the commands)
+    from recsys.lm.bench import cpu_flags
+    from recsys.lm.encoder import cpu_precision
 
     r = CliRunner().invoke(
         app,
         ["bench", "encode", "--model", str(tiny_bert), "--n", "64", "--batch-sizes", "16,64",
-         "--device", "cpu", "--threads", "1"],
+         "--device", "cpu", "--threads", "1", "--precisions", "auto,int8"],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "items/s" in r.output and "naive" in r.output and "sorted + int8" in r.output
-    from recsys.lm.encoder import cpu_bf16_native
+    out = " ".join(r.output.split())  # (rich wraps long lines)
+    picked = cpu_precision("auto")
+    assert f"precision path chosen (lm.cpu_precision = auto): {picked}" in out
+    assert "CPU flags:" in out and all(f in out for f in cpu_flags()[1])
+    assert "items/s" in out and "naive" in out and "sorted, fp32" in out
+    assert f"sorted + {picked} (auto)" in out and "sorted + int8" in out
+    assert f"picked {picked}:" in out and "x sorted fp32" in out and "cosine to fp32" in out
 
-    assert ("sorted + bf16" in r.output) == cpu_bf16_native()
+
+def test_cpu_flags_read_x86_and_arm_cpuinfo() -> None:
+    from recsys.lm.bench import cpu_flags
+
+    x86 = (
+        "model name\t: Some CPU\nflags\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 amx_tile smep\n"
+    )
+    assert cpu_flags(x86) == ("Some CPU", ["amx_tile", "avx2", "avx512_bf16", "avx512f", "fma"])
+    arm = "processor\t: 0\nFeatures\t: fp asimd aes asimddp sve sve2 i8mm bf16 svebf16 rng\n"
+    assert cpu_flags(arm)[1] == ["asimd", "asimddp", "bf16", "i8mm", "sve", "sve2", "svebf16"]
 
 
 def test_cpu_inference_copy_stays_close_to_fp32_and_int8_runs(tiny_bert: Path) -> None:

@@ -50,14 +50,24 @@ def bench_encode_cmd(
     ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
     naive: bool = typer.Option(True, "--naive/--no-naive", help="Also time the naive loop."),
+    precisions: str = typer.Option(
+        "auto",
+        "--precisions",
+        help="CPU precisions timed besides fp32, comma-separated: auto (what "
+        "lm.cpu_precision = auto picks here), bf16, int8-attention, int8.",
+    ),
 ) -> None:
-    """Items/s of item encoding by device and batch size, against a naive loop."""
-    import platform
+    """Items/s of item encoding by device and batch size, against a naive loop.
 
+    On CPU it first prints the CPU's flags (and any instruction-set limit set in the
+    environment, such as ONEDNN_MAX_CPU_ISA) and the precision `auto` picks there, then
+    times fp32 and that precision in the same run, with the picked path's vectors'
+    cosine to fp32's.
+    """
     import polars as pl
     import torch
 
-    from recsys.lm.bench import bench_encode
+    from recsys.lm.bench import bench_encode, cpu_report, summary
     from recsys.lm.text import item_texts
 
     if threads:
@@ -75,16 +85,40 @@ def bench_encode_cmd(
             generate(Path(d), n_users=50, n_items=n, n_events=n * 2, seed=0, progress=False)
             texts = item_texts(pl.read_parquet(Path(d) / "items.parquet"))
     devices = device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    asked = [p.strip() for p in precisions.split(",") if p.strip()]
+    cpu = cpu_report()
+    if "cpu" in devices:
+        limits = " ".join(f"{k}={v}" for k, v in cpu["limits"].items()) or "none"
+        yes_no = {True: "yes", False: "no"}
+        console.print(
+            f"CPU: {cpu['model']} ({cpu['machine']})\n"
+            f"CPU flags: {' '.join(cpu['flags']) or '(not read)'}\n"
+            f"instruction-set limits in the environment: {limits}\n"
+            f"torch: vector capability {cpu['torch_capability']}, oneDNN bf16 "
+            f"{yes_no[cpu['bf16_native']]}, fused bf16 linear {yes_no[cpu['fused_bf16']]}\n"
+            f"precision path chosen (lm.cpu_precision = auto): [bold]{cpu['picked']}[/]",
+            highlight=False,
+        )
     rows = bench_encode(
-        texts, model, devices, [int(b) for b in batch_sizes.split(",")], naive=naive
+        texts,
+        model,
+        devices,
+        [int(b) for b in batch_sizes.split(",")],
+        naive=naive,
+        precisions=asked,
     )
-    t = Table(
-        title=f"item encoding, {len(texts)} texts, {platform.processor() or platform.machine()}"
-    )
-    for c in ("device", "method", "batch", "items/s", "items/CPU-s", "mean tokens", "threads"):
+    t = Table(title=f"item encoding, {len(texts)} texts, {cpu['model']}")
+    cols = ("device", "method", "batch", "items/s", "items/CPU-s", "cos fp32 mean/min",
+            "mean tokens", "threads")  # fmt: skip
+    for c in cols:
         t.add_column(c, justify="left" if c in ("device", "method") else "right")
     for r in rows:
-        t.add_row(r["device"], r["method"], str(r["batch"]), f"{r['items_per_s']:.0f}",
-                  f"{r['items_per_cpu_s']:.0f}", f"{r['mean_tokens']:.1f}",
+        method = r["method"] + (" (auto)" if r.get("picked") else "")
+        cos = f"{r['cos_mean']:.4f} / {r['cos_min']:.4f}" if "cos_mean" in r else ""
+        t.add_row(r["device"], method, str(r["batch"]), f"{r['items_per_s']:.0f}",
+                  f"{r['items_per_cpu_s']:.0f}", cos, f"{r['mean_tokens']:.1f}",
                   str(r["threads"]))  # fmt: skip
     console.print(t)
+    line = summary(rows)
+    if line:
+        console.print(line, highlight=False)

@@ -1,18 +1,25 @@
 """Item-encoding throughput: the naive loop against the encoding path the model uses.
 
-naive: batches of 256 in catalogue order, padded to `max_length` 64, fp32, no_grad.
-fast:  texts sorted by token length (batches padded to their own longest text),
-       `torch.inference_mode`; on CPU int8 dynamic quantisation of the linear layers,
-       and bf16 weights where the CPU has bf16 hardware (what `lm.cpu_precision =
-       "auto"` then uses); on CUDA bf16 autocast. All include padding and the forward
-       pass, not tokenisation (cached), and are timed on the same texts in one process.
-items/s is wall-clock; items per CPU-second is what one fully available core gives, a
-figure that holds up on a machine shared with other jobs (wall time does not).
+naive:  batches of 256 in catalogue order, padded to `max_length` 64, fp32, no_grad.
+sorted: texts sorted by token length (batches padded to their own longest text),
+        `torch.inference_mode`, batches side by side on one-threaded workers; on CPU
+        in fp32 (the reference) and in the reduced precisions asked for, by default
+        the one `lm.cpu_precision = "auto"` picks on this CPU (bf16 with bf16
+        hardware, else int8 in attention's linear layers); on CUDA bf16 autocast.
+All include padding and the forward pass, not tokenisation (cached), and are timed on
+the same texts in one process; each reduced-precision path's vectors are compared
+with fp32's (cosine of the pooled outputs). items/s is wall-clock; items per
+CPU-second is what one fully available core gives, a figure that holds up on a
+machine shared with other jobs (wall time does not).
 """
 
 from __future__ import annotations
 
+import os
+import platform
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,10 +29,65 @@ from recsys.lm.encoder import (
     Tokens,
     cpu_bf16_native,
     cpu_inference_copy,
+    cpu_precision,
     encode_pooled,
+    fused_linear_supported,
     load_pretrained,
     mean_pool,
 )
+
+# environment variables that limit the instruction sets torch's CPU libraries use
+ISA_LIMITS = (
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "FBGEMM_ENABLE_INSTRUCTIONS",
+    "MKL_ENABLE_INSTRUCTIONS",
+)
+_X86_FLAGS = re.compile(r"^(avx2|fma|f16c|avx512.*|amx.*|avx_vnni.*|avx_ne_convert)$")
+_ARM_FLAGS = re.compile(r"^(asimd|asimddp|asimdhp|fphp|bf16|i8mm|sve.*|sme.*)$")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> tuple[str, list[str]]:
+    """The CPU's model name and the flags that decide the encoding precision (x86:
+    AVX2, AVX-512, AMX, AVX-VNNI; ARM: NEON, dot product, bf16, i8mm, SVE), from
+    /proc/cpuinfo (Linux); the machine's name and no flags elsewhere."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model, flags, pattern = "", list[str](), _X86_FLAGS
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:  # x86, ARM
+            flags, pattern = value.split(), _X86_FLAGS if key == "flags" else _ARM_FLAGS
+    keep = sorted(f for f in flags if pattern.match(f))
+    return model or platform.processor() or platform.machine(), keep
+
+
+def cpu_report() -> dict[str, Any]:
+    """What the CPU offers and what torch makes of it: the flags, any instruction-set
+    limit set in the environment, torch's vector capability, whether oneDNN has bf16
+    kernels here and its fused linear runs in bf16, and the precision `auto` picks."""
+    model, flags = cpu_flags()
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = "?"
+    return {
+        "model": model,
+        "machine": platform.machine(),
+        "flags": flags,
+        "limits": {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)},
+        "torch_capability": capability,
+        "bf16_native": cpu_bf16_native(),
+        "fused_bf16": fused_linear_supported(torch.bfloat16),
+        "picked": cpu_precision("auto"),
+    }
 
 
 def _naive(
@@ -43,6 +105,23 @@ def _naive(
     return len(texts) / (time.perf_counter() - t0), len(texts) / (time.process_time() - c0)
 
 
+def cpu_precisions(asked: list[str]) -> list[str]:
+    """The CPU paths to time: fp32 (the reference) first, then `asked` ('auto' is the
+    precision `lm.cpu_precision = "auto"` picks here), without repeats."""
+    out = ["fp32"]
+    for p in asked:
+        p = cpu_precision(p) if p != "fp32" else p
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, 1) / np.maximum(
+        np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12
+    )
+
+
 def bench_encode(
     texts: list[str],
     model: str,
@@ -50,13 +129,17 @@ def bench_encode(
     batch_sizes: list[int],
     max_length: int = 48,
     naive: bool = True,
-    quantize: bool = True,
+    precisions: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """items/s per (device, method, batch size), measured one after the other."""
+    """items/s per (device, method, batch size), measured one after the other. On CPU
+    `precisions` (default: the one `auto` picks) besides fp32; each row of a reduced
+    precision has its pooled vectors' cosine to fp32's (mean and minimum over the
+    texts) and `picked` where `auto` would use it."""
     tok, enc = load_pretrained(model)
     enc.eval()
     tokens = Tokens.from_texts(tok, texts, max_length)
     pad = int(getattr(tok, "pad_token_id", 0) or 0)
+    picked = cpu_precision("auto")
     rows: list[dict[str, Any]] = []
     for d in devices:
         dev = torch.device(d)
@@ -65,25 +148,65 @@ def bench_encode(
             wall, cpu = _naive(base, tok, texts, dev)
             rows.append({"device": d, "method": "naive fp32, pad 64", "batch": 256,
                          "items_per_s": wall, "items_per_cpu_s": cpu})  # fmt: skip
-        if dev.type == "cpu" and quantize:
-            # int8 everywhere; bf16 too where the CPU has it (what `auto` then picks)
-            precisions = ["int8", "bf16"] if cpu_bf16_native() else ["int8"]
-            fast = [(f"sorted + {p}", cpu_inference_copy(enc.cpu(), p)) for p in precisions]
+        fast: list[tuple[str, str, torch.nn.Module]]
+        if dev.type == "cpu":
+            fast = [
+                (p, "sorted, fp32" if p == "fp32" else f"sorted + {p}",
+                 base if p == "fp32" else cpu_inference_copy(enc.cpu(), p))
+                for p in cpu_precisions(precisions or ["auto"])
+            ]  # fmt: skip
         else:
-            fast = [("sorted + bf16" if dev.type == "cuda" else "sorted", base)]
-        for label, m in fast:
+            fast = [("bf16" if dev.type == "cuda" else "fp32",
+                     "sorted + bf16" if dev.type == "cuda" else "sorted", base)]  # fmt: skip
+        ref: np.ndarray | None = None
+        for precision, label, m in fast:
             encode_pooled(m, Tokens(tokens.ids[:64], tokens.lengths[:64]), dev, 64, pad)  # warm
             for bs in batch_sizes:
                 t0, c0 = time.perf_counter(), time.process_time()
-                encode_pooled(m, tokens, dev, bs, pad)
+                v = encode_pooled(m, tokens, dev, bs, pad)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                rows.append({"device": d, "method": label, "batch": bs,
-                             "items_per_s": len(texts) / wall,
-                             "items_per_cpu_s": len(texts) / cpu})  # fmt: skip
+                row = {"device": d, "method": label, "batch": bs, "precision": precision,
+                       "picked": dev.type == "cpu" and precision == picked,
+                       "items_per_s": len(texts) / wall,
+                       "items_per_cpu_s": len(texts) / cpu}  # fmt: skip
+                if precision == "fp32" and ref is None:
+                    ref = v
+                elif ref is not None:
+                    cos = _cosine(v, ref)
+                    row |= {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
+                rows.append(row)
     lens = tokens.lengths
     for r in rows:
         r |= {"items": len(texts), "mean_tokens": float(np.mean(lens)),
               "threads": torch.get_num_threads()}  # fmt: skip
     return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> str | None:
+    """The picked CPU path against fp32: the best items/s over the batch sizes of each,
+    the picked path's cosine to fp32, its ratios to the naive and the sorted fp32 loop."""
+
+    def best(pred: Any) -> dict[str, Any] | None:
+        rs = [r for r in rows if r["device"] == "cpu" and pred(r)]
+        return max(rs, key=lambda r: r["items_per_s"]) if rs else None
+
+    pick = best(lambda r: r.get("picked"))
+    fp32 = best(lambda r: r.get("precision") == "fp32")
+    naive = best(lambda r: r["method"].startswith("naive"))
+    if pick is None or fp32 is None:
+        return None
+    cos = f", cosine to fp32 mean {pick['cos_mean']:.4f} (min {pick['cos_min']:.4f})"
+    lines = [
+        f"picked {pick['precision']}: {pick['items_per_s']:.0f} items/s at batch "
+        f"{pick['batch']}{cos if 'cos_mean' in pick else ''}"
+    ]
+    for name, r in (("naive fp32", naive), ("sorted fp32", fp32)):
+        if r is not None:
+            lines.append(
+                f"  {pick['items_per_s'] / r['items_per_s']:.2f}x {name} ({r['items_per_s']:.0f} "
+                f"items/s at batch {r['batch']}); per CPU-second "
+                f"{pick['items_per_cpu_s'] / r['items_per_cpu_s']:.2f}x"
+            )
+    return "\n".join(lines)

@@ -302,9 +302,9 @@ def test_cpu_flags_read_x86_and_arm_cpuinfo() -> None:
 
 def test_cpu_inference_copy_stays_close_to_fp32_and_int8_runs(tiny_bert: Path) -> None:
     """The reduced-precision encoders of CPU encoding on any CPU: bf16 (emulated where
-    the CPU has no bf16 hardware) and int8 attention within 1e-3 and 1e-2 cosine of
-    fp32; int8 everywhere still a usable encoding; `auto` picks bf16 where oneDNN
-    reports bf16 hardware, else int8 attention."""
+    the CPU has no bf16 hardware) and int8-mixed within 1e-3 and 1e-2 cosine of fp32;
+    int8 everywhere still a usable encoding; `auto` picks bf16 where oneDNN reports
+    bf16 hardware, else int8-mixed."""
     from recsys.lm.encoder import (
         Tokens,
         cpu_bf16_native,
@@ -326,13 +326,36 @@ def test_cpu_inference_copy_stays_close_to_fp32_and_int8_runs(tiny_bert: Path) -
     b16 = cpu_inference_copy(enc, "bf16")
     assert next(b16.parameters()).dtype == torch.bfloat16
     assert cos(encode_pooled(b16, tokens, cpu), ref).min() > 0.999
-    mixed = cpu_inference_copy(enc, "int8-attention")
+    mixed = cpu_inference_copy(enc, "int8-mixed")
     assert cos(encode_pooled(mixed, tokens, cpu), ref).min() > 0.99
     assert cos(encode_pooled(cpu_inference_copy(enc, "int8"), tokens, cpu), ref).min() > 0.8
     assert next(enc.parameters()).dtype == torch.float32  # the original is left alone
-    assert cpu_precision("auto") == ("bf16" if cpu_bf16_native() else "int8-attention")
+    assert cpu_precision("auto") == ("bf16" if cpu_bf16_native() else "int8-mixed")
     with pytest.raises(ValueError, match="cpu precision"):
         cpu_precision("fp8")
+
+
+def test_wide_input_channels_stay_float32_in_the_int8_linear() -> None:
+    """int8 with one scale for the whole input loses the narrow channels when a few
+    are much wider (as in a layer norm's output); taking those few out of the int8
+    product keeps the rest, in a large batch and in a small one."""
+    from recsys.lm.encoder import WideChannelsInt8Linear, _int8_linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(512, 64)
+    x[:, 3] *= 40
+    x[:, 17] *= 25
+    with torch.inference_mode():
+        want = lin(x)
+
+        def err(y: torch.Tensor, w: torch.Tensor = want) -> float:
+            return float((y - w).norm() / w.norm())
+
+        plain, wide = err(_int8_linear(lin)(x)), err(WideChannelsInt8Linear(lin, 4)(x))
+        assert wide < 0.01 and plain > 5 * wide, (plain, wide)
+        assert err(WideChannelsInt8Linear(lin, 4)(x[:3]), want[:3]) < 0.01
+        assert WideChannelsInt8Linear(lin, 4)(x.view(8, 64, 64)).shape == (8, 64, 48)
 
 
 def test_fused_linear_capability_follows_the_cpu() -> None:
@@ -364,15 +387,16 @@ def _sharp_tiny_bert(path: Path):  # type: ignore[no-untyped-def]
     return tok, enc
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8-attention"])
+@pytest.mark.parametrize("precision", ["bf16", "int8-mixed"])
 def test_cpu_copy_fuses_linears_and_attention_without_changing_vectors(
     tiny_bert: Path, precision: str
 ) -> None:
     """The CPU copies run their linear layers (bias, and GELU in the intermediate
     blocks) through oneDNN's fused linear where it runs on their dtype here (bf16:
     with bf16 hardware; elsewhere the bf16 copy keeps plain linears), int8 attention
-    layers in the int8-attention copy, and attention with a float32 softmax; each
-    padded text's vector is its own, as from the unfused fp32 encoder."""
+    and feed-forward input layers in the int8-mixed copy, and attention with a
+    float32 softmax; each padded text's vector is its own, as from the unfused fp32
+    encoder."""
     from collections import Counter
 
     from recsys.lm.encoder import (
@@ -393,13 +417,15 @@ def test_cpu_copy_fuses_linears_and_attention_without_changing_vectors(
     if precision == "bf16":
         assert next(fused.parameters()).dtype == torch.bfloat16
         # per layer: query, key, value, attention output, intermediate (+GELU), output
-        n_fusable = 6 * 2 + 1  # and the pooler
+        n_fusable, n_gelu = 6 * 2 + 1, 2  # and the pooler
     else:
-        assert int8 == 4 * 2  # query, key, value, attention output
-        n_fusable = 2 * 2 + 1  # intermediate (+GELU), output; the pooler
+        # query, key, value, attention output; the intermediate's dense (inside a
+        # WideChannelsInt8Linear), so its GELU stays apart
+        assert int8 == 5 * 2 and kinds["WideChannelsInt8Linear"] == 2
+        n_fusable, n_gelu = 1 * 2 + 1, 0  # the feed-forward output; the pooler
     if fused_linear_supported(torch.bfloat16 if precision == "bf16" else torch.float32):
-        assert kinds["FusedLinear"] == n_fusable and gelu == 2
-        assert plain == 0 and kinds["BertIntermediate"] == 0
+        assert kinds["FusedLinear"] == n_fusable and gelu == n_gelu
+        assert plain == 0 and kinds["BertIntermediate"] == (n_gelu == 0) * 2
     else:  # the fallback: the model's own linear layers
         assert kinds["FusedLinear"] == 0 and plain == n_fusable
     assert fused.config._attn_implementation == CPU_ATTENTION
@@ -506,7 +532,7 @@ def test_packaged_minilm_encodes_and_fine_tunes(synth_data, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_packaged_minilm_int8_attention_stays_within_1e2_of_fp32(synth_data) -> None:  # type: ignore[no-untyped-def]
+def test_packaged_minilm_int8_mixed_stays_within_1e2_of_fp32(synth_data) -> None:  # type: ignore[no-untyped-def]
     """The copy `auto` picks on a CPU without bf16 hardware keeps the default encoder's
     pooled vectors within 1e-2 cosine of fp32 (every layer int8: about 0.95)."""
     from recsys.lm.encoder import Tokens, cpu_inference_copy, encode_pooled, load_pretrained
@@ -517,7 +543,7 @@ def test_packaged_minilm_int8_attention_stays_within_1e2_of_fp32(synth_data) -> 
     tokens = Tokens.from_texts(tok, item_texts(items.head(200)), 48)
     cpu = torch.device("cpu")
     ref = encode_pooled(enc, tokens, cpu)
-    v = encode_pooled(cpu_inference_copy(enc, "int8-attention"), tokens, cpu)
+    v = encode_pooled(cpu_inference_copy(enc, "int8-mixed"), tokens, cpu)
     cos = np.sum(v * ref, 1) / np.linalg.norm(v, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.99, (cos.mean(), cos.min())
 
@@ -655,12 +681,13 @@ def test_endpoint_serves_new_item_slots_when_set(lm_pipeline, tmp_path) -> None:
         assert all(items[j]["item_id"] in pool for j in slots)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8-attention"])
+@pytest.mark.parametrize("precision", ["bf16", "int8-mixed"])
 @pytest.mark.parametrize("arch", ["distilbert", "mpnet", "roberta"])
 def test_cpu_copy_of_other_encoders_stays_close_to_fp32(arch: str, precision: str) -> None:
     """Encoders other than BERT: linear layers are fused where they are plain linears
     and oneDNN's fused linear runs on their dtype here (bf16 only with bf16 hardware),
-    the int8-attention copy quantises the attention blocks' linears, attention takes
+    the int8-mixed copy quantises the attention blocks' linears and the BERT-style
+    intermediate blocks' (DistilBERT has none: its feed-forward stays float32), attention takes
     the float32 softmax where the model uses transformers' attention interface (MPNet
     does not: it keeps eager attention), and padded texts still get their own vectors."""
     import transformers as tf
@@ -695,9 +722,11 @@ def test_cpu_copy_of_other_encoders_stays_close_to_fp32(arch: str, precision: st
     fused = cpu_inference_copy(enc, precision)
     done = fused.recsys_fused
     n_fused = done["linear"] + done["linear_gelu"]
-    if precision == "int8-attention":
+    if precision == "int8-mixed":
         assert done["int8_attention"] == 4 * 2  # query, key, value, output per layer
-        n_fusable = 2 * 2 + (arch != "distilbert")  # the feed-forward pairs; the pooler
+        assert done["int8_ffn_in"] == 2 * (arch != "distilbert")
+        # the feed-forward layers left in float32; the pooler
+        n_fusable = (4 if arch == "distilbert" else 2) + (arch != "distilbert")
     else:
         n_fusable = 6 * 2 + (arch != "distilbert")
     if fused_linear_supported(torch.bfloat16 if precision == "bf16" else torch.float32):

@@ -54,7 +54,7 @@ def bench_encode_cmd(
         "auto",
         "--precisions",
         help="CPU precisions timed besides fp32, comma-separated: auto (what "
-        "lm.cpu_precision = auto picks here), bf16, int8-attention, int8.",
+        "lm.cpu_precision = auto picks here), bf16, int8-mixed, int8.",
     ),
 ) -> None:
     """Items/s of item encoding by device and batch size, against a naive loop.

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import polars as pl
 
-from recsys.candidates import History, top_n
+from recsys.candidates import History, source_top_k, top_n
 from recsys.config import PipelineConfig
 from recsys.data import I, IdIndex, U, to_canonical, to_internal
 from recsys.evaluate import baselines
@@ -102,10 +102,7 @@ def main() -> None:
 
     for name, model in baselines(cfg.seed).items():
         model.fit(h)
-        add(name, np.concatenate([
-            top_n(model.scores(users[s : s + 512], h), h.X[users[s : s + 512]], args.k)[0]
-            for s in range(0, len(users), 512)
-        ]))  # fmt: skip
+        add(name, source_top_k(model, h, users, args.k))
     t0 = time.perf_counter()
     V = zero_shot_vectors(items)
     X = h.X[users]

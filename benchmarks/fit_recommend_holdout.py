@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recsys.candidates import History, top_n
+from recsys.candidates import History, source_top_k
 from recsys.data import I, IdIndex, U, to_canonical, to_internal
 from recsys.evaluate import baselines
 from recsys.metrics import summarize
@@ -100,12 +100,7 @@ def main() -> None:
 
     h = History(hist, len(users), len(item_index))
     ease = baselines()["EASE"].fit(h)
-    ease_recs = np.concatenate(
-        [
-            top_n(ease.scores(test_users[s : s + 512], h), h.X[test_users[s : s + 512]], a.k)[0]
-            for s in range(0, len(test_users), 512)
-        ]
-    )
+    ease_recs = source_top_k(ease, h, test_users, a.k)
     base = summarize(ease_recs, test_users, test, a.k, len(item_index))
 
     k = a.k

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import polars as pl
+
+from features.batch import Candidates, Histories
 
 DAY = 86_400
 _SHIFT = 34  # item index in the high bits, time offset or event rank in the low 34
@@ -16,14 +17,9 @@ UPOP_SHARES: tuple[float, ...] = (0.002, 0.01, 0.05)
 
 
 def popularity_before_user_time(
-    ev: pl.LazyFrame,
-    pairs: pl.LazyFrame,
-    user_last_t: pl.LazyFrame,
-    windows_days: tuple[float, ...] = (1, 7, 30, 180),
-    windows_share: tuple[float, ...] = (0.002, 0.01, 0.05),
-) -> pl.LazyFrame:
-    """Per candidate pair (u, i), with t_u the user's last event time (`user_last_t`:
-    u, user_last_t; users missing there are taken at the latest time):
+    index: EventTimeIndex, h: Histories, c: Candidates
+) -> dict[str, np.ndarray]:
+    """Per candidate pair (u, i), with t_u the user's last event time:
 
     upop_{w}d         events on i in (t_u - w days, t_u]
     upop_share_{w}d   that count over all events in the same window
@@ -32,15 +28,15 @@ def popularity_before_user_time(
                       the same on busy and quiet data sets
 
     Counting is a binary search in events sorted by (item, time), so the cost is
-    O((events + pairs) log events) whatever the windows.
+    O(pairs log events) whatever the windows; a chunk of one user whose windows hold
+    few events counts them directly (the same integers).
     """
-    e = ev.select("i", "t").collect()
-    p = pairs.select("u", "i").join(user_last_t, on="u", how="left").collect()
-    index = EventTimeIndex.build(e["i"].to_numpy(), e["t"].to_numpy())
-    qi = p["i"].to_numpy()
-    t_end = p["user_last_t"].fill_null(index.t_max).to_numpy()
-    cols = index.counts(qi, t_end, windows_days, windows_share)
-    return pl.DataFrame({"u": p["u"], "i": p["i"], **cols}).lazy()
+    t_end = np.repeat(h.last_t, np.diff(c.ptr))
+    if len(h) == 1:
+        direct = index.counts_at_one_time(c.items, int(h.last_t[0]))
+        if direct is not None:
+            return direct
+    return index.counts(c.items, t_end)
 
 
 @dataclass(frozen=True)
@@ -51,8 +47,10 @@ class EventTimeIndex:
     key_t: np.ndarray  # (item << _SHIFT) | (t - t_min), sorted
     key_r: np.ndarray  # (item << _SHIFT) | rank by time (1-based), sorted
     t_sorted: np.ndarray
+    i_by_time: np.ndarray  # the items of the events in the same (time, item) order
     t_min: int
     t_max: int
+    n_items: int
 
     @classmethod
     def build(cls, items: np.ndarray, times: np.ndarray) -> EventTimeIndex:
@@ -67,8 +65,10 @@ class EventTimeIndex:
             key_t=np.sort((item << _SHIFT) | (t - t_min)),
             key_r=np.sort((item << _SHIFT) | rank),
             t_sorted=t[by_time],
+            i_by_time=item[by_time],
             t_min=t_min,
             t_max=int(t.max()) if n else 0,
+            n_items=int(item.max()) + 1 if n else 0,
         )
 
     def counts(
@@ -78,14 +78,21 @@ class EventTimeIndex:
         windows_days: tuple[float, ...] = UPOP_DAYS,
         windows_share: tuple[float, ...] = UPOP_SHARES,
     ) -> dict[str, np.ndarray]:
-        """The upop_* columns for query items with their users' end times."""
+        """The upop_* columns for query items with their users' end times.
+
+        The queries are put in (item, end time) order once: every search below then
+        runs over ascending keys (binary searches that walk little memory), and the
+        answers go back to the given order at the end."""
         key_t, key_r, t_sorted, t_min = self.key_t, self.key_r, self.t_sorted, self.t_min
         n = len(t_sorted)
         qi = np.asarray(items).astype(np.int64)
         t_end = np.asarray(t_end).astype(np.int64)
+        o = np.lexsort((t_end, qi))
+        qi, t_end = qi[o], t_end[o]
         base = qi << _SHIFT
         limit = (1 << _SHIFT) - 1
         lo_t = np.searchsorted(key_t, base, side="left")
+        lo_r = np.searchsorted(key_r, base, side="left")
 
         def item_count_until(x: np.ndarray) -> np.ndarray:  # events on qi with time <= x
             off = np.clip(x - t_min, -1, limit)
@@ -93,21 +100,50 @@ class EventTimeIndex:
 
         def item_count_until_rank(r: np.ndarray) -> np.ndarray:  # events on qi with rank <= r
             off = np.clip(r, 0, limit)
-            return np.searchsorted(key_r, base + off, side="right") - np.searchsorted(
-                key_r, base, side="left"
-            )
+            return np.searchsorted(key_r, base + off, side="right") - lo_r
 
+        # the totals depend on the end time alone: one search per distinct end time
+        ends, inv = np.unique(t_end, return_inverse=True)
+        end_all = np.searchsorted(t_sorted, ends, side="right")[inv]
         end_item = item_count_until(t_end)
-        end_all = np.searchsorted(t_sorted, t_end, side="right")
         cols: dict[str, np.ndarray] = {}
         for w in windows_days:
             start = t_end - int(w * DAY)
             cnt = end_item - item_count_until(start)
-            tot = end_all - np.searchsorted(t_sorted, start, side="right")
+            tot = end_all - np.searchsorted(t_sorted, ends - int(w * DAY), side="right")[inv]
             cols[f"upop_{w:g}d"] = cnt
             cols[f"upop_share_{w:g}d"] = cnt / (tot + 1.0)
         for s in windows_share:
             size = max(1, int(np.ceil(n * s)))
             cnt = end_item - item_count_until_rank(end_all - size)
+            cols[f"upop_last{s:g}"] = cnt / size
+        back = np.empty_like(o)
+        back[o] = np.arange(len(o))
+        return {k: v[back] for k, v in cols.items()}
+
+    def counts_at_one_time(self, items: np.ndarray, t_end: int) -> dict[str, np.ndarray] | None:
+        """`counts` for one end time: each window is a slice of the events in time
+        order, counted per item by a bincount (the same integers as the binary
+        searches). None where the windows hold too many events for that to pay."""
+        t_sorted, by_time = self.t_sorted, self.i_by_time
+        n = len(t_sorted)
+        if t_end - self.t_min >= (1 << _SHIFT) - 1:  # beyond the index's time offsets
+            return None
+        n_items = max(self.n_items, int(items.max()) + 1 if len(items) else 0)
+        end_all = int(np.searchsorted(t_sorted, t_end, side="right"))
+        starts_d = np.searchsorted(
+            t_sorted, [t_end - int(w * DAY) for w in UPOP_DAYS], side="right"
+        ).tolist()
+        sizes = [max(1, int(np.ceil(n * s))) for s in UPOP_SHARES]
+        starts_r = [max(0, end_all - size) for size in sizes]
+        if end_all - min(starts_d + starts_r) > 64 * max(len(items), 1) + n_items:
+            return None
+        cols: dict[str, np.ndarray] = {}
+        for w, lo in zip(UPOP_DAYS, starts_d, strict=True):
+            cnt = np.bincount(by_time[lo:end_all], minlength=n_items)[items]
+            cols[f"upop_{w:g}d"] = cnt
+            cols[f"upop_share_{w:g}d"] = cnt / ((end_all - lo) + 1.0)
+        for s, size, lo in zip(UPOP_SHARES, sizes, starts_r, strict=True):
+            cnt = np.bincount(by_time[lo:end_all], minlength=n_items)[items]
             cols[f"upop_last{s:g}"] = cnt / size
         return cols

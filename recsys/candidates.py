@@ -1,9 +1,14 @@
 """Candidate generators: one small class per source, all behind one interface.
 
 Each source is fitted on a `History` (the events before a cutoff) and scores every
-item for a batch of users as a dense row, so the same object serves as a retrieval
-stage (top-N of its row), as a ranker feature (its score for any candidate) and as
-an evaluation baseline (top-k of its row).
+item for a chunk of users (`features.batch.Histories`: their events, whoever they
+are: the bundle's users, or a request's fresh history) as a dense row, so the same
+object serves as a retrieval stage (top-N of its row), as a ranker feature (its score
+for any candidate) and as an evaluation baseline (top-k of its row).
+
+`candidates` takes each source's top-N unseen items for a chunk of users and returns
+their union with every source's score and rank: the batch job calls it with a chunk
+whose size a memory budget sets, a request with a chunk of one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from features.batch import Candidates, Histories, lookup, segment_index, segment_offsets
+from features.lm import candidate_rank
 from recsys.data import I, T, U, user_item_matrix
 
 log = logging.getLogger("recsys")
@@ -32,30 +39,42 @@ class History:
     now: int | None = None  # the cutoff; defaults to the last event time
     X: sp.csr_matrix = field(init=False)  # users x items, binary
     user_last_t: np.ndarray = field(init=False)  # -1 for users without history
+    # each user's events as CSR-like arrays over `ev` (user u: ptr[u]:ptr[u + 1])
+    ptr: np.ndarray = field(init=False)
+    items: np.ndarray = field(init=False)
+    times: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.X = user_item_matrix(self.ev, self.n_users, self.n_items, binary=True)
-        last = self.ev.group_by(U).agg(pl.col(T).max())
+        u = self.ev[U].to_numpy()
+        self.items = self.ev[I].to_numpy().astype(np.int64)
+        self.times = self.ev[T].to_numpy().astype(np.int64)
+        self.ptr = np.searchsorted(u, np.arange(self.n_users + 1), side="left").astype(np.int64)
         self.user_last_t = np.full(self.n_users, -1, dtype=np.int64)
-        self.user_last_t[last[U].to_numpy()] = last[T].to_numpy()
+        has = np.diff(self.ptr) > 0
+        self.user_last_t[has] = self.times[self.ptr[1:][has] - 1]
         if self.now is None:
-            t_max = self.ev[T].max()
-            self.now = int(t_max) if isinstance(t_max, int) else 0
+            self.now = int(self.times.max()) if len(self.times) else 0
 
     @classmethod
     def before(cls, ev: pl.DataFrame, cutoff: int, n_users: int, n_items: int) -> History:
         """The state at `cutoff` (epoch seconds): only events strictly before it."""
         return cls(ev.filter(pl.col(T) < cutoff), n_users, n_items, now=cutoff)
 
+    def histories(self, users: np.ndarray) -> Histories:
+        """The events of `users` (user indices; -1: none) as a chunk."""
+        users = np.asarray(users, dtype=np.int64)
+        known = users >= 0
+        lo = np.where(known, self.ptr[np.maximum(users, 0)], 0)
+        hi = np.where(known, self.ptr[np.maximum(users, 0) + 1], 0)
+        lens = hi - lo
+        ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        at = np.repeat(lo - ptr[:-1], lens) + np.arange(int(ptr[-1]))
+        return Histories(ptr, self.items[at], self.times[at], users, np.zeros(len(users), bool))
+
     def last_items(self, users: np.ndarray, n: int) -> list[np.ndarray]:
         """Each user's last `n` items, most recent first."""
-        sub = (
-            self.ev.filter(pl.col(U).is_in(users.tolist()))
-            .group_by(U, maintain_order=True)
-            .agg(pl.col(I).tail(n).reverse())
-        )
-        by_user = dict(zip(sub[U].to_list(), sub[I].to_list(), strict=True))
-        return [np.asarray(by_user.get(int(u), []), dtype=np.int64) for u in users]
+        return self.histories(users).last_list(n)
 
 
 class Source(Protocol):
@@ -63,8 +82,8 @@ class Source(Protocol):
 
     def fit(self, h: History) -> Source: ...
 
-    def scores(self, users: np.ndarray, h: History) -> np.ndarray:
-        """Dense [len(users), n_items] float32 scores; higher is better."""
+    def scores(self, b: Histories, n_items: int) -> np.ndarray:
+        """Dense [len(b), n_items] float32 scores; higher is better."""
         ...
 
     def state(self) -> dict[str, np.ndarray]:
@@ -82,12 +101,15 @@ class MostPopular:
     name = "pop"
 
     def fit(self, h: History) -> MostPopular:
-        counts = np.bincount(h.ev[I].to_numpy(), minlength=h.n_items).astype(np.float32)
-        self.counts_ = counts
+        self.counts_ = np.bincount(h.items, minlength=h.n_items).astype(np.float32)
+        self.order_ = np.argsort(-self.counts_, kind="stable")
         return self
 
-    def scores(self, users: np.ndarray, h: History) -> np.ndarray:
-        return np.broadcast_to(self.counts_, (len(users), h.n_items)).copy()
+    def scores(self, b: Histories, n_items: int) -> np.ndarray:
+        return np.broadcast_to(self.counts_, (len(b), n_items)).copy()
+
+    def rows(self, b: Histories, n_items: int) -> OrderRows:
+        return OrderRows(self.counts_, self.order_[self.order_ < n_items], len(b))
 
     def state(self) -> dict[str, np.ndarray]:
         return {}  # cheap: refitted from the history on load
@@ -98,38 +120,78 @@ class MostPopular:
 
 class RecentPopular:
     """Counts in the `window_days` before each user's own last event: what was being
-    consumed around the time the user was last active, not around the global end."""
+    consumed around the time the user was last active, not around the global end.
+
+    A row is a difference of two cumulative counts; these are kept at checkpoints
+    (every `step_` events in time order, within `checkpoint_bytes`), so a row costs
+    at most two short counts and a subtraction whatever the window holds."""
 
     name = "recent_pop"
 
-    def __init__(self, window_days: float = 14.0) -> None:
+    def __init__(self, window_days: float = 14.0, checkpoint_bytes: int = 128 << 20) -> None:
         self.window_days = window_days
+        self.checkpoint_bytes = checkpoint_bytes
 
     def fit(self, h: History) -> RecentPopular:
-        order = np.argsort(h.ev[T].to_numpy(), kind="stable")
-        self.t_sorted_ = h.ev[T].to_numpy()[order]
-        self.i_sorted_ = h.ev[I].to_numpy()[order]
+        order = np.argsort(h.times, kind="stable")
+        self.t_sorted_ = h.times[order]
+        self.i_sorted_ = h.items[order].astype(np.int32)
+        self.now_ = int(h.now or 0)
+        self._cum: np.ndarray | None = None
         return self
 
-    def counts_at(self, t_end: np.ndarray, n_items: int) -> np.ndarray:
-        w = int(self.window_days * 86400)
-        out = np.zeros((len(t_end), n_items), dtype=np.float32)
-        cache: dict[tuple[int, int], np.ndarray] = {}
-        his = np.searchsorted(self.t_sorted_, t_end, side="right")
-        los = np.searchsorted(self.t_sorted_, t_end - w, side="left")
-        for r, (lo, hi) in enumerate(zip(los.tolist(), his.tolist(), strict=True)):
-            row = cache.get((lo, hi))
-            if row is None:
-                row = np.bincount(self.i_sorted_[lo:hi], minlength=n_items).astype(np.float32)
-                if len(cache) < 4096:
-                    cache[(lo, hi)] = row
-            out[r] = row
-        return out
+    def _checkpoints(self, n_items: int) -> tuple[np.ndarray, int]:
+        n = len(self.t_sorted_)
+        if self._cum is None or self._cum.shape[1] != n_items:
+            per = max(1, n_items * 4)
+            k = max(1, min(n // 4 + 1, self.checkpoint_bytes // per))
+            step = max(1024, -(-n // k))
+            cum = np.zeros((n // step + 1, n_items), dtype=np.int32)
+            for j in range(1, len(cum)):
+                cum[j] = cum[j - 1] + np.bincount(
+                    self.i_sorted_[(j - 1) * step : j * step], minlength=n_items
+                )
+            self._cum, self._step = cum, step
+        return self._cum, self._step
 
-    def scores(self, users: np.ndarray, h: History) -> np.ndarray:
-        t_end = h.user_last_t[users].copy()
-        t_end[t_end < 0] = int(h.now or 0)
-        return self.counts_at(t_end, h.n_items)
+    def _window(self, t: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+        """The window ending at `t`: (items with events in it ascending, their counts)."""
+        w = int(self.window_days * 86400)
+        hi = int(np.searchsorted(self.t_sorted_, t, side="right"))
+        lo = int(np.searchsorted(self.t_sorted_, t - w, side="left"))
+        ii = self.i_sorted_
+        if hi - lo <= 2 * 1024 + n_items // 8:
+            items, counts = np.unique(ii[lo:hi], return_counts=True)
+            keep = items < n_items
+            return items[keep].astype(np.int64), counts[keep].astype(np.float32)
+        cum, step = self._checkpoints(n_items)
+        a, b = lo // step, hi // step
+        row = cum[b] - cum[a]
+        row += np.bincount(ii[b * step : hi], minlength=n_items).astype(np.int32)
+        row -= np.bincount(ii[a * step : lo], minlength=n_items).astype(np.int32)
+        nz = np.flatnonzero(row)
+        return nz, row[nz].astype(np.float32)
+
+    def counts_at(self, t_end: np.ndarray, n_items: int) -> np.ndarray:
+        return self._sparse_at(t_end, n_items).toarray()
+
+    def _sparse_at(self, t_end: np.ndarray, n_items: int) -> sp.csr_matrix:
+        parts = [self._window(int(t), n_items) for t in np.asarray(t_end).tolist()]
+        ptr = np.concatenate([[0], np.cumsum([len(p[0]) for p in parts])]).astype(np.int64)
+        items = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        counts = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32)
+        return sp.csr_matrix((counts, items, ptr), shape=(len(parts), n_items))
+
+    def _t_end(self, b: Histories) -> np.ndarray:
+        t_end = b.last_t
+        t_end[t_end < 0] = self.now_
+        return t_end
+
+    def scores(self, b: Histories, n_items: int) -> np.ndarray:
+        return self.counts_at(self._t_end(b), n_items)
+
+    def rows(self, b: Histories, n_items: int) -> SparseRows:
+        return SparseRows(self._sparse_at(self._t_end(b), n_items))
 
     def state(self) -> dict[str, np.ndarray]:
         return {}  # cheap: refitted from the history on load
@@ -139,28 +201,56 @@ class RecentPopular:
 
 
 class ItemKNN:
-    """Item-item cosine similarity, `k` neighbours kept per item (0 keeps all)."""
+    """Item-item cosine similarity, `k` neighbours kept per item (0 keeps all).
+
+    The co-occurrence counts are computed a block of items at a time and cut to each
+    item's `k` neighbours before the next block, so memory follows the kept
+    neighbours, not the full item x item product."""
 
     name = "itemknn"
 
-    def __init__(self, k: int = 100, shrink: float = 0.0) -> None:
+    def __init__(self, k: int = 100, shrink: float = 0.0, block_nnz: int = 20_000_000) -> None:
         self.k = k
         self.shrink = shrink
+        self.block_nnz = block_nnz
 
     def fit(self, h: History) -> ItemKNN:
-        X = h.X.tocsc().astype(np.float32)
+        X = h.X.astype(np.float32)
+        Xc = X.tocsc()
         norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=0)).ravel())
-        G = (X.T @ X).tocsr().astype(np.float32)
-        G.setdiag(0)
-        G.eliminate_zeros()
-        G = G.tocoo()
-        denom = norms[G.row] * norms[G.col] + self.shrink + 1e-9
-        S = sp.csr_matrix((G.data / denom, (G.row, G.col)), shape=G.shape)
-        self.sim_ = _keep_top_k_per_row(S, self.k) if self.k else S
+        # work per item: the events of its users (what its row of X'X costs)
+        user_len = np.diff(X.indptr).astype(np.int64)
+        cs = np.concatenate([[0], np.cumsum(user_len[Xc.indices])])
+        cost = cs[Xc.indptr[1:]] - cs[Xc.indptr[:-1]]
+        blocks = _blocks(cost, self.block_nnz)
+        parts = []
+        for a, b in blocks:
+            G = (Xc[:, a:b].T @ X).tocoo()
+            keep = G.row + a != G.col  # no self-similarity
+            r, c, g = G.row[keep], G.col[keep], G.data[keep]
+            s = g / (norms[r + a] * norms[c] + self.shrink + 1e-9)
+            S = sp.csr_matrix((s.astype(np.float32), (r, c)), shape=(b - a, h.n_items))
+            parts.append(_keep_top_k_per_row(S, self.k) if self.k else S)
+        self.sim_ = (
+            sp.vstack(parts, format="csr")
+            if parts
+            else sp.csr_matrix((h.n_items, h.n_items), dtype=np.float32)
+        )
         return self
 
-    def scores(self, users: np.ndarray, h: History) -> np.ndarray:
-        return np.asarray((h.X[users] @ self.sim_.T).todense(), dtype=np.float32)
+    @property
+    def sim_t(self) -> sp.csr_matrix:
+        """The similarity's transpose as CSR (what a users x items product multiplies)."""
+        c = getattr(self, "_sim_t", None)
+        if c is None or c[0] is not self.sim_:
+            c = self._sim_t = (self.sim_, self.sim_.T.tocsr())
+        return c[1]
+
+    def rows(self, b: Histories, n_items: int) -> SparseRows:
+        return SparseRows(b.seen(n_items) @ self.sim_t)
+
+    def scores(self, b: Histories, n_items: int) -> np.ndarray:
+        return self.rows(b, n_items).dense()
 
     def state(self) -> dict[str, np.ndarray]:
         return _csr_state(self.sim_, "sim")
@@ -172,7 +262,11 @@ class ItemKNN:
 
 class EASE:
     """EASE (Steck 2019): a closed-form item-item linear model, on at most `max_items`
-    most popular items (others score -inf from this source)."""
+    most popular items (others score -inf from this source).
+
+    The Gram matrix is built dense a block of columns at a time, inverted in place
+    (Cholesky), and each column cut to its `keep` largest weights a block at a time:
+    memory is one max_items x max_items array."""
 
     name = "ease"
 
@@ -190,30 +284,54 @@ class EASE:
         if len(keep) > self.max_items:
             keep = keep[np.argsort(-counts[keep], kind="stable")[: self.max_items]]
             keep.sort()
-        Xk = h.X[:, keep].astype(np.float32)
-        G: np.ndarray = np.asarray(
-            (Xk.T @ Xk).todense(), dtype=np.float64 if self.double else np.float32
-        )
-        G[np.diag_indices_from(G)] += self.l2
-        P = _spd_inverse(G)
-        B = P / (-np.diag(P))
-        B[np.diag_indices_from(B)] = 0.0
         self.items_ = keep
-        if self.keep and self.keep < len(keep):
+        self.n_items_ = h.n_items
+        dtype = np.float64 if self.double else np.float32
+        Xk = h.X[:, keep].astype(dtype).tocsc()
+        m = len(keep)
+        XkT = Xk.T.tocsr()
+        # G in Fortran order: LAPACK factors and inverts it in place
+        G = np.zeros((m, m), dtype=dtype, order="F")
+        step = max(1, (64 << 20) // max(m * 8, 1))
+        for a in range(0, m, step):
+            G[:, a : a + step] = (XkT @ Xk[:, a : a + step]).toarray()
+        G[np.diag_indices_from(G)] += self.l2
+        P = _spd_inverse_inplace(G)
+        diag = np.diag(P).copy()
+        if self.keep and self.keep < m:
             # the largest weights of each column carry the score; the rest is noise
-            self.B_ = _keep_top_k_per_row(
-                sp.csr_matrix(np.abs(B.T)), self.keep, signed=B.T
-            ).T.tocsr()
+            self.B_ = _top_weights_per_column(P, diag, self.keep)
         else:
-            self.B_ = B.astype(np.float32)
+            P /= -diag[None, :]
+            P[np.diag_indices_from(P)] = 0.0
+            self.B_ = np.ascontiguousarray(P, dtype=np.float32)
         return self
 
-    def scores(self, users: np.ndarray, h: History) -> np.ndarray:
-        out = np.full((len(users), h.n_items), -np.inf, dtype=np.float32)
-        Xu = h.X[users][:, self.items_]
+    def rows(self, b: Histories, n_items: int) -> SparseRows | DenseRows:
+        pos = np.full(n_items, -1, dtype=np.int64)
+        pos[self.items_] = np.arange(len(self.items_))
+        seen = b.seen(n_items)
+        p = pos[seen.indices]
+        ok = p >= 0
+        rows = segment_index(seen.indptr.astype(np.int64))
+        Xu = sp.csr_matrix(
+            (np.ones(int(ok.sum()), np.float32), (rows[ok], p[ok])),
+            shape=(len(b), len(self.items_)),
+        )
         s = Xu @ self.B_
-        out[:, self.items_] = s.toarray() if sp.issparse(s) else np.asarray(s, dtype=np.float32)
-        return out
+        if sp.issparse(s):
+            s = sp.csr_matrix(s)
+            s.sum_duplicates()
+            # columns back to item indices (ascending, as `items_` is)
+            S = sp.csr_matrix((s.data, self.items_[s.indices], s.indptr), shape=(len(b), n_items))
+            return SparseRows(S, eligible=self.items_)
+        out = np.full((len(b), n_items), -np.inf, dtype=np.float32)
+        out[:, self.items_] = np.asarray(s, dtype=np.float32)
+        return DenseRows(out)
+
+    def scores(self, b: Histories, n_items: int) -> np.ndarray:
+        r = self.rows(b, n_items)
+        return r.dense() if isinstance(r, SparseRows) else r.S
 
     def state(self) -> dict[str, np.ndarray]:
         st = {"items": self.items_.astype(np.int64)}
@@ -230,7 +348,10 @@ class EASE:
 
 
 class ALS:
-    """Implicit-feedback matrix factorisation (the `implicit` library's ALS)."""
+    """Implicit-feedback matrix factorisation (the `implicit` library's ALS).
+
+    A user the model has no factor for, or whose history has grown since the fit,
+    gets the ALS least-squares solution against the fixed item factors."""
 
     name = "als"
 
@@ -270,12 +391,36 @@ class ALS:
         self.item_factors_ = np.asarray(model.item_factors, dtype=np.float32)
         return self
 
-    def scores(self, users: np.ndarray, h: History) -> np.ndarray:
+    def user_factors(self, b: Histories, n_items: int) -> np.ndarray:
+        """[len(b), factors] float32: the fitted factor of a known user with no fresh
+        events, else the least-squares solution against the item factors."""
+        Y = self.item_factors_
+        out = np.zeros((len(b), Y.shape[1]), dtype=np.float32)
+        fitted = (b.users >= 0) & (b.users < len(self.user_factors_)) & ~b.fresh
+        out[fitted] = self.user_factors_[b.users[fitted]]
+        solve = np.flatnonzero(~fitted & (b.lengths > 0))
+        if len(solve):
+            cache = getattr(self, "_yty", None)
+            if cache is None or cache[0] is not Y:
+                Y64 = Y.astype(np.float64)
+                cache = self._yty = (Y, Y64.T @ Y64)
+            YtY = cache[1]
+            seen = b.take(solve).seen(n_items)
+            for j, r in enumerate(solve.tolist()):
+                items = seen.indices[seen.indptr[j] : seen.indptr[j + 1]]
+                Yu = Y[items].astype(np.float64)
+                A = YtY + self.alpha * (Yu.T @ Yu)
+                A[np.diag_indices_from(A)] += self.regularization
+                rhs = (1.0 + self.alpha) * Yu.sum(axis=0)
+                out[r] = np.linalg.solve(A, rhs).astype(np.float32)
+        return out
+
+    def scores(self, b: Histories, n_items: int) -> np.ndarray:
         # float64 products rounded to float32: the same values for one user as for a
-        # batch (a float32 product's last bit depends on the BLAS kernel the batch
-        # size picks, which reorders near-equal scores between online and offline)
-        U64 = self.user_factors_[users].astype(np.float64)
-        return (U64 @ self.item_factors_.T.astype(np.float64)).astype(np.float32)
+        # chunk (a float32 product's last bit depends on the BLAS kernel the chunk's
+        # size picks, which would reorder near-equal scores between the two)
+        U64 = self.user_factors(b, n_items).astype(np.float64)
+        return (U64 @ self.item_factors_[:n_items].T.astype(np.float64)).astype(np.float32)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"user_factors": self.user_factors_, "item_factors": self.item_factors_}
@@ -291,50 +436,39 @@ class NextItem:
 
     Transition weights count item b following item a within `max_gap` steps (1/gap each),
     normalised by how often a occurs; a user's score sums the rows of their last
-    `last_n` items, weighted `decay**j` for the j-th most recent.
+    `last_n` items, weighted `decay**j` for the j-th most recent. Each item keeps its
+    `keep` strongest successors (0: all), so a user's row costs at most
+    `last_n * keep` entries however popular their last items are.
     """
 
     name = "next"
 
-    def __init__(self, max_gap: int = 5, last_n: int = 10, decay: float = 0.8) -> None:
+    def __init__(
+        self, max_gap: int = 5, last_n: int = 10, decay: float = 0.8, keep: int = 0
+    ) -> None:
         self.max_gap = max_gap
         self.last_n = last_n
         self.decay = decay
+        self.keep = keep
 
     def fit(self, h: History) -> NextItem:
         from features.sequence import transitions
 
-        tr = transitions(h.ev.lazy(), self.max_gap).collect()
-        M = sp.csr_matrix(
-            (
-                tr["weight"].to_numpy().astype(np.float32),
-                (tr["prev"].to_numpy(), tr["next"].to_numpy()),
-            ),
-            shape=(h.n_items, h.n_items),
-        )
-        occ = np.bincount(h.ev[I].to_numpy(), minlength=h.n_items).astype(np.float32)
-        self.trans_ = sp.diags(1.0 / np.maximum(occ, 1.0)) @ M
-        self.trans_ = self.trans_.tocsr()
+        M = transitions(h.ev[U].to_numpy(), h.items, h.n_items, self.max_gap).astype(np.float32)
+        occ = np.bincount(h.items, minlength=h.n_items).astype(np.float32)
+        self.trans_ = (sp.diags(1.0 / np.maximum(occ, 1.0)) @ M).tocsr()
+        if self.keep:
+            self.trans_ = _keep_top_k_per_row(self.trans_, self.keep)
         return self
 
-    def scores(self, users: np.ndarray, h: History) -> np.ndarray:
-        last = h.last_items(users, self.last_n)
-        rows, cols, vals = [], [], []
-        for r, items in enumerate(last):
-            rows.append(np.full(len(items), r))
-            cols.append(items)
-            vals.append(self.decay ** np.arange(len(items)))
-        W = sp.csr_matrix(
-            (
-                np.concatenate(vals).astype(np.float32) if vals else np.zeros(0, np.float32),
-                (
-                    np.concatenate(rows) if rows else np.zeros(0, int),
-                    np.concatenate(cols) if cols else np.zeros(0, int),
-                ),
-            ),
-            shape=(len(users), h.n_items),
-        )
-        return np.asarray((W @ self.trans_).todense(), dtype=np.float32)
+    def rows(self, b: Histories, n_items: int) -> SparseRows:
+        ptr, last = b.last(self.last_n)
+        w = (self.decay ** segment_offsets(ptr).astype(np.float64)).astype(np.float32)
+        W = sp.csr_matrix((w, (segment_index(ptr), last)), shape=(len(b), n_items))
+        return SparseRows(W @ self.trans_)
+
+    def scores(self, b: Histories, n_items: int) -> np.ndarray:
+        return self.rows(b, n_items).dense()
 
     def state(self) -> dict[str, np.ndarray]:
         return _csr_state(self.trans_, "trans")
@@ -361,81 +495,305 @@ def _csr_from_state(state: dict[str, np.ndarray], name: str) -> sp.csr_matrix:
     )
 
 
-def _spd_inverse(G: np.ndarray) -> np.ndarray:
-    """Inverse of a symmetric positive definite matrix through its Cholesky factor."""
+def _spd_inverse_inplace(G: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive definite matrix through its Cholesky factor,
+    in G's own memory where LAPACK allows it (G in Fortran order)."""
     from scipy.linalg import lapack
 
     potrf, potri = (
         (lapack.spotrf, lapack.spotri) if G.dtype == np.float32 else (lapack.dpotrf, lapack.dpotri)
     )
-    c, info = potrf(G, lower=True)
+    c, info = potrf(G, lower=True, overwrite_a=True, clean=False)
     if info != 0:
-        return np.linalg.inv(G)
+        return np.asfortranarray(np.linalg.inv(G))
     inv, info = potri(c, lower=True, overwrite_c=True)
     if info != 0:
-        return np.linalg.inv(G)
-    return np.tril(inv) + np.tril(inv, -1).T
+        return np.asfortranarray(np.linalg.inv(G))
+    # the inverse is in the lower triangle: mirror it into the upper, a block at a time
+    m = len(inv)
+    step = 1024
+    for a in range(0, m, step):
+        b = min(a + step, m)
+        d = inv[a:b, a:b]
+        d[np.triu_indices(b - a, 1)] = d.T[np.triu_indices(b - a, 1)]
+        inv[:a, a:b] = inv[a:b, :a].T
+    return inv
 
 
-def _keep_top_k_per_row(
-    S: sp.csr_matrix, k: int, signed: np.ndarray | None = None
-) -> sp.csr_matrix:
-    """Keep the k largest entries of each row (values from `signed` when given)."""
-    S = S.tocsr()
-    indptr, indices, data = S.indptr, S.indices, S.data
-    new_rows, new_cols, new_vals = [], [], []
-    for r in range(S.shape[0]):
-        lo, hi = indptr[r], indptr[r + 1]
-        if hi - lo == 0:
-            continue
-        d = data[lo:hi]
-        c = indices[lo:hi]
-        if hi - lo > k:
-            top = np.argpartition(-d, k - 1)[:k]
-            d, c = d[top], c[top]
-        new_rows.append(np.full(len(c), r))
-        new_cols.append(c)
-        new_vals.append(d if signed is None else signed[r, c])
-    if not new_rows:
-        return sp.csr_matrix(S.shape, dtype=np.float32)
+def _top_weights_per_column(P: np.ndarray, diag: np.ndarray, keep: int) -> sp.csr_matrix:
+    """EASE's B = P / -diag(P) (zero diagonal), each column cut to its `keep` largest
+    weights by magnitude, as a sparse [m, m] float32 matrix; a block of columns at a
+    time, so no second dense m x m array is made."""
+    m = len(P)
+    rows_out, cols_out, vals_out = [], [], []
+    step = max(1, (32 << 20) // max(m * 8, 1))
+    for a in range(0, m, step):
+        b = min(a + step, m)
+        B = P[:, a:b] / -diag[a:b][None, :]
+        B[np.arange(a, b), np.arange(b - a)] = 0.0
+        top = np.argpartition(-np.abs(B), keep - 1, axis=0)[:keep]
+        vals = np.take_along_axis(B, top, axis=0)
+        cols = np.broadcast_to(np.arange(a, b), top.shape)
+        nz = vals != 0
+        rows_out.append(top[nz])
+        cols_out.append(cols[nz])
+        vals_out.append(vals[nz].astype(np.float32))
     return sp.csr_matrix(
-        (
-            np.concatenate(new_vals).astype(np.float32),
-            (np.concatenate(new_rows), np.concatenate(new_cols)),
-        ),
-        shape=S.shape,
+        (np.concatenate(vals_out), (np.concatenate(rows_out), np.concatenate(cols_out))),
+        shape=(m, m),
     )
 
 
+def _blocks(cost: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of rows whose summed cost stays within `budget` (a row
+    above it alone makes its own range)."""
+    out, a, acc = [], 0, 0
+    for j, c in enumerate(cost.tolist()):
+        if acc and acc + c > budget:
+            out.append((a, j))
+            a, acc = j, 0
+        acc += c
+    if a < len(cost):
+        out.append((a, len(cost)))
+    return out
+
+
+def _keep_top_k_per_row(S: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """Keep the k largest entries of each row (ties: the lower column index)."""
+    S = S.tocsr()
+    S.sum_duplicates()
+    rows = segment_index(S.indptr.astype(np.int64))
+    o = np.lexsort((S.indices, -S.data, rows))
+    rank = segment_offsets(S.indptr.astype(np.int64))
+    keep = o[rank < k]  # rank within the row after the sort
+    out = sp.csr_matrix(
+        (S.data[keep].astype(np.float32), (rows[keep], S.indices[keep])), shape=S.shape
+    )
+    out.sort_indices()
+    return out
+
+
+def _best(items: np.ndarray, vals: np.ndarray, n: int) -> np.ndarray:
+    """The `n` items of highest value, by value descending, ties by item ascending."""
+    if n <= 0:
+        return items[:0]
+    if len(vals) > n:
+        kth = -np.partition(-vals, n - 1)[n - 1]
+        above = vals > kth
+        tied = np.flatnonzero(vals == kth)
+        tied = tied[np.argsort(items[tied], kind="stable")][: n - int(above.sum())]
+        sel = np.concatenate([np.flatnonzero(above), tied])
+        items, vals = items[sel], vals[sel]
+    return items[np.lexsort((items, -vals))]
+
+
+def _pack(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row arrays as (ptr, concatenated items)."""
+    lens = [len(x) for x in lists]
+    ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    items = np.concatenate(lists).astype(np.int64) if lists else np.zeros(0, np.int64)
+    return ptr, items
+
+
+def top_lists(S: np.ndarray, seen: sp.csr_matrix, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's top-n items, never an item in its row of `seen`, nor one without a
+    finite score: by score descending, ties by item index ascending, as (ptr, items).
+    `S` is modified in place (seen and non-finite entries become -inf).
+
+    The rows are partitioned together; a row whose n-th score is tied beyond the
+    partition takes the tied items in index order."""
+    S[~np.isfinite(S)] = -np.inf
+    r = segment_index(seen.indptr.astype(np.int64))
+    S[r, seen.indices] = -np.inf
+    n = min(n, S.shape[1])
+    if n == 0 or len(S) == 0:
+        return np.zeros(len(S) + 1, np.int64), np.zeros(0, np.int64)
+    part = np.argpartition(-S, n - 1, axis=1)[:, :n]
+    ps = np.take_along_axis(S, part, axis=1)
+    kth = ps.min(axis=1)
+    at_kth = kth[:, None]
+    tied = np.count_nonzero(at_kth == S, axis=1) > np.count_nonzero(ps == at_kth, axis=1)
+    for j in np.flatnonzero(tied & (kth > -np.inf)).tolist():
+        m = S[j]
+        above = np.flatnonzero(m > kth[j])
+        part[j] = np.concatenate([above, np.flatnonzero(m == kth[j])[: n - len(above)]])
+    # by score descending, then index: sort by index, then a stable sort by score
+    part.sort(axis=1)
+    ps = np.take_along_axis(S, part, axis=1)
+    o = np.argsort(-ps, axis=1, kind="stable")
+    part = np.take_along_axis(part, o, axis=1)
+    ps = np.take_along_axis(ps, o, axis=1)
+    ok = ps > -np.inf
+    ptr = np.concatenate([[0], np.cumsum(ok.sum(axis=1))]).astype(np.int64)
+    return ptr, part[ok].astype(np.int64)
+
+
 def top_n(scores: np.ndarray, seen: sp.csr_matrix, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-n items per row, never an item in `seen` (rows aligned), nor one without a
-    finite score: by score descending, ties by item index ascending (so the list does
-    not depend on how it is computed; `recsys.online` takes the same lists by cheaper
-    means). Slots beyond the row's eligible items are -1 (score -inf)."""
-    s = np.array(scores, copy=True)
-    r, c = seen.nonzero()
-    s[r, c] = -np.inf
-    s[~np.isfinite(s)] = -np.inf
-    n_rows, n_items = s.shape
-    n = min(n, n_items)
-    items = np.full((n_rows, n), -1, dtype=np.int64)
-    vals = np.full((n_rows, n), -np.inf, dtype=s.dtype)
-    if n == 0 or n_rows == 0:
-        return items, vals
-    # the n-th largest score of each row: every item above it is taken, and of the
-    # items equal to it the first ones by index, until the row has n
-    kth = -np.partition(-s, n - 1, axis=1)[:, n - 1]
-    sel = s > kth[:, None]
-    short = n - sel.sum(axis=1)
-    tr, tc = np.nonzero((s == kth[:, None]) & np.isfinite(kth)[:, None])
-    pos = np.arange(len(tr)) - np.searchsorted(tr, tr)
-    keep = pos < short[tr]
-    sel[tr[keep], tc[keep]] = True
-    rr, cc = np.nonzero(sel)
-    vv = s[rr, cc]
-    o = np.lexsort((cc, -vv, rr))
-    rr, cc, vv = rr[o], cc[o], vv[o]
-    pos = np.arange(len(rr)) - np.searchsorted(rr, rr)
-    items[rr, pos] = cc
-    vals[rr, pos] = vv
-    return items, vals
+    """`top_lists` as a [rows, n] array of items (-1 beyond a row's eligible items)
+    and their scores (-inf there); `scores` is left as it is."""
+    S = np.array(scores, copy=True)
+    ptr, items = top_lists(S, seen, n)
+    n = min(n, S.shape[1])
+    out = np.full((len(S), n), -1, dtype=np.int64)
+    vals = np.full((len(S), n), -np.inf, dtype=S.dtype)
+    rows = segment_index(ptr)
+    pos = segment_offsets(ptr)
+    out[rows, pos] = items
+    vals[rows, pos] = S[rows, items]
+    return out, vals
+
+
+class DenseRows:
+    """Scores as a dense [users, n_items] array."""
+
+    def __init__(self, S: np.ndarray) -> None:
+        self.S = S
+
+    def top(self, seen: sp.csr_matrix, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return top_lists(self.S, seen, n)  # seen and non-finite entries become -inf
+
+    def at(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return self.S[rows, items]
+
+
+class SparseRows:
+    """Scores held sparse: the stored entries of a [users, n_items] CSR matrix, 0 for
+    every other item of `eligible` (sorted item indices; None: all), -inf beyond it.
+    The top of a row is found among its stored entries, without a dense row."""
+
+    def __init__(self, S: sp.csr_matrix, eligible: np.ndarray | None = None) -> None:
+        S = S.tocsr()
+        S.sum_duplicates()  # also sorts the indices
+        self.S = S
+        self.eligible = eligible
+
+    def top(self, seen: sp.csr_matrix, n: int) -> tuple[np.ndarray, np.ndarray]:
+        S = self.S
+        n_rows, n_items = S.shape
+        n = min(n, n_items)
+        ok = np.isfinite(S.data) & (S.data != 0)
+        all_ok = bool(ok.all())
+        pool = self.eligible
+        out = []
+        for j in range(n_rows):
+            a, b = S.indptr[j], S.indptr[j + 1]
+            cj, vj = S.indices[a:b], S.data[a:b]
+            if not all_ok:
+                cj, vj = cj[ok[a:b]], vj[ok[a:b]]
+            sj = seen.indices[seen.indptr[j] : seen.indptr[j + 1]]
+            pos = vj > 0
+            # the best n + |seen| stored positives hold the best n unseen ones
+            top = _best(cj[pos], vj[pos], n + len(sj))
+            top = top[~np.isin(top, sj)][:n]
+            if len(top) < n:
+                # then the row's zeros (every other eligible unseen item) in index
+                # order, then the negatives
+                m = n - len(top)
+                excl = np.union1d(sj, cj)
+                head = (pool[: m + len(excl)] if pool is not None
+                        else np.arange(min(n_items, m + len(excl))))  # fmt: skip
+                zeros = head[~np.isin(head, excl)][:m]
+                neg = _best(cj[~pos], vj[~pos], m - len(zeros) + len(sj))
+                neg = neg[~np.isin(neg, sj)][: m - len(zeros)]
+                top = np.concatenate([top, zeros, neg])
+            out.append(top.astype(np.int64))
+        return _pack(out)
+
+    def at(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        S = self.S
+        n_items = S.shape[1]
+        keys = segment_index(S.indptr.astype(np.int64)) * n_items + S.indices
+        q = rows.astype(np.int64) * n_items + items
+        out = lookup(keys, S.data, q).astype(np.float32)
+        if self.eligible is not None:
+            ok = np.zeros(n_items, dtype=bool)
+            ok[self.eligible] = True
+            out[~ok[items]] = -np.inf
+        return out
+
+    def dense(self) -> np.ndarray:
+        out = np.asarray(self.S.todense(), dtype=np.float32)
+        if self.eligible is not None:
+            ok = np.zeros(self.S.shape[1], dtype=bool)
+            ok[self.eligible] = True
+            out[:, ~ok] = -np.inf
+        return out
+
+
+class OrderRows:
+    """Scores that are the same for every user (a popularity count): each user walks
+    the one order (score descending, index) past the items they have met."""
+
+    def __init__(self, counts: np.ndarray, order: np.ndarray, n_rows: int) -> None:
+        self.counts, self.order, self.n_rows = counts, order, n_rows
+
+    def top(self, seen: sp.csr_matrix, n: int) -> tuple[np.ndarray, np.ndarray]:
+        out = []
+        for r in range(self.n_rows):
+            s = seen.indices[seen.indptr[r] : seen.indptr[r + 1]]
+            head = self.order[: n + len(s)]
+            out.append(head[~np.isin(head, s, assume_unique=True)][:n])
+        return _pack(out)
+
+    def at(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return self.counts[items]
+
+
+def source_rows(s: Source, b: Histories, n_items: int) -> DenseRows | SparseRows | OrderRows:
+    """A source's scores for a chunk in the form it computes them cheapest."""
+    rows = getattr(s, "rows", None)
+    return rows(b, n_items) if rows is not None else DenseRows(s.scores(b, n_items))
+
+
+def candidates(sources: list[Source], b: Histories, n_items: int, per_source: int) -> Candidates:
+    """Union of each source's top-`per_source` unseen items for a chunk of users (each
+    with at least one event), ascending per user, with every source's
+    `{name}_score` (NaN where not finite) and `{name}_rank` (per_source + 1 where that
+    source did not retrieve the item), and `lm_cand_rank` with the language model's
+    source: the rank of its score among the user's candidates."""
+    seen = b.seen(n_items)
+    tops: list[tuple[np.ndarray, np.ndarray]] = []
+    rows_all, items_all = [], []
+    scored = []
+    for s in sources:
+        sr = source_rows(s, b, n_items)
+        ptr, items = sr.top(seen, per_source)
+        scored.append(sr)
+        tops.append((ptr, items))
+        rows_all.append(segment_index(ptr))
+        items_all.append(items)
+    keys = np.unique(
+        np.concatenate(rows_all) * n_items + np.concatenate(items_all)
+        if rows_all
+        else np.zeros(0, np.int64)
+    )
+    rows = keys // n_items
+    c = Candidates(
+        np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(b)))]).astype(np.int64),
+        keys % n_items,
+        {},
+    )
+    for s, sr, (ptr, items), r in zip(sources, scored, tops, rows_all, strict=True):
+        rank = np.full(len(c), per_source + 1, dtype=np.int32)
+        rank[np.searchsorted(keys, r * n_items + items)] = segment_offsets(ptr) + 1
+        sc = sr.at(rows, c.items)
+        c.cols[f"{s.name}_score"] = np.where(np.isfinite(sc), sc, np.nan).astype(np.float32)
+        c.cols[f"{s.name}_rank"] = rank
+    if "lm_score" in c.cols:
+        c.cols["lm_cand_rank"] = candidate_rank(c.cols["lm_score"], c.ptr)
+    return c
+
+
+def source_top_k(
+    source: Source, h: History, users: np.ndarray, k: int, batch: int = 512
+) -> np.ndarray:
+    """[len(users), k] a fitted source's own top-k unseen items (-1 beyond a row's
+    eligible items): a source as a recommender (the evaluation's baselines)."""
+    parts = []
+    for s in range(0, len(users), batch):
+        b = h.histories(users[s : s + batch])
+        ptr, items = source_rows(source, b, h.n_items).top(b.seen(h.n_items), k)
+        out = np.full((len(b), min(k, h.n_items)), -1, dtype=np.int64)
+        out[segment_index(ptr), segment_offsets(ptr)] = items
+        parts.append(out)
+    return np.concatenate(parts) if parts else np.zeros((0, k), np.int64)

@@ -30,6 +30,9 @@ class SourcesConfig(BaseModel):
     next_max_gap: int = Field(5, ge=1)
     next_last_n: int = Field(10, ge=1)
     next_decay: float = Field(0.8, gt=0, le=1)
+    next_keep: int = Field(
+        100, ge=0, description="successors kept per item by the next-item source (0: all)"
+    )
 
 
 class RankerConfig(BaseModel):
@@ -42,8 +45,16 @@ class RankerConfig(BaseModel):
     subsample: float = Field(0.8, gt=0, le=1)
     colsample_bytree: float = Field(0.8, gt=0, le=1)
     early_stopping_rounds: int = Field(150, ge=1)
-    n_folds: int = Field(
-        3, ge=1, description="models averaged, each early-stopped on its own fold of users"
+    n_folds: int | None = Field(
+        None,
+        ge=1,
+        description="models averaged, each early-stopped on its own fold of users; None: 3 "
+        "below `fold_users` training users (early stopping on a few hundred users is noisy, "
+        "and the mean of three models is steadier), else 1 (enough users to stop on, and a "
+        "third of the trees to train and to evaluate per user)",
+    )
+    fold_users: int = Field(
+        3000, ge=1, description="training users from which n_folds = None means one model"
     )
     valid_fraction: float = Field(0.2, gt=0, lt=1, description="held-out users when n_folds is 1")
     refit: bool = Field(
@@ -68,7 +79,22 @@ class PipelineConfig(BaseModel):
     target_fraction: float = Field(
         0.2, gt=0, lt=1, description="share of each user's latest events used as ranker targets"
     )
-    max_train_users: int = Field(100_000, ge=10, description="users sampled for ranker training")
+    max_train_users: int = Field(
+        100_000, ge=10, description="most users whose candidates train the ranker (sampled)"
+    )
+    ranker_max_rows: int = Field(
+        2_000_000,
+        ge=1000,
+        description="most ranker examples (candidate pairs of users with a target): users "
+        "beyond it are not used. Time and memory of the ranker grow with it; quality "
+        "barely does past a few thousand users",
+    )
+    chunk_memory_mb: float = Field(
+        256,
+        gt=0,
+        description="memory for the dense score rows of a chunk of users; sets how many "
+        "users are scored at once (fit, recommend)",
+    )
     category_columns: list[str] | None = Field(
         None, description="item columns holding categories ('|' or ',' separated); None = auto"
     )

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from recsys.analysis import KS, analyse, bootstrap
-from recsys.candidates import ALS, EASE, History, ItemKNN, MostPopular, Source, top_n
+from recsys.candidates import ALS, EASE, History, ItemKNN, MostPopular, Source, source_top_k
 from recsys.config import PipelineConfig
 from recsys.data import IdIndex, U, to_canonical, to_internal
 from recsys.metrics import summarize
@@ -149,12 +149,7 @@ def evaluate(
         for name, model in baselines(config.seed).items():
             t0 = time.perf_counter()
             model.fit(h)
-            recs = np.concatenate(
-                [
-                    top_n(model.scores(users[s : s + 512], h), h.X[users[s : s + 512]], kmax)[0]
-                    for s in range(0, len(users), 512)
-                ]
-            )
+            recs = source_top_k(model, h, users, kmax)
             lists[name] = recs
             rep.rows[name] = summarize(recs, users, test, k, len(item_index)) | {
                 "seconds": time.perf_counter() - t0

@@ -3,7 +3,7 @@
 score) and the user's history items most similar to it (cosine over who interacted
 with what, the ItemKNN similarity).
 
-`explain(pipeline, user_id, k)` is the one entry point, used by `Pipeline.explain`, the
+`explain(pipeline, user_id, k)` is the one entry point, used by the
 `recsys explain` command and (through `Explanation.to_dict`) the serving layer.
 """
 
@@ -97,7 +97,7 @@ def explain(pipe: Pipeline, user_id: Any, k: int = 10, n_similar: int = 3) -> Ex
     # the features of every candidate, computed once: recommend ranks them, and the
     # contributions below come from the listed items' rows
     all_feats = pipe.candidate_features(users) if known else None
-    recs, scores = pipe.recommend_indices(users, k, feats=all_feats)
+    recs, scores = pipe.recommend_indices(users, k)
     recs, scores = recs[0], scores[0]
     valid = recs >= 0
     recs, scores = recs[valid], scores[valid]
@@ -115,7 +115,8 @@ def explain(pipe: Pipeline, user_id: Any, k: int = 10, n_similar: int = 3) -> Ex
         if len(feats):
             pos = {int(i): r for r, i in enumerate(recs.tolist())}
             row_of = np.array([pos[int(i)] for i in feats[I].to_list()])
-            contrib = pipe.ranker_.contributions(feats)
+            X = feats.select(features).to_numpy().astype(np.float32)
+            contrib = pipe.ranker_.contributions(X)
             bias[row_of] = contrib[:, -1]
             source[row_of] = "ranker"
             values = feats.select(features).to_numpy().astype(np.float64)

@@ -9,9 +9,10 @@ for recommending.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +20,8 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from features.affinity import user_category_affinity
-from features.lm import SIM_HISTORY, lm_candidate_rank, lm_pair_features
-from features.popularity import item_age, item_popularity
-from features.sequence import sequence_follow, transitions
-from features.time_aware import popularity_before_user_time
-from features.user import item_mean_user_activity, user_activity
+from features.batch import Candidates, Histories, segment_offsets
+from features.builder import FeatureBuilder
 from recsys.candidates import (
     ALS,
     EASE,
@@ -34,7 +31,7 @@ from recsys.candidates import (
     NextItem,
     RecentPopular,
     Source,
-    top_n,
+    candidates,
 )
 from recsys.config import PipelineConfig
 from recsys.data import I, IdIndex, U, to_internal
@@ -43,7 +40,6 @@ from recsys.ranker import Ranker
 from recsys.schema import ITEM, USER, DataError
 
 if TYPE_CHECKING:
-    from recsys.explain import Explanation
     from recsys.lm.model import LanguageModel
 
 log = logging.getLogger("recsys")
@@ -53,6 +49,9 @@ CATEGORY_COLUMNS = ("genres", "genre", "category", "categories", "subcategory", 
 # rank among the candidates, the similarities of features.lm, and any column named like
 # them (`lm_*`, `*_lm`, `*_lm_*`) that an `OnlineRanker.lm_features` hook adds
 LM_FEATURE = re.compile(r"(^|_)lm(_|$)")
+# from this many users at once, recommending compiles the ranker's trees (seconds, once
+# per bundle and machine) rather than evaluating them with LightGBM's predict
+COMPILE_USERS = 2000
 
 
 def is_lm_feature(name: str) -> bool:
@@ -76,7 +75,9 @@ def make_sources(cfg: PipelineConfig, lm: LanguageModel | None = None) -> list[S
         "itemknn": ItemKNN(k=s.itemknn_k),
         "ease": EASE(l2=s.ease_l2, max_items=s.ease_max_items, keep=s.ease_keep),
         "als": ALS(factors=s.als_factors, iterations=s.als_iterations, seed=cfg.seed),
-        "next": NextItem(max_gap=s.next_max_gap, last_n=s.next_last_n, decay=s.next_decay),
+        "next": NextItem(
+            max_gap=s.next_max_gap, last_n=s.next_last_n, decay=s.next_decay, keep=s.next_keep
+        ),
     }
     unknown = [n for n in s.use if n not in known]
     if unknown:
@@ -129,89 +130,34 @@ def item_categories(
     )
 
 
-def generate_candidates(
-    sources: list[Source], h: History, users: np.ndarray, per_source: int
-) -> pl.DataFrame:
-    """Union of each source's top-`per_source` unseen items, with every source's score
-    and rank (per_source + 1 where that source did not retrieve the item)."""
-    names = [s.name for s in sources]
-    mats = {s.name: s.scores(users, h) for s in sources}
-    seen = h.X[users]
-    n_users, n_items = len(users), h.n_items
-    union = np.zeros((n_users, n_items), dtype=bool)
-    ranks = {}
-    for name in names:
-        top, _ = top_n(mats[name], seen, per_source)
-        r = np.full((n_users, n_items), per_source + 1, dtype=np.int32)
-        rows = np.repeat(np.arange(n_users), top.shape[1]).reshape(top.shape)
-        ok = top >= 0
-        r[rows[ok], top[ok]] = np.tile(np.arange(1, top.shape[1] + 1), (n_users, 1))[ok]
-        union[rows[ok], top[ok]] = True
-        ranks[name] = r
-    rr, cc = np.nonzero(union)
-    cols: dict[str, np.ndarray] = {U: users[rr].astype(np.int32), I: cc.astype(np.int32)}
-    for name in names:
-        sc = mats[name][rr, cc]
-        cols[f"{name}_score"] = np.where(np.isfinite(sc), sc, np.nan).astype(np.float32)
-        cols[f"{name}_rank"] = ranks[name][rr, cc]
-    return pl.DataFrame(cols)
+def feature_matrix(cols: dict[str, np.ndarray], names: list[str], n: int) -> np.ndarray:
+    """The ranker's float32 input [n, len(names)] from feature columns of length n."""
+    X = np.empty((n, len(names)), dtype=np.float32)
+    for j, c in enumerate(names):
+        X[:, j] = cols[c]
+    return X
 
 
-def build_features(
-    h: History,
-    pairs: pl.DataFrame,
-    item_cats: pl.DataFrame,
-    cfg: PipelineConfig,
+def chunk_features(
+    sources: list[Source],
+    fb: FeatureBuilder,
+    b: Histories,
+    n_items: int,
+    per_source: int,
     lm: LanguageModel | None = None,
-) -> pl.DataFrame:
-    """Candidate pairs (with source columns) + every point-in-time feature (and the
-    language model's, when it is given)."""
-    ev = h.ev.lazy()
-    now = int(h.now or 0)
-    p = pairs.lazy()
-    users_t = user_activity(ev, now)
-    trans = transitions(ev, cfg.sources.next_max_gap)
-    out = (
-        p.join(item_popularity(ev, now), on=I, how="left")
-        .join(item_age(ev, now), on=I, how="left")
-        .join(item_mean_user_activity(ev), on=I, how="left")
-        .join(users_t, on=U, how="left")
-        .join(
-            popularity_before_user_time(ev, p, users_t.select(U, "user_last_t")),
-            on=[U, I],
-            how="left",
-        )
-        .join(
-            sequence_follow(
-                ev, p, trans, last_n=cfg.sources.next_last_n, decay=cfg.sources.next_decay
-            ),
-            on=[U, I],
-            how="left",
-        )
-        .join(user_category_affinity(ev, item_cats.lazy(), p), on=[U, I], how="left")
-        .with_columns(
-            (pl.col("item_age_days") - pl.col("user_days_since_last")).alias(
-                "item_age_at_user_days"
-            ),
-            (pl.col("item_idle_days") - pl.col("user_days_since_last")).alias(
-                "item_idle_at_user_days"
-            ),
-        )
-        .drop("user_last_t")
-    )
-    if lm is not None:
-        out = lm_candidate_rank(out).join(lm_features(lm, h, pairs).lazy(), on=[U, I], how="left")
-    return out.collect().sort([U, I])
+) -> Candidates:
+    """Every candidate of a chunk of users (each with at least one event) with its
+    source columns and every feature: the rows the ranker scores."""
+    c = candidates(sources, b, n_items, per_source)
+    c.cols |= fb.transform(b, c, lm.similarity_vectors if lm is not None else None)
+    return c
 
 
-def lm_features(lm: LanguageModel, h: History, pairs: pl.DataFrame) -> pl.DataFrame:
-    """Similarities of each candidate to the user's history, in the space of the LM's
-    text vectors (`LanguageModel.similarity_vectors`)."""
-    users = np.unique(pairs[U].to_numpy())
-    hists = h.last_items(users, SIM_HISTORY)
-    return lm_pair_features(
-        pairs.select(U, I), lm.similarity_vectors, dict(zip(users.tolist(), hists, strict=True))
-    )
+def chunk_users(n_items: int, n_sources: int, budget_mb: float) -> int:
+    """Users per chunk so that the sources' dense rows (and the selection's
+    temporaries, about 2.5 times as much) stay within `budget_mb`."""
+    per_user = max(n_items, 1) * max(n_sources, 1) * 4 * 2.5
+    return int(min(4096, max(1, budget_mb * 2**20 // per_user)))
 
 
 class Pipeline:
@@ -240,10 +186,7 @@ class Pipeline:
             hist, targets = split_last_fraction(ev, cfg.target_fraction)
             train_users = np.intersect1d(
                 targets[U].unique().to_numpy(), hist[U].unique().to_numpy()
-            )
-            rng = np.random.default_rng(cfg.seed)
-            if len(train_users) > cfg.max_train_users:
-                train_users = np.sort(rng.choice(train_users, cfg.max_train_users, replace=False))
+            ).astype(np.int64)
             log.info(
                 "fit: %d events, %d users, %d items; ranker targets: %d events of %d users",
                 len(ev),
@@ -254,6 +197,7 @@ class Pipeline:
             )
         n_u, n_i = len(self.user_index_), len(self.item_index_)
         h_in = History(hist, n_u, n_i)
+        del hist
         self.lm_ = None
         if cfg.use_lm:
             # fitted once, before the ranker's targets, and kept for recommending: item
@@ -266,41 +210,13 @@ class Pipeline:
             log.warning("new_item_every is set but there is no language model: no new-item slots")
         with stage("sources (targets)", self.timings_):
             sources_in = [s.fit(h_in) for s in make_sources(cfg, self.lm_)]
-        with stage("candidates (targets)", self.timings_):
-            pairs = self._candidates(sources_in, h_in, train_users)
-            self._log_candidate_recall(pairs, targets.filter(pl.col(U).is_in(train_users.tolist())))
         with stage("features (targets)", self.timings_):
-            feats = build_features(h_in, pairs, self.item_cats_, cfg, self.lm_)
-            labels = (
-                feats.select(U, I)
-                .join(
-                    targets.select(U, I).unique().with_columns(pl.lit(1).alias("y")),
-                    on=[U, I],
-                    how="left",
-                )["y"]
-                .fill_null(0)
-                .to_numpy()
-            )
-            has_pos = (
-                feats.select(U)
-                .with_columns(pl.Series("y", labels))
-                .group_by(U)
-                .agg(pl.col("y").max())
-            )
-            keep_users = has_pos.filter(pl.col("y") > 0)[U]
-            mask = feats[U].is_in(keep_users.implode()).to_numpy()
-            feats, labels = feats.filter(pl.Series(mask)), labels[mask]
-            log.info(
-                "ranker data: %d rows, %d users, %d positives, %d features",
-                len(feats),
-                feats[U].n_unique(),
-                int(labels.sum()),
-                len(self.feature_columns(feats)),
-            )
+            fb_in = self._feature_builder(h_in)
+            X, y, groups, names = self._ranker_data(sources_in, fb_in, h_in, targets, train_users)
+            del fb_in, sources_in
         with stage("ranker", self.timings_):
             rc = cfg.ranker
-            cols = self.feature_columns(feats)
-            lm_cols = [c for c in cols if is_lm_feature(c)]
+            lm_cols = [c for c in names if is_lm_feature(c)]
             if lm_cols and rc.lm_gain != 1:
                 log.info(
                     "ranker: the language model's %d features at %.2f of their split gain",
@@ -317,102 +233,222 @@ class Pipeline:
                 early_stopping_rounds=rc.early_stopping_rounds,
                 valid_fraction=rc.valid_fraction,
                 n_folds=rc.n_folds,
+                fold_users=rc.fold_users,
                 refit=rc.refit,
                 seed=cfg.seed,
                 feature_gain=dict.fromkeys(lm_cols, rc.lm_gain),
-            ).fit(feats.select(cols), labels, feats[U].to_numpy())
+            ).fit(X, y, groups, names)
+            del X, y, groups
         with stage("sources (all)", self.timings_):
+            del h_in
             self.history_ = History(ev, n_u, n_i)
             self.sources_ = [s.fit(self.history_) for s in make_sources(cfg, self.lm_)]
             self.fallback_ = self._fallback_items()
         log.info("fit done in %.1f s", time.perf_counter() - t_all)
         return self
 
+    def _ranker_data(
+        self,
+        sources: list[Source],
+        fb: FeatureBuilder,
+        h: History,
+        targets: pl.DataFrame,
+        train_users: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """The ranker's examples: every candidate of the training users (those with a
+        target among their candidates), features as float32, a chunk of users at a time.
+
+        Users are sampled (seeded) when there are more than `max_train_users`, and the
+        examples stop at `ranker_max_rows`: the ranker learns from a sample of users as
+        well as from all of them, at a fraction of the time and memory."""
+        cfg = self.config
+        per = cfg.sources.per_source
+        n_i = h.n_items
+        rng = np.random.default_rng(cfg.seed)
+        if len(train_users) > cfg.max_train_users:
+            train_users = np.sort(rng.choice(train_users, cfg.max_train_users, replace=False))
+        t_keys = np.unique(
+            targets[U].to_numpy().astype(np.int64) * n_i + targets[I].to_numpy().astype(np.int64)
+        )
+        bs = chunk_users(n_i, len(sources), cfg.chunk_memory_mb)
+        Xs: list[np.ndarray] = []
+        ys: list[np.ndarray] = []
+        gs: list[np.ndarray] = []
+        names: list[str] | None = None
+        rows = hits = n_targets = n_pairs = n_users = 0
+        src_hits = dict.fromkeys([s.name for s in sources], 0)
+        bar = tqdm(total=len(train_users), desc="ranker examples", unit="user", leave=False)
+        for a in range(0, len(train_users), bs):
+            users = train_users[a : a + bs]
+            b = h.histories(users)
+            c = chunk_features(sources, fb, b, n_i, per, self.lm_)
+            u_of = users[c.rows]
+            keys = u_of * n_i + c.items
+            at = np.searchsorted(t_keys, keys)
+            label = (at < len(t_keys)) & (t_keys[np.minimum(at, len(t_keys) - 1)] == keys)
+            # candidate recall, for the log
+            lo, hi = np.searchsorted(t_keys, [users.min() * n_i, (users.max() + 1) * n_i])
+            tk = t_keys[lo:hi]
+            n_targets += int(np.isin(tk // n_i, users).sum())
+            hits += int(label.sum())
+            for s in sources:
+                src_hits[s.name] += int((label & (c.cols[f"{s.name}_rank"] <= per)).sum())
+            n_pairs += len(c)
+            n_users += len(users)
+            # users with a target among their candidates teach the ranker something
+            has_pos = np.zeros(len(users), dtype=bool)
+            has_pos[c.rows[label]] = True
+            keep = has_pos[c.rows]
+            if names is None:
+                names = [k for k in c.cols if k not in (U, I)]
+            Xs.append(feature_matrix({k: v[keep] for k, v in c.cols.items()}, names,
+                                     int(keep.sum())))  # fmt: skip
+            ys.append(label[keep].astype(np.int8))
+            gs.append(u_of[keep])
+            rows += int(keep.sum())
+            bar.update(len(users))
+            if rows >= cfg.ranker_max_rows:
+                log.info(
+                    "ranker examples: %d rows reached after %d of %d users (ranker_max_rows)",
+                    rows,
+                    n_users,
+                    len(train_users),
+                )
+                break
+        bar.close()
+        log.info(
+            "candidate recall: union %.3f with %.0f candidates/user; by source %s",
+            hits / max(n_targets, 1),
+            n_pairs / max(n_users, 1),
+            ", ".join(f"{k} {v / max(n_targets, 1):.3f}" for k, v in src_hits.items()),
+        )
+        X = np.concatenate(Xs) if Xs else np.zeros((0, 0), np.float32)
+        y = np.concatenate(ys) if ys else np.zeros(0, np.int8)
+        g = np.concatenate(gs) if gs else np.zeros(0, np.int64)
+        log.info(
+            "ranker data: %d rows, %d users, %d positives, %d features",
+            len(X),
+            len(np.unique(g)),
+            int(y.sum()),
+            len(names or []),
+        )
+        if not len(X):
+            raise DataError(
+                "no user has a ranker target among their candidates", file="interactions"
+            )
+        return X, y, g, names or []
+
     @property
     def lm(self) -> LanguageModel | None:
         """The fitted language model, or None (switched off, or a bundle without one)."""
         return getattr(self, "lm_", None)
 
-    @staticmethod
-    def feature_columns(feats: pl.DataFrame) -> list[str]:
-        return [c for c in feats.columns if c not in (U, I)]
+    def _feature_builder(self, h: History) -> FeatureBuilder:
+        s = self.config.sources
+        return FeatureBuilder(
+            h.ev, h.n_items, int(h.now or 0), self.item_cats_,
+            max_gap=s.next_max_gap, last_n=s.next_last_n, decay=s.next_decay,
+        )  # fmt: skip
 
-    def _candidates(self, sources: list[Source], h: History, users: np.ndarray) -> pl.DataFrame:
-        per = self.config.sources.per_source
-        bs = max(1, min(1024, int(2e7 // max(h.n_items * len(sources), 1))))
-        parts = [
-            generate_candidates(sources, h, users[s : s + bs], per)
-            for s in range(0, len(users), bs)
-        ]
-        return pl.concat(parts) if parts else pl.DataFrame()
+    @property
+    def features(self) -> FeatureBuilder:
+        """The features' item-side state of the fitted history (built once)."""
+        cached = getattr(self, "_features", None)
+        h = self.history_
+        if cached is None or cached[0] is not h or cached[1] is not self.item_cats_:
+            cached = self._features = (h, self.item_cats_, self._feature_builder(h))
+        return cached[2]
 
-    def _log_candidate_recall(self, pairs: pl.DataFrame, targets: pl.DataFrame) -> None:
-        t = targets.select(U, I).unique()
-        hit = t.join(pairs.select(U, I), on=[U, I], how="semi")
-        per_source = {}
-        for name in [c[: -len("_rank")] for c in pairs.columns if c.endswith("_rank")]:
-            got = pairs.filter(pl.col(f"{name}_rank") <= self.config.sources.per_source).select(
-                U, I
-            )
-            per_source[name] = len(t.join(got, on=[U, I], how="semi")) / max(len(t), 1)
-        log.info(
-            "candidate recall: union %.3f with %.0f candidates/user; by source %s",
-            len(hit) / max(len(t), 1),
-            len(pairs) / max(pairs[U].n_unique(), 1),
-            ", ".join(f"{k} {v:.3f}" for k, v in per_source.items()),
-        )
+    @property
+    def chunk_size(self) -> int:
+        """Users per chunk of candidates and features (from `chunk_memory_mb`)."""
+        return chunk_users(self.history_.n_items, len(self.sources_), self.config.chunk_memory_mb)
 
     def _fallback_items(self) -> np.ndarray:
         """For users without history: recent popularity at the end of the log, then all-time."""
         h = self.history_
         recent = RecentPopular(30.0).fit(h).counts_at(np.array([int(h.now or 0)]), h.n_items)[0]
-        pop = np.bincount(h.ev[I].to_numpy(), minlength=h.n_items).astype(np.float64)
+        pop = np.bincount(h.items, minlength=h.n_items).astype(np.float64)
         return np.lexsort((-pop, -recent))
 
     # -- recommending --------------------------------------------------------------
+    def rank_chunk(
+        self, b: Histories, predict: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> tuple[Candidates, np.ndarray]:
+        """Every candidate of a chunk of users (each with at least one event) with its
+        features, and the ranker's scores (`predict`: another evaluator of the same
+        trees, e.g. compiled ones for a request)."""
+        h = self.history_
+        c = chunk_features(
+            self.sources_, self.features, b, h.n_items, self.config.sources.per_source, self.lm
+        )
+        X = feature_matrix(c.cols, self.ranker_.features_, len(c))
+        scores = (predict or self.ranker_.predict)(X) if len(c) else np.zeros(0)
+        return c, np.asarray(scores, dtype=np.float64)
+
     def candidate_features(self, users: np.ndarray) -> pl.DataFrame:
-        """Every candidate of the given user indices (users with history) with its
-        source columns and features: the rows the ranker scores."""
-        pairs = self._candidates(self.sources_, self.history_, users)
-        return build_features(self.history_, pairs, self.item_cats_, self.config, self.lm)
+        """(u, i, every source column and feature) of the given user indices (users
+        with history): the rows the ranker scores."""
+        users = np.asarray(users, dtype=np.int64)
+        c = chunk_features(
+            self.sources_, self.features, self.history_.histories(users), self.history_.n_items,
+            self.config.sources.per_source, self.lm,
+        )  # fmt: skip
+        return pl.DataFrame({U: users[c.rows].astype(np.int32), I: c.items.astype(np.int32)}
+                            | c.cols)  # fmt: skip
+
+    def compiled_trees(self, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+        """The ranker's trees compiled to native code (lleaves; cached on disk under
+        `RECSYS_TREE_CACHE`), on `threads` threads (None: every core): about five times
+        LightGBM's own predict on the same rows, and the same scores (checked on the
+        first chunk)."""
+        cached = getattr(self, "_compiled", None)
+        if cached is None or cached[0] is not self.ranker_:
+            from recsys.trees import TreeEnsemble
+
+            t0 = time.perf_counter()
+            te = TreeEnsemble(self.ranker_.boosters_)
+            log.info("ranker trees compiled in %.1f s (%s)", time.perf_counter() - t0, te.backend)
+            cached = self._compiled = (self.ranker_, te, [False])
+        te, checked = cached[1], cached[2]
+        te.n_jobs = threads or os.cpu_count() or 1
+
+        def predict(X: np.ndarray) -> np.ndarray:
+            if not checked[0]:
+                te.check(X[:2000], atol=1e-6)
+                checked[0] = True
+            return te.predict(X)
+
+        return predict
 
     def recommend_indices(
-        self, users: np.ndarray, k: int, feats: pl.DataFrame | None = None
+        self, users: np.ndarray, k: int, compiled: bool | None = None, threads: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k item indices and scores for user indices (-1 = unknown user).
 
-        `feats`: `candidate_features` of these users, when the caller already has them.
-        """
+        `compiled`: evaluate the trees compiled (`compiled_trees`, on `threads`); None:
+        for requests of `COMPILE_USERS` users or more."""
         h = self.history_
+        users = np.asarray(users, dtype=np.int64)
         out_items = np.full((len(users), k), -1, dtype=np.int64)
         out_scores = np.full((len(users), k), np.nan, dtype=np.float64)
         has_hist = np.zeros(len(users), dtype=bool)
         known = users >= 0
         has_hist[known] = h.user_last_t[users[known]] >= 0
         warm = np.unique(users[has_hist])
-        if len(warm):
-            if feats is None:
-                feats = self.candidate_features(warm)
-            scored = feats.select(U, I).with_columns(
-                pl.Series("score", self.ranker_.predict(feats))
+        bs = self.chunk_size
+        if compiled is None:
+            compiled = len(warm) >= COMPILE_USERS
+        predict = self.compiled_trees(threads) if compiled and len(warm) else None
+        for a in range(0, len(warm), bs):
+            chunk = warm[a : a + bs]
+            items, scores = self.top_k(h.histories(chunk), k, predict)
+            at = np.searchsorted(chunk, users)
+            rows = np.flatnonzero(
+                has_hist & (at < len(chunk)) & (chunk[np.minimum(at, len(chunk) - 1)] == users)
             )
-            top = (
-                scored.sort([U, "score"], descending=[False, True])
-                .group_by(U, maintain_order=True)
-                .agg(pl.col(I).head(k), pl.col("score").head(k))
-            )
-            pos = {int(u): r for r, u in enumerate(top[U].to_list())}
-            top_items, top_scores = top[I].to_list(), top["score"].to_list()
-            cold = self._cold_lists(warm, k)
-            for r, u in enumerate(users.tolist()):
-                j = pos.get(u) if has_hist[r] else None
-                if j is None:
-                    continue
-                its, scs = np.asarray(top_items[j], np.int64), np.asarray(top_scores[j])
-                if cold is not None:  # new-item slots: NaN scores (not the ranker's)
-                    its, scs = merge(its, scs, cold[u], self.new_item_every, k)
-                out_items[r, : len(its)] = its
-                out_scores[r, : len(its)] = scs
+            out_items[rows] = items[at[rows]]
+            out_scores[rows] = scores[at[rows]]
         # fallback: users without history, and topping up short lists
         for r in range(len(users)):
             n = int((out_items[r] >= 0).sum())
@@ -429,6 +465,30 @@ class Pipeline:
             out_scores[r, n : n + len(extra)] = base - 1.0 - np.arange(len(extra))
         return out_items, out_scores
 
+    def top_k(
+        self, b: Histories, k: int, predict: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """[len(b), k] items (-1: none) and scores of a chunk of users with history:
+        the ranker's order (ties by item index), with the new-item slots merged in."""
+        c, s = self.rank_chunk(b, predict)
+        items = np.full((len(b), k), -1, dtype=np.int64)
+        scores = np.full((len(b), k), np.nan, dtype=np.float64)
+        rows = c.rows
+        o = np.lexsort((c.items, -s, rows))
+        pos = segment_offsets(c.ptr)  # positions after the sort: rows stay in place
+        cold = self._cold_lists(b, k)
+        if cold is None:
+            top = o[pos < k]
+            items[rows[top], pos[pos < k]] = c.items[top]
+            scores[rows[top], pos[pos < k]] = s[top]
+            return items, scores
+        for r in range(len(b)):
+            seg = o[c.ptr[r] : c.ptr[r + 1]]
+            its, scs = merge(c.items[seg[:k]], s[seg[:k]], cold[r], self.new_item_every, k)
+            items[r, : len(its)] = its
+            scores[r, : len(its)] = scs
+        return items, scores
+
     @property
     def new_item_every(self) -> int:
         """Every n-th place of a list goes to an item without interactions (0: off)."""
@@ -439,7 +499,7 @@ class Pipeline:
     def new_item_every(self, n: int) -> None:
         self.new_item_every_ = n
 
-    def _cold_lists(self, users: np.ndarray, k: int) -> dict[int, np.ndarray] | None:
+    def _cold_lists(self, b: Histories, k: int) -> list[np.ndarray] | None:
         """Each user's best items without interactions for the new-item slots of a
         k-long list, by the language model (None: slots off, or nothing to place)."""
         every = self.new_item_every
@@ -452,9 +512,9 @@ class Pipeline:
         pool = cached[1]
         if len(pool) == 0:
             return None
-        uv = self.lm.user_vectors(users, self.history_)
+        uv = self.lm.user_vectors_for(b)
         items, _ = cold_order(uv, self.lm.text_vectors_, pool, k // every)
-        return dict(zip(users.tolist(), items, strict=True))
+        return list(items)
 
     def recommend(
         self,
@@ -473,30 +533,31 @@ class Pipeline:
         bar = tqdm(total=len(ids), desc="recommend", unit="user", disable=not progress)
         for s in range(0, len(ids), batch_size):
             items, scores = self.recommend_indices(uidx[s : s + batch_size], k)
-            n = len(items)
-            frames.append(
-                pl.DataFrame(
-                    {
-                        USER: ids[s : s + batch_size].gather(np.repeat(np.arange(n), k)),
-                        ITEM: self.item_index_.take(items.ravel().clip(0)),
-                        "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n),
-                        "score": scores.ravel(),
-                        "_valid": items.ravel() >= 0,
-                    }
-                )
-                .filter(pl.col("_valid"))
-                .drop("_valid")
-            )
-            bar.update(n)
+            frames.append(self.lists_frame(ids[s : s + batch_size], items, scores))
+            bar.update(len(items))
         bar.close()
-        return pl.concat(frames) if frames else pl.DataFrame()
+        return (
+            pl.concat(frames)
+            if frames
+            else self.lists_frame(ids[:0], np.zeros((0, k), np.int64), np.zeros((0, k)))
+        )
 
-    def explain(self, user_id: object, k: int = 10, n_similar: int = 3) -> Explanation:
-        """The user's top-k with each item's feature contributions (they add up, with
-        the bias, to the score) and similar history items: a `recsys.explain.Explanation`."""
-        from recsys.explain import explain
-
-        return explain(self, user_id, k=k, n_similar=n_similar)
+    def lists_frame(self, ids: pl.Series, items: np.ndarray, scores: np.ndarray) -> pl.DataFrame:
+        """(user_id, item_id, rank, score) rows of `recommend_indices`' arrays."""
+        n, k = items.shape
+        return (
+            pl.DataFrame(
+                {
+                    USER: ids.gather(np.repeat(np.arange(n), k)),
+                    ITEM: self.item_index_.take(items.ravel().clip(0)),
+                    "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n),
+                    "score": scores.ravel(),
+                    "_valid": items.ravel() >= 0,
+                }
+            )
+            .filter(pl.col("_valid"))
+            .drop("_valid")
+        )
 
     # -- persistence -----------------------------------------------------------------
     def save(self, path: str) -> None:

@@ -17,7 +17,8 @@ class Ranker:
     With `n_folds` > 1 the users are cut into folds and one model is trained per fold,
     early-stopped on that fold; predictions are the mean of the models. Early stopping
     on a few hundred users is noisy, and the average of the folds is much steadier
-    than any one of them.
+    than any one of them. `n_folds = None` takes 3 folds below `fold_users` groups and
+    one model (early-stopped on `valid_fraction` of the groups) from there on.
 
     With `refit`, the folds only choose the number of trees (the mean of their early
     stopping points); one model is then trained on every user with that many trees
@@ -34,7 +35,8 @@ class Ranker:
         colsample_bytree: float = 0.8,
         early_stopping_rounds: int = 150,
         valid_fraction: float = 0.2,
-        n_folds: int = 3,
+        n_folds: int | None = None,
+        fold_users: int = 3000,
         seed: int = 0,
         n_jobs: int = 0,
         refit: bool = False,
@@ -49,6 +51,7 @@ class Ranker:
         self.early_stopping_rounds = early_stopping_rounds
         self.valid_fraction = valid_fraction
         self.n_folds = n_folds
+        self.fold_users = fold_users
         self.seed = seed
         self.n_jobs = n_jobs
         self.refit = refit
@@ -77,17 +80,20 @@ class Ranker:
             params["feature_contri"] = gain
         return params
 
-    def fit(self, X: pl.DataFrame, y: np.ndarray, group_ids: np.ndarray) -> Ranker:
-        """X rows must be contiguous per group (sorted by group id)."""
-        self.features_ = list(X.columns)
+    def fit(
+        self, X: np.ndarray, y: np.ndarray, group_ids: np.ndarray, features: list[str]
+    ) -> Ranker:
+        """X: [rows, features] float32, rows contiguous per group."""
+        self.features_ = list(features)
         rng = np.random.default_rng(self.seed)
         groups = rng.permutation(np.unique(group_ids))
-        if self.n_folds > 1:
-            folds = np.array_split(groups, self.n_folds)
+        n_folds = self.n_folds or (3 if len(groups) < self.fold_users else 1)
+        if n_folds > 1:
+            folds = np.array_split(groups, n_folds)
         else:
             folds = [groups[: max(1, int(len(groups) * self.valid_fraction))]]
         params = self._params(self.features_)
-        Xn = X.to_numpy().astype(np.float32)
+        Xn = np.asarray(X, dtype=np.float32)
         self.boosters_: list[lgb.Booster] = []
         scores = []
         for f, valid_groups in enumerate(folds):
@@ -129,15 +135,15 @@ class Ranker:
             log.info("ranker: one model on all %d users, %d trees", len(groups), n_trees)
         return self
 
-    def predict(self, X: pl.DataFrame) -> np.ndarray:
-        Xn = X.select(self.features_).to_numpy().astype(np.float32)
-        return np.mean([b.predict(Xn) for b in self.boosters_], axis=0)
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Scores of [rows, features_] (in the order of `features_`)."""
+        return np.mean([b.predict(X) for b in self.boosters_], axis=0)
 
-    def contributions(self, X: pl.DataFrame) -> np.ndarray:
+    def contributions(self, X: np.ndarray) -> np.ndarray:
         """[rows, features + 1]: each feature's contribution to the score (TreeSHAP,
         LightGBM's `pred_contrib`), the last column the bias. The mean over the
         boosters, as `predict` is, so every row adds up to its `predict` score."""
-        Xn = X.select(self.features_).to_numpy().astype(np.float32)
+        Xn = X
         return np.mean([b.predict(Xn, pred_contrib=True) for b in self.boosters_], axis=0)
 
     def importances(self) -> pl.DataFrame:

@@ -32,9 +32,11 @@ class TreeEnsemble:
         boosters: list[lgb.Booster],
         cache_dir: Path | None = None,
         backend: str = "auto",
+        n_jobs: int = 1,
     ) -> None:
         self.boosters = boosters
         self.backend = backend
+        self.n_jobs = n_jobs
         self._compiled: list[object] | None = None
         if backend in ("auto", "lleaves"):
             try:
@@ -77,8 +79,8 @@ class TreeEnsemble:
     def predict(self, X: np.ndarray) -> np.ndarray:
         if self._compiled is not None:
             Xd = np.ascontiguousarray(X, dtype=np.float64)
-            return np.mean([m.predict(Xd, n_jobs=1) for m in self._compiled], axis=0)  # type: ignore[attr-defined]
-        return np.mean([b.predict(X, num_threads=1) for b in self.boosters], axis=0)
+            return np.mean([m.predict(Xd, n_jobs=self.n_jobs) for m in self._compiled], axis=0)  # type: ignore[attr-defined]
+        return np.mean([b.predict(X, num_threads=self.n_jobs) for b in self.boosters], axis=0)
 
     def predict_reference(self, X: np.ndarray) -> np.ndarray:
         """LightGBM's own predict: the offline scores."""

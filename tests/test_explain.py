@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recsys.explain import explain
+
 
 def _user_with_history(synth_data) -> str:  # type: ignore[no-untyped-def]
     inter, _ = synth_data
@@ -20,7 +22,7 @@ def _user_with_history(synth_data) -> str:  # type: ignore[no-untyped-def]
 
 def test_contributions_plus_bias_add_up_to_the_score(fitted, synth_data) -> None:  # type: ignore[no-untyped-def]
     user = _user_with_history(synth_data)
-    e = fitted.explain(user, k=10)
+    e = explain(fitted, user, k=10)
     recs = fitted.recommend([user], k=10)
     assert e.items["item_id"].to_list() == recs["item_id"].to_list()
     assert np.allclose(e.items["score"].to_numpy(), recs["score"].to_numpy())
@@ -46,7 +48,7 @@ def test_contributions_plus_bias_add_up_to_the_score(fitted, synth_data) -> None
 
 
 def test_unknown_user_gets_the_fallback_without_contributions(fitted) -> None:  # type: ignore[no-untyped-def]
-    e = fitted.explain("no-such-user", k=5)
+    e = explain(fitted, "no-such-user", k=5)
     assert not e.known and e.items.height == 5
     assert (e.items["source"] == "fallback").all() and e.contributions.height == 0
 

@@ -6,12 +6,14 @@ import numpy as np
 import polars as pl
 from polars.testing import assert_frame_equal
 
-from features.sequence import sequence_follow, transitions
-from features.time_aware import popularity_before_user_time
+from features.batch import Candidates, Histories
+from features.builder import FeatureBuilder
+from features.sequence import Transitions, sequence_follow, transitions
+from features.time_aware import EventTimeIndex, popularity_before_user_time
 from recsys.candidates import History
 from recsys.config import PipelineConfig
 from recsys.data import IdIndex, to_internal
-from recsys.pipeline import build_features, generate_candidates, item_categories, make_sources
+from recsys.pipeline import chunk_features, item_categories, make_sources
 
 
 def test_appending_later_events_changes_nothing(synth_data) -> None:  # type: ignore[no-untyped-def]
@@ -33,8 +35,9 @@ def test_appending_later_events_changes_nothing(synth_data) -> None:  # type: ig
         )
         srcs = [s.fit(h) for s in make_sources(cfg)]
         u = np.unique(early["u"].to_numpy())[:80].astype(np.int64)
-        pairs = generate_candidates(srcs, h, u, 30)
-        return build_features(h, pairs, cats, cfg)
+        fb = FeatureBuilder(h.ev, h.n_items, int(h.now or 0), cats)
+        c = chunk_features(srcs, fb, h.histories(u), h.n_items, 30)
+        return pl.DataFrame({"u": u[c.rows], "i": c.items} | c.cols)
 
     before = features_at(early)
     after = features_at(pl.concat([early, later]))
@@ -45,29 +48,34 @@ def test_appending_later_events_changes_nothing(synth_data) -> None:  # type: ig
     assert h_late.X.nnz > History(early.sort(["u", "t"]), len(users), len(item_index)).X.nnz
 
 
-def _ev(rows: list[tuple[int, int, int]]) -> pl.LazyFrame:
-    return (
-        pl.DataFrame(rows, schema={"u": pl.Int32, "i": pl.Int32, "t": pl.Int64}, orient="row")
-        .sort(["u", "t"])
-        .lazy()
-    )
+def _ev(rows: list[tuple[int, int, int]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        rows, schema={"u": pl.Int32, "i": pl.Int32, "t": pl.Int64}, orient="row"
+    ).sort(["u", "t"])
+
+
+def _chunk(
+    ev: pl.DataFrame, users: list[int], cands: list[list[int]]
+) -> tuple[Histories, Candidates]:
+    """The users' histories in `ev` and their candidate items (ascending)."""
+    h = History(ev, int(ev["u"].max()) + 1, 100)
+    b = h.histories(np.array(users))
+    ptr = np.concatenate([[0], np.cumsum([len(c) for c in cands])])
+    return b, Candidates(ptr, np.concatenate([np.sort(c) for c in cands]).astype(np.int64), {})
 
 
 def test_sequence_follow_counts_successors_in_other_histories() -> None:
     # users 0 and 1 watch 1 then 2; user 2 has just watched 1
     ev = _ev([(0, 1, 0), (0, 2, 1), (1, 1, 0), (1, 3, 1), (1, 2, 2), (2, 1, 5)])
-    pairs = pl.DataFrame(
-        {"u": [2, 2, 2], "i": [2, 3, 4]}, schema={"u": pl.Int32, "i": pl.Int32}
-    ).lazy()
-    f = (
-        sequence_follow(ev, pairs, transitions(ev, max_gap=2), last_n=3, decay=0.5)
-        .collect()
-        .sort("i")
-    )
+    b, c = _chunk(ev, [2], [[2, 3, 4]])
+    tr = transitions(ev["u"].to_numpy(), ev["i"].to_numpy(), 100, max_gap=2)
+    occ = np.bincount(ev["i"].to_numpy(), minlength=100).astype(np.float64)
+    f = sequence_follow(Transitions(tr), occ, b, c, last_n=3, decay=0.5)
     # 2 follows 1 at gap 1 (user 0) and gap 2 (user 1): 1 + 1/2; 3 follows 1 at gap 1 once
-    assert f["seq_follow_last"].to_list() == [1.5, 1.0, 0.0]
+    assert f["seq_follow_last"].tolist() == [1.5, 1.0, 0.0]
     # normalised by how often item 1 occurs (3 times)
-    assert np.allclose(f["seq_follow_norm"].to_list(), [0.5, 1 / 3, 0.0])
+    assert np.allclose(f["seq_follow_norm"], [0.5, 1 / 3, 0.0])
+    assert f["seq_follow_nearest"].tolist() == [0, 0, 3]
 
 
 def test_time_aware_popularity_uses_the_users_own_time() -> None:
@@ -81,9 +89,13 @@ def test_time_aware_popularity_uses_the_users_own_time() -> None:
         (1, 9, 100 * day + 1),
     ]  # user 0 active at day 10, user 1 at day 100
     ev = _ev(rows)
-    pairs = pl.DataFrame(
-        {"u": [0, 0, 1, 1], "i": [7, 8, 7, 8]}, schema={"u": pl.Int32, "i": pl.Int32}
-    ).lazy()
-    last = ev.group_by("u").agg(pl.col("t").max().alias("user_last_t"))
-    f = popularity_before_user_time(ev, pairs, last, windows_days=(7,)).collect().sort("u", "i")
-    assert f["upop_7d"].to_list() == [5, 0, 0, 3]
+    b, c = _chunk(ev, [0, 1], [[7, 8], [7, 8]])
+    index = EventTimeIndex.build(ev["i"].to_numpy(), ev["t"].to_numpy())
+    f = popularity_before_user_time(index, b, c)
+    assert f["upop_7d"].tolist() == [5, 0, 0, 3]
+    # a chunk of one user counts the same
+    for r in range(2):
+        one = popularity_before_user_time(
+            index, b.take(np.array([r])), _chunk(ev, [r], [[7, 8]])[1]
+        )
+        assert one["upop_7d"].tolist() == f["upop_7d"][2 * r : 2 * r + 2].tolist()

@@ -183,19 +183,21 @@ def test_pipeline_with_lm_has_lm_source_and_features(lm_pipeline) -> None:  # ty
 def test_similarity_features_use_text_vectors_and_old_bundles_keep_theirs(  # type: ignore[no-untyped-def]
     lm_pipeline, tmp_path
 ) -> None:
-    from recsys.pipeline import Pipeline, lm_features
+    from features.batch import Candidates
+    from features.lm import lm_pair_features
+    from recsys.pipeline import Pipeline
 
     lm = lm_pipeline.lm
     # the learned per-item offsets make the item vectors differ from the text vectors
     assert np.abs(lm.item_vectors_ - lm.text_vectors_).max() > 1e-3
     h = lm_pipeline.history_
     last = h.last_items(np.array([0]), 100)[0][0]
-    pairs = pl.DataFrame({"u": [0] * 30, "i": list(range(30))}).cast(
-        {"u": h.ev["u"].dtype, "i": h.ev["i"].dtype}
-    )
+    pairs = Candidates(np.array([0, 30]), np.arange(30), {})
 
     def sim_last(p: Pipeline) -> np.ndarray:
-        return lm_features(p.lm, p.history_, pairs).sort("i")["lm_sim_last"].to_numpy()
+        assert p.lm is not None
+        b = p.history_.histories(np.array([0]))
+        return lm_pair_features(p.lm.similarity_vectors, b, pairs)["lm_sim_last"]
 
     text = lm.text_vectors_[:30] @ lm.text_vectors_[last]
     np.testing.assert_allclose(sim_last(lm_pipeline), text, atol=1e-5)

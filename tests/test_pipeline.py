@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from recsys.candidates import History, MostPopular, top_n
+from recsys.candidates import History, MostPopular, source_top_k
 from recsys.data import IdIndex, to_canonical, to_internal
 from recsys.metrics import summarize
 from recsys.pipeline import Pipeline
@@ -49,9 +49,7 @@ def test_pipeline_beats_most_popular_on_held_out_events(synth_data, fast_config)
     ours = summarize(recs, u, test, 10, len(item_index))["ndcg@10"]
     h = History(hist, len(users), len(item_index))
     pop = MostPopular().fit(h)
-    base = summarize(top_n(pop.scores(u, h), h.X[u], 10)[0], u, test, 10, len(item_index))[
-        "ndcg@10"
-    ]
+    base = summarize(source_top_k(pop, h, u, 10), u, test, 10, len(item_index))["ndcg@10"]
     assert ours > 1.2 * base, (ours, base)
 
 
@@ -67,13 +65,13 @@ def test_ranker_refit_trains_one_model_with_the_folds_mean_tree_count() -> None:
     groups = np.repeat(np.arange(n_users), per_user)
     df = pl.DataFrame(X, schema=["a", "b", "c", "d"])
     kw = dict(n_estimators=60, learning_rate=0.1, min_child_samples=5, early_stopping_rounds=10)
-    folds = Ranker(**kw).fit(df, y, groups)  # type: ignore[arg-type]
-    one = Ranker(refit=True, **kw).fit(df, y, groups)  # type: ignore[arg-type]
+    folds = Ranker(**kw).fit(X, y, groups, df.columns)  # type: ignore[arg-type]
+    one = Ranker(refit=True, **kw).fit(X, y, groups, df.columns)  # type: ignore[arg-type]
     assert len(folds.boosters_) == 3
     assert len(one.boosters_) == 1
     assert one.fold_trees_ == folds.fold_trees_
     assert one.boosters_[0].num_trees() == round(float(np.mean(folds.fold_trees_)))
-    s = one.predict(df)
+    s = one.predict(X)
     assert np.corrcoef(s, X[:, 0])[0, 1] > 0.8
 
 
@@ -96,9 +94,9 @@ def test_ranker_feature_gain_scales_a_features_splits() -> None:
         imp = np.sum([b.feature_importance("gain") for b in r.boosters_], axis=0)
         return dict(zip(r.features_, imp.tolist(), strict=True))
 
-    free = gains(Ranker(**kw).fit(df, y, groups))  # type: ignore[arg-type]
-    off = gains(Ranker(feature_gain={"a": 0.0}, **kw).fit(df, y, groups))  # type: ignore[arg-type]
-    half = gains(Ranker(feature_gain={"a": 0.5}, **kw).fit(df, y, groups))  # type: ignore[arg-type]
+    free = gains(Ranker(**kw).fit(X, y, groups, df.columns))  # type: ignore[arg-type]
+    off = gains(Ranker(feature_gain={"a": 0.0}, **kw).fit(X, y, groups, df.columns))  # type: ignore[arg-type]
+    half = gains(Ranker(feature_gain={"a": 0.5}, **kw).fit(X, y, groups, df.columns))  # type: ignore[arg-type]
     assert free["a"] > free["b"] > 0
     assert off["a"] == 0 and off["b"] > 0
     assert half["a"] > 0

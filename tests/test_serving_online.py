@@ -1,4 +1,4 @@
-"""The online path (numpy, one user) gives the offline path's features and scores."""
+"""A request (a chunk of one user) gets the batch job's candidates, features and scores."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
-from recsys.candidates import top_n
+from recsys.candidates import top_lists, top_n
 from recsys.data import I, U
-from recsys.online import OnlineRanker, top_rows
-from recsys.pipeline import Pipeline, build_features
+from recsys.online import OnlineRanker
+from recsys.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -25,30 +25,21 @@ def online(loaded: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Online
     return OnlineRanker(loaded, tree_cache=tmp_path_factory.mktemp("trees"))
 
 
-def test_every_feature_column_has_the_same_values_online(
-    loaded: Pipeline, online: OnlineRanker
-) -> None:
+def test_a_chunk_of_one_gives_every_value_of_a_chunk_of_many(loaded: Pipeline) -> None:
+    """The batch job ranks thousands of users per chunk and a request ranks one, with
+    the same kernels: every candidate and every column must be the same to the bit,
+    whoever shares the chunk."""
     p = loaded
     users = np.arange(0, len(p.user_index_), 7)[:40]
-    pairs = p._candidates(p.sources_, p.history_, users)
-    feats = build_features(p.history_, pairs, p.item_cats_, p.config)
-    offline_cols = [c for c in feats.columns if c not in (U, I)]
-    # a feature added offline without an online version fails here, by name
-    assert set(p.ranker_.features_) <= set(offline_cols)
+    many = p.candidate_features(users)
+    cols = [c for c in many.columns if c not in (U, I)]
+    assert set(p.ranker_.features_) <= set(cols)
     for u in users.tolist():
-        st = online.user_state(u)
-        cands, cols = online.candidates(st)
-        cols.update(online.feature_columns(st, cands))
-        f = feats.filter(pl.col(U) == u)
-        np.testing.assert_array_equal(f[I].to_numpy(), cands, err_msg=f"candidates of user {u}")
-        missing = [c for c in offline_cols if c not in cols]
-        assert not missing, f"features without an online version: {missing}"
-        for c in offline_cols:
-            off = f[c].cast(pl.Float64).to_numpy()
-            on = np.asarray(cols[c], dtype=np.float64)
-            if c.endswith("_rank"):  # each source's list: the same items, the same order
-                np.testing.assert_array_equal(on, off, err_msg=f"{c}, user {u}")
-            np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-6, err_msg=f"{c}, user {u}")
+        one = p.candidate_features(np.array([u]))
+        f = many.filter(pl.col(U) == u)
+        assert one.height == f.height > 0
+        for c in [I, *cols]:
+            np.testing.assert_array_equal(one[c].to_numpy(), f[c].to_numpy(), err_msg=f"{c}, {u}")
 
 
 def test_online_scores_equal_offline_scores(loaded: Pipeline, online: OnlineRanker) -> None:
@@ -69,29 +60,10 @@ def test_online_scores_equal_offline_scores(loaded: Pipeline, online: OnlineRank
         np.testing.assert_allclose(top, np.sort(off["score"].to_numpy())[::-1], atol=1e-9)
 
 
-def test_long_histories_take_the_matrix_vector_product_with_the_same_scores(
-    loaded: Pipeline, online: OnlineRanker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """ItemKNN and EASE rows for a long history come from the transposed matrix times
-    the history's indicator: the same float32 values, to the bit, as the scattered sum
-    of the history's rows and as the offline sources."""
-    import recsys.online as online_mod
-
-    users = np.arange(0, len(loaded.user_index_), 5)[:30]
-    rows = {}
-    for share in (np.inf, 0.0):  # every history by scattering, then by the product
-        monkeypatch.setattr(online_mod, "MATVEC_SHARE", share)
-        rows[share] = np.stack([online.source_scores(online.user_state(int(u))) for u in users])
-    np.testing.assert_array_equal(rows[0.0], rows[np.inf])
-    h = loaded.history_
-    for r, s in enumerate(online.sources):
-        if s.name in ("itemknn", "ease"):
-            np.testing.assert_array_equal(rows[0.0][:, r], s.scores(users, h), err_msg=s.name)
-
-
-def test_online_top_rows_equal_offline_top_n() -> None:
-    """The candidate lists: the same items in the same order, ties included (scores
-    with many equal values, zeros of both signs, -inf, NaN, +inf, seen items)."""
+def test_top_lists_take_the_best_unseen_items_ties_by_index() -> None:
+    """Each source's list: the same items in the same order as a plain sort, ties
+    included (scores with many equal values, zeros of both signs, -inf, NaN, +inf,
+    seen items)."""
     rng = np.random.default_rng(0)
     for trial in range(400):
         n_items = int(rng.integers(1, 120))
@@ -105,21 +77,22 @@ def test_online_top_rows_equal_offline_top_n() -> None:
         for v, share in ((-np.inf, 0.2), (np.nan, 0.05), (np.inf, 0.05)):
             if rng.random() < 0.4:
                 S[rng.random(S.shape) < share] = v
-        seen = np.flatnonzero(rng.random(n_items) < 0.3)
+        seen = sp.csr_matrix((rng.random(S.shape) < 0.3).astype(np.float32))
         n = int(rng.integers(1, n_items + 10))
-        mask = np.zeros((len(S), n_items), dtype=np.float32)
-        mask[:, seen] = 1
-        items, _ = top_n(S, sp.csr_matrix(mask), n)
-        got = top_rows(S.copy(), seen, n)
+        ptr, items = top_lists(S.copy(), seen, n)
         for j in range(len(S)):
-            np.testing.assert_array_equal(got[j], items[j][items[j] >= 0], err_msg=f"{trial}")
+            ok = np.isfinite(S[j]) & (seen[j].toarray()[0] == 0)
+            cand = np.flatnonzero(ok)
+            want = cand[np.lexsort((cand, -S[j][cand]))][:n]
+            np.testing.assert_array_equal(items[ptr[j] : ptr[j + 1]], want, err_msg=f"{trial}")
 
 
-def test_online_source_lists_equal_top_n_with_fresh_events(online: OnlineRanker) -> None:
+def test_source_lists_with_fresh_events(loaded: Pipeline, online: OnlineRanker) -> None:
     """Each source's list (its ranks among the candidates) is `top_n` of the source's
     row, for bundle users and for users with fresh events (new end times, new items)."""
     rng = np.random.default_rng(1)
-    n = online.per_source
+    p = loaded
+    n = p.config.sources.per_source
     for u in range(0, 60, 3):
         extra = None
         if u % 2:
@@ -128,16 +101,28 @@ def test_online_source_lists_equal_top_n_with_fresh_events(online: OnlineRanker)
             extra = (rng.integers(0, online.n_items, k), t)
         st = online.user_state(u, extra)
         cands, cols = online.candidates(st)
-        S = online.source_scores(st)
-        mask = np.zeros((1, online.n_items), dtype=np.float32)
-        mask[0, st.seen] = 1
-        for r, s in enumerate(online.sources):
-            items, _ = top_n(S[r : r + 1], sp.csr_matrix(mask), n)
+        for s in p.sources_:
+            b = st.chunk
+            items, _ = top_n(s.scores(b, online.n_items), b.seen(online.n_items), n)
             want = items[0][items[0] >= 0]
             rank = cols[f"{s.name}_rank"]
             listed = rank <= n
             got = cands[listed][np.argsort(rank[listed])]
             np.testing.assert_array_equal(got, want, err_msg=f"{s.name}, user {u}")
+
+
+def test_fresh_events_move_the_users_time_features(online: OnlineRanker) -> None:
+    """A fresh event is a new last event: recency and activity follow it (not the
+    bundle's state of the user)."""
+    st = online.user_state(0)
+    item = int(online.pipeline.fallback_[0])
+    t = online.now + 3 * 86400
+    fresh = online.user_state(0, (np.array([item]), np.array([t])))
+    _, before = online.candidates(st)
+    _, after = online.candidates(fresh)
+    assert after["user_n"][0] == before["user_n"][0] + 1
+    assert after["user_days_since_last"][0] == 0.0
+    assert before["user_days_since_last"][0] >= 0.0
 
 
 def test_compiled_trees_equal_lightgbm(online: OnlineRanker) -> None:
@@ -149,7 +134,8 @@ def test_compiled_trees_equal_lightgbm(online: OnlineRanker) -> None:
 def test_language_model_features_and_scores_online(  # type: ignore[no-untyped-def]
     synth_data, tiny_bert: Path, tmp_path: Path
 ) -> None:
-    """A pipeline with the LM: its source, its features and the scores match too."""
+    """A pipeline with the LM: its source and features are the same for a chunk of one,
+    and a request's scores are the batch job's."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from recsys.config import PipelineConfig
@@ -178,36 +164,49 @@ def test_language_model_features_and_scores_online(  # type: ignore[no-untyped-d
     assert p.lm_ is not None
     online = OnlineRanker(p, tree_cache=tmp_path / "trees")
     users = np.arange(0, len(p.user_index_), 11)[:20]
-    pairs = p._candidates(p.sources_, p.history_, users)
-    feats = build_features(p.history_, pairs, p.item_cats_, p.config, p.lm_)
-    feats = feats.with_columns(pl.Series("score", p.ranker_.predict(feats)))
-    lm_cols = [c for c in feats.columns if c.startswith("lm_")]
+    many = p.candidate_features(users)
+    lm_cols = [c for c in many.columns if c.startswith("lm_")]
     assert "lm_score" in lm_cols and "lm_sim_max" in lm_cols
+    offline = p.recommend(p.user_index_.take(users), k=10)
     for u in users.tolist():
-        st = online.user_state(u)
-        cands, cols = online.candidates(st)
-        cols.update(online.feature_columns(st, cands))
-        f = feats.filter(pl.col(U) == u)
-        np.testing.assert_array_equal(f[I].to_numpy(), cands)
-        for c in [c for c in feats.columns if c not in (U, I, "score")]:
-            if c == "lm_cand_rank":
-                # a rank among near-equal LM scores may move by the ties within float error
-                v = f["lm_score"].to_numpy().astype(np.float64)
-                near = (np.abs(v[:, None] - v[None, :]) <= 1e-5).sum(axis=1)
-                off = f[c].cast(pl.Float64).to_numpy()
-                assert np.all(np.abs(np.asarray(cols[c]) - off) < near), f"{c}, user {u}"
-                continue
-            np.testing.assert_allclose(
-                np.asarray(cols[c], dtype=np.float64),
-                f[c].cast(pl.Float64).to_numpy(),
-                rtol=1e-4,
-                atol=1e-5,
-                err_msg=f"{c}, user {u}",
-            )
-        ranked = online.rank(st)
+        one = p.candidate_features(np.array([u]))
+        f = many.filter(pl.col(U) == u)
+        for c in [I, *lm_cols]:
+            np.testing.assert_array_equal(one[c].to_numpy(), f[c].to_numpy(), err_msg=f"{c}, {u}")
+        ranked = online.rank(online.user_state(u))
+        uid = p.user_index_.take(np.array([u]))[0]
+        want = offline.filter(pl.col("user_id") == uid)
         on = dict(zip(ranked.items.tolist(), ranked.scores.tolist(), strict=True))
-        # the LM features sit within float error of the offline ones, but an untrained
-        # tiny LM gives many near-equal scores, and a tree threshold between two of them
-        # (or a rank among them) can send a candidate down another branch: most agree
-        got = np.array([on[int(i)] for i in f[I].to_list()])
-        assert np.mean(np.abs(got - f["score"].to_numpy()) < 1e-6) > 0.75
+        got = np.array([on[int(j)] for j in p.item_index_.lookup(want["item_id"])])
+        np.testing.assert_allclose(got, want["score"].to_numpy(), rtol=1e-9, atol=1e-9)
+
+
+def test_sparse_rows_take_the_same_lists_as_dense_rows() -> None:
+    """A source held sparse (stored entries; every other eligible item scores 0, the
+    rest -inf) lists the same items as its dense row: positives, then the zeros in
+    index order, then the negatives, never a seen item."""
+    from recsys.candidates import SparseRows
+
+    rng = np.random.default_rng(2)
+    for trial in range(300):
+        n_rows, n_items = int(rng.integers(1, 6)), int(rng.integers(1, 80))
+        dense = rng.integers(-2, 3, (n_rows, n_items)).astype(np.float32)
+        dense[rng.random(dense.shape) < 0.5] = 0.0
+        eligible = None
+        if rng.random() < 0.5:
+            eligible = np.flatnonzero(rng.random(n_items) < 0.7)
+        S = sp.csr_matrix(dense)
+        if rng.random() < 0.3:  # an explicitly stored zero
+            S.data[rng.random(len(S.data)) < 0.1] = 0.0
+        full = S.toarray()
+        if eligible is not None:
+            out = np.ones(n_items, bool)
+            out[eligible] = False
+            full[:, out] = -np.inf
+            S = S.multiply(~out[None, :]).tocsr()
+        seen = sp.csr_matrix((rng.random((n_rows, n_items)) < 0.2).astype(np.float32))
+        n = int(rng.integers(1, n_items + 5))
+        got = SparseRows(S, eligible).top(seen, n)
+        want = top_lists(full.copy(), seen, n)
+        np.testing.assert_array_equal(got[0], want[0], err_msg=f"{trial}")
+        np.testing.assert_array_equal(got[1], want[1], err_msg=f"{trial}")

@@ -17,6 +17,7 @@ import polars as pl
 
 from recsys.candidates import ALS, History, MostPopular, RecentPopular
 from recsys.data import IdIndex
+from recsys.lm.source import LMNearest
 from recsys.pipeline import Pipeline, item_categories
 from recsys.schema import ITEM, DataError
 
@@ -83,7 +84,7 @@ def add_items(p: Pipeline, new_items: pl.DataFrame, progress: bool = False) -> t
             if isinstance(s, ALS):
                 f = s.item_factors_
                 s.item_factors_ = np.vstack([f, np.zeros((n_add, f.shape[1]), f.dtype)])
-            if isinstance(s, MostPopular | RecentPopular):
+            if isinstance(s, MostPopular | RecentPopular | LMNearest):
                 s.fit(p.history_)
         p.fallback_ = np.concatenate([p.fallback_, np.arange(n_old, n_new, dtype=np.int64)])
     return n_add, int(known.sum())

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from features.batch import Histories
 from recsys.candidates import History
 from recsys.lm.config import LMConfig
 from recsys.lm.encoder import (
@@ -297,6 +298,13 @@ class LanguageModel:
         self._check()
         hist = h.last_items(np.asarray(users), self.config.history_len)
         return self.user_vectors_from(hist)
+
+    def user_vectors_for(self, b: Histories) -> np.ndarray:
+        """[len(b), d] for a chunk of users' events, computed once per chunk."""
+        v = b.memo.get(self)
+        if v is None:
+            v = b.memo[self] = self.user_vectors_from(b.last_list(self.config.history_len))
+        return v
 
     def user_vectors_from(self, histories: list[np.ndarray]) -> np.ndarray:
         """User vectors from item-index histories, most recent first (numpy only)."""

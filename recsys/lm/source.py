@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from features.batch import Histories
 from recsys.candidates import History
+from recsys.lm.cold import cold_pool
 
 if TYPE_CHECKING:
     from recsys.lm.model import LanguageModel
@@ -17,7 +19,8 @@ class LMNearest:
 
     The model is fitted by the pipeline before the sources; `fit` keeps a reference.
     Scores are dense rows like every source's; the pipeline takes the top-N per chunk
-    of users, so memory stays at chunk x items.
+    of users, so memory stays at chunk x items. The user vectors are computed once per
+    chunk (the new-item slots use them too).
     """
 
     name = "lm"
@@ -27,14 +30,15 @@ class LMNearest:
         self.cold_slots = cold_slots
 
     def fit(self, h: History) -> LMNearest:
+        self.cold_ = cold_pool(h.X) if self.cold_slots > 0 else np.zeros(0, np.int64)
         return self
 
-    def scores(self, users: np.ndarray, h: History) -> np.ndarray:
-        u = self.model.user_vectors(users, h)
-        s = (u @ self.model.item_vectors_.T).astype(np.float32)
+    def scores(self, b: Histories, n_items: int) -> np.ndarray:
+        u = self.model.user_vectors_for(b)
+        s = (u @ self.model.item_vectors_[:n_items].T).astype(np.float32)
         if self.cold_slots > 0:
-            cold = np.flatnonzero(np.diff(h.X.tocsc().indptr) == 0)
-            if len(cold) and len(cold) < h.n_items:
+            cold = self.cold_[self.cold_ < n_items]
+            if len(cold) and len(cold) < n_items:
                 s[:, cold] = interleave_cold(
                     np.delete(s, cold, axis=1), u @ self.model.text_vectors_[cold].T,
                     self.cold_slots,
@@ -45,7 +49,7 @@ class LMNearest:
         return {}  # the model is saved on its own (lm_*.safetensors)
 
     def load_state(self, state: dict[str, np.ndarray], h: History) -> LMNearest:
-        return self
+        return self.fit(h)
 
 
 def interleave_cold(warm: np.ndarray, cold: np.ndarray, share: float) -> np.ndarray:

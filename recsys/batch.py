@@ -1,8 +1,16 @@
-"""Batch scoring: top-k for every user of a file into Parquet, in resumable chunks.
+"""Batch scoring: top-k for every user of a file into Parquet, in resumable parts.
 
-Finished chunks are kept in `OUT.parts/` next to the output; a rerun with the same
-bundle, users file, k and chunk size skips them. The final file is written to a
-temporary name and renamed, and only then are the parts removed.
+The users are cut into parts of `batch_size`; each part is ranked (a memory budget
+sets how many users share a chunk inside it) and written to `OUT.parts/` next to the
+output, under a temporary name and then renamed, so a part is either whole or absent.
+A rerun with the same bundle, users file, k and part size skips the finished parts.
+The final file is streamed from the parts (one part in memory at a time) to a
+temporary name and renamed; only then are the parts removed. Memory therefore stays
+at one bundle and one part per worker, whatever the number of users.
+
+Engines: `local` ranks in this process or in `workers` processes on this machine
+(each loads the bundle once); `ray` runs the same parts on a Ray cluster
+(`recsys.distributed`).
 """
 
 from __future__ import annotations
@@ -12,12 +20,17 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 from tqdm.auto import tqdm
 
-from recsys.schema import USER, DataError
+from recsys.schema import ITEM, USER, DataError
 
 log = logging.getLogger("recsys")
 
@@ -27,16 +40,28 @@ def read_users(path: Path) -> pl.Series:
     if not path.exists():
         raise DataError("file not found", file=str(path))
     try:
-        df = pl.read_csv(path) if path.suffix.lower() == ".csv" else pl.read_parquet(path)
-    except Exception as e:
-        raise DataError(f"cannot read the file ({type(e).__name__}: {e})", file=str(path)) from e
-    if USER not in df.columns:
+        df = (
+            pl.read_csv(path, columns=[USER])
+            if path.suffix.lower() == ".csv"
+            else pl.read_parquet(path, columns=[USER])
+        )
+    except pl.exceptions.ColumnNotFoundError as e:
+        try:
+            found = (
+                pl.read_csv(path, n_rows=0).columns
+                if path.suffix.lower() == ".csv"
+                else list(pl.read_parquet_schema(path))
+            )
+        except Exception:
+            found = []
         raise DataError(
-            f"no '{USER}' column; columns found: {df.columns}",
+            f"no '{USER}' column; columns found: {found}",
             file=str(path),
             column=USER,
             expected="a user_id column",
-        )
+        ) from e
+    except Exception as e:
+        raise DataError(f"cannot read the file ({type(e).__name__}: {e})", file=str(path)) from e
     nulls = df.with_row_index("row").filter(pl.col(USER).is_null())["row"].to_list()
     if nulls:
         raise DataError(
@@ -56,6 +81,151 @@ def _job_key(
     return h.hexdigest()
 
 
+def part_path(parts: Path, index: int) -> Path:
+    return parts / f"part-{index:06d}.parquet"
+
+
+def write_atomic(df: pl.DataFrame, path: Path) -> None:
+    """Write to a temporary sibling, then rename: the file is whole or absent."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    df.write_parquet(tmp)
+    os.replace(tmp, path)
+
+
+class PartJob:
+    """What ranking one part needs: the bundle, the users, k; loaded once per process."""
+
+    def __init__(
+        self,
+        bundle_dir: Path,
+        users_path: Path,
+        parts: Path,
+        k: int,
+        batch_size: int,
+        new_item_every: int | None,
+        threads: int | None = None,
+    ) -> None:
+        self.bundle_dir, self.users_path, self.parts = bundle_dir, users_path, parts
+        self.k, self.batch_size, self.new_item_every = k, batch_size, new_item_every
+        self.threads = threads
+        self._pipe: Any = None
+        self._users: pl.Series | None = None
+
+    def _load(self) -> None:
+        from recsys.pipeline import Pipeline
+
+        pipe = Pipeline.load(str(self.bundle_dir))
+        if self.new_item_every is not None:
+            pipe.new_item_every = self.new_item_every
+        pipe.compiled_trees(self.threads)  # compiled (or read from the cache) once
+        self._pipe = pipe
+        self._users = read_users(self.users_path)
+
+    def lists(self, users: pl.Series) -> pl.DataFrame:
+        """(user_id, item_id, rank, score) for a slice of users."""
+        if self._pipe is None:
+            self._load()
+        pipe = self._pipe
+        items, scores = pipe.recommend_indices(
+            pipe.user_index_.lookup(users), self.k, compiled=True, threads=self.threads
+        )
+        return pipe.lists_frame(users, items, scores)
+
+    def run(self, index: int) -> int:
+        """Rank part `index` and write it; returns its number of users."""
+        if self._pipe is None:
+            self._load()
+        assert self._users is not None
+        users = self._users[index * self.batch_size : (index + 1) * self.batch_size]
+        write_atomic(self.lists(users), part_path(self.parts, index))
+        return len(users)
+
+
+_JOB: PartJob | None = None  # a worker process's job, set by its initializer
+
+
+def _init_worker(job: PartJob) -> None:
+    global _JOB
+    logging.getLogger("recsys").setLevel(logging.WARNING)
+    _JOB = job
+
+
+def _run_part(index: int) -> int:
+    assert _JOB is not None, "worker without a job"
+    return _JOB.run(index)
+
+
+@contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    """Worker processes share the cores: one thread each for the numeric libraries
+    (set in the environment they start with)."""
+    keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "POLARS_MAX_THREADS")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(dict.fromkeys(keys, "1"))
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_local(job: PartJob, todo: list[int], workers: int, on_done: Callable[[int], None]) -> None:
+    """Rank the parts `todo` in this process (workers <= 1) or in worker processes."""
+    if workers <= 1 or len(todo) <= 1:
+        for index in todo:
+            on_done(job.run(index))
+        return
+    job.threads = 1
+    with (
+        _single_threaded_children(),
+        ProcessPoolExecutor(
+            max_workers=min(workers, len(todo)),
+            mp_context=get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(job,),
+        ) as pool,
+    ):
+        pending: set[Future[int]] = {pool.submit(_run_part, i) for i in todo}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                on_done(f.result())
+
+
+def merge_parts(files: list[Path], out: Path, users_dtype: pl.DataType) -> int:
+    """Stream the parts into `out` (temporary name, then rename); returns its rows."""
+    import pyarrow.parquet as pq
+
+    schema = pl.DataFrame(
+        schema={USER: users_dtype, ITEM: pl.String, "rank": pl.Int32, "score": pl.Float64}
+    )
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    rows = 0
+    writer: pq.ParquetWriter | None = None
+    try:
+        for f in files:
+            table = pq.read_table(f, schema=None)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+        if writer is None:  # no users: an empty file with the columns
+            schema.write_parquet(tmp)
+        else:
+            writer.close()
+            writer = None
+        os.replace(tmp, out)
+    finally:
+        if writer is not None:
+            writer.close()
+        if tmp.exists():
+            tmp.unlink()
+    return rows
+
+
 def recommend_file(
     bundle_dir: Path,
     users_path: Path,
@@ -63,16 +233,18 @@ def recommend_file(
     k: int = 10,
     batch_size: int = 2000,
     new_item_every: int | None = None,
+    engine: str = "local",
+    workers: int = 1,
+    address: str | None = None,
 ) -> tuple[int, int]:
     """Write (user_id, item_id, rank, score) for every user; returns (users, rows).
     `new_item_every` overrides the bundle's setting of the new-item slots."""
-    from recsys.pipeline import Pipeline
+    from recsys.bundle import read_manifest
 
     users = read_users(users_path)
-    pipe = Pipeline.load(str(bundle_dir))
-    if new_item_every is not None:
-        pipe.new_item_every = new_item_every
-    if pipe.new_item_every and pipe.lm is None:
+    manifest = read_manifest(bundle_dir)  # refuses a damaged bundle before any work
+    new_every = manifest["config"].get("new_item_every", 0)
+    if (new_item_every if new_item_every is not None else new_every) and not manifest.get("lm"):
         log.warning("new-item slots are off: the bundle has no language model to rank them")
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = out.with_name(out.name + ".parts")
@@ -82,36 +254,25 @@ def recommend_file(
         shutil.rmtree(parts)
     parts.mkdir(exist_ok=True)
     state.write_text(json.dumps({"key": key}))
-    chunks = range(0, len(users), batch_size)
-    done = [c for c in chunks if (parts / f"part-{c // batch_size:06d}.parquet").exists()]
-    if done:
-        log.info("resuming: %d of %d chunks already written", len(done), len(chunks))
-    bar = tqdm(
-        total=len(users),
-        desc="recommend",
-        unit="user",
-        initial=min(len(done) * batch_size, len(users)),
+    n_parts = -(-len(users) // batch_size)
+    todo = [i for i in range(n_parts) if not part_path(parts, i).exists()]
+    if len(todo) < n_parts:
+        log.info("resuming: %d of %d parts already written", n_parts - len(todo), n_parts)
+    done_users = sum(
+        min(batch_size, len(users) - i * batch_size) for i in range(n_parts) if i not in set(todo)
     )
-    for c in chunks:
-        part = parts / f"part-{c // batch_size:06d}.parquet"
-        if part.exists():
-            continue
-        recs = pipe.recommend(users[c : c + batch_size], k=k)
-        tmp = part.with_suffix(".tmp")
-        recs.write_parquet(tmp)
-        os.replace(tmp, part)
-        bar.update(min(batch_size, len(users) - c))
+    bar = tqdm(total=len(users), desc="recommend", unit="user", initial=done_users)
+    job = PartJob(bundle_dir, users_path, parts, k, batch_size, new_item_every)
+    if todo:
+        if engine == "ray":
+            from recsys.distributed import run_ray
+
+            run_ray(job, todo, address=address, workers=workers, on_done=bar.update)
+        elif engine == "local":
+            run_local(job, todo, workers, bar.update)
+        else:
+            raise ValueError(f"unknown engine {engine!r}: 'local' or 'ray'")
     bar.close()
-    files = [parts / f"part-{c // batch_size:06d}.parquet" for c in chunks]
-    result = (
-        pl.concat([pl.read_parquet(f) for f in files])
-        if files
-        else pl.DataFrame(
-            schema={USER: users.dtype, "item_id": pl.String, "rank": pl.Int32, "score": pl.Float64}
-        )
-    )
-    tmp = out.with_name(f".{out.name}.tmp")
-    result.write_parquet(tmp)
-    os.replace(tmp, out)
+    rows = merge_parts([part_path(parts, i) for i in range(n_parts)], out, users.dtype)
     shutil.rmtree(parts, ignore_errors=True)
-    return len(users), len(result)
+    return len(users), rows

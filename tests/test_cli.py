@@ -120,25 +120,60 @@ def test_interrupted_recommend_resumes_from_finished_chunks(
     ids = pl.read_parquet(synth_dir / "interactions.parquet")["user_id"].unique().sort().head(50)
     pl.DataFrame({"user_id": ids}).write_parquet(users)
     out = tmp_path / "recs.parquet"
-    real = Pipeline.recommend
+    real = Pipeline.recommend_indices
     calls: list[int] = []
 
     def failing(self, user_ids, k=10, **kw):  # type: ignore[no-untyped-def]
         calls.append(len(user_ids))
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(self, user_ids, k=k, **kw)
+        return real(self, user_ids, k, **kw)
 
-    monkeypatch.setattr(Pipeline, "recommend", failing)
+    monkeypatch.setattr(Pipeline, "recommend_indices", failing)
     with pytest.raises(KeyboardInterrupt):
         batch.recommend_file(cli_bundle, users, out, k=5, batch_size=10)
     assert not out.exists()
     assert len(list(out.with_name(out.name + ".parts").glob("part-*.parquet"))) == 2
     calls.clear()
-    monkeypatch.setattr(Pipeline, "recommend", real)
+    monkeypatch.setattr(Pipeline, "recommend_indices", real)
     n_users, n_rows = batch.recommend_file(cli_bundle, users, out, k=5, batch_size=10)
     assert (n_users, n_rows) == (50, 250)
-    assert pl.read_parquet(out)["user_id"].n_unique() == 50
+    assert calls == [] and pl.read_parquet(out)["user_id"].n_unique() == 50
+    whole = tmp_path / "whole.parquet"
+    batch.recommend_file(cli_bundle, users, whole, k=5, batch_size=10)
+    assert pl.read_parquet(out).equals(pl.read_parquet(whole))
+
+
+def test_recommend_killed_midway_reruns_to_the_same_file(
+    cli_bundle: Path, synth_dir: Path, tmp_path: Path
+) -> None:
+    """`kill -9` while parts are being written, then the same command again: the same
+    output file as a run that was never interrupted, and no half-written part."""
+    import signal
+    import time
+
+    users = tmp_path / "users.parquet"
+    ids = pl.read_parquet(synth_dir / "interactions.parquet")["user_id"].unique().sort()
+    pl.DataFrame({"user_id": ids}).write_parquet(users)
+    out = tmp_path / "recs.parquet"
+    parts = out.with_name(out.name + ".parts")
+    args = ["recommend", "--bundle", str(cli_bundle), "--users", str(users), "--k", "5",
+            "--batch-size", "5", "--workers", "1"]  # fmt: skip
+    p = subprocess.Popen([RECSYS, *args, "--out", str(out)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("part-*.parquet"))) < 3:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    written = len(list(parts.glob("part-*.parquet")))
+    assert not out.exists() and 3 <= written < len(ids) // 5, written
+    r = run(*args, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    whole = tmp_path / "whole.parquet"
+    assert run(*args, "--out", str(whole)).returncode == 0
+    assert pl.read_parquet(out).equals(pl.read_parquet(whole))
+    assert not parts.exists() and not list(tmp_path.glob(".*tmp"))
 
 
 def test_evaluate_prints_the_table_and_writes_the_report(

@@ -134,14 +134,39 @@ def recommend(
         help="Every n-th place of a list goes to the user's best item without interactions "
         "(by the language model; score empty). 0 turns it off; default: the bundle's setting.",
     ),
+    engine: str = typer.Option(
+        "local",
+        "--engine",
+        help="'local': this machine, in --workers processes; 'ray': a Ray cluster (started "
+        "locally, or the one at --address / RAY_ADDRESS; needs `pip install 'recsys[ray]'`).",
+    ),
+    workers: int = typer.Option(
+        0,
+        "--workers",
+        min=0,
+        help="Processes ranking parts side by side (each holds the bundle once); 0: one per "
+        "CPU core. With --engine ray: actors (0: one per CPU of the cluster).",
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else local)."
+    ),
 ) -> None:
-    """Top-k lists for every user in a file, in resumable chunks with a progress bar."""
+    """Top-k lists for every user in a file, in resumable parts with a progress bar.
+
+    Memory is one bundle and one part per worker, whatever the number of users; a
+    rerun after an interruption skips the parts already written."""
+    import os
+
     from recsys.batch import recommend_file
 
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter("'local' or 'ray'", param_hint="--engine")
     t0 = time.perf_counter()
     n_users, n_rows = recommend_file(
-        bundle, users, out, k=k, batch_size=batch_size, new_item_every=new_item_every
-    )
+        bundle, users, out, k=k, batch_size=batch_size, new_item_every=new_item_every,
+        engine=engine, workers=workers or (os.cpu_count() or 1) if engine == "local" else workers,
+        address=address,
+    )  # fmt: skip
     dt = time.perf_counter() - t0
     console.print(
         f"{n_rows} rows for {n_users} users written to [bold]{out}[/] in {dt:.1f} s "
@@ -202,10 +227,11 @@ def explain(
     """Why a user gets their list: per item, the ranker's strongest feature
     contributions (they add up, with the bias, to the score) and the most similar
     items of the user's history."""
+    from recsys.explain import explain
     from recsys.pipeline import Pipeline
 
     pipe = Pipeline.load(str(bundle))
-    e = pipe.explain(user, k=k)
+    e = explain(pipe, user, k=k)
     state = f"{e.history_length} items in history" if e.known else "unknown user: fallback list"
     t = Table(title=f"user {user} ({state})", show_lines=True)
     t.add_column("#", justify="right")

@@ -185,28 +185,39 @@ def bench_encode(
 
 
 def summary(rows: list[dict[str, Any]]) -> str | None:
-    """The picked CPU path against fp32: the best items/s over the batch sizes of each,
-    the picked path's cosine to fp32, its ratios to the naive and the sorted fp32 loop."""
+    """The picked CPU path against fp32: its best items/s over the batch sizes and its
+    cosine to fp32, and its ratios to the naive and the sorted fp32 loops, in items/s
+    and in items per CPU-second (each the best over the batch sizes)."""
 
-    def best(pred: Any) -> dict[str, Any] | None:
+    def best(pred: Any, key: str = "items_per_s") -> dict[str, Any] | None:
         rs = [r for r in rows if r["device"] == "cpu" and pred(r)]
-        return max(rs, key=lambda r: r["items_per_s"]) if rs else None
+        return max(rs, key=lambda r: r[key]) if rs else None
 
-    pick = best(lambda r: r.get("picked"))
-    fp32 = best(lambda r: r.get("precision") == "fp32")
-    naive = best(lambda r: r["method"].startswith("naive"))
-    if pick is None or fp32 is None:
+    def is_pick(r: dict[str, Any]) -> bool:
+        return bool(r.get("picked"))
+
+    def is_fp32(r: dict[str, Any]) -> bool:
+        return r.get("precision") == "fp32"
+
+    def is_naive(r: dict[str, Any]) -> bool:
+        return str(r["method"]).startswith("naive")
+
+    pick, pick_cpu = best(is_pick), best(is_pick, "items_per_cpu_s")
+    if pick is None or pick_cpu is None or best(is_fp32) is None:
         return None
+    cpu = pick_cpu["items_per_cpu_s"]
     cos = f", cosine to fp32 mean {pick['cos_mean']:.4f} (min {pick['cos_min']:.4f})"
     lines = [
         f"picked {pick['precision']}: {pick['items_per_s']:.0f} items/s at batch "
         f"{pick['batch']}{cos if 'cos_mean' in pick else ''}"
     ]
-    for name, r in (("naive fp32", naive), ("sorted fp32", fp32)):
-        if r is not None:
-            lines.append(
-                f"  {pick['items_per_s'] / r['items_per_s']:.2f}x {name} ({r['items_per_s']:.0f} "
-                f"items/s at batch {r['batch']}); per CPU-second "
-                f"{pick['items_per_cpu_s'] / r['items_per_cpu_s']:.2f}x"
-            )
+    for name, pred in (("naive fp32", is_naive), ("sorted fp32", is_fp32)):
+        r, c = best(pred), best(pred, "items_per_cpu_s")
+        if r is None or c is None:
+            continue
+        lines.append(
+            f"  {pick['items_per_s'] / r['items_per_s']:.2f}x {name} ({r['items_per_s']:.0f} "
+            f"items/s); per CPU-second {cpu / c['items_per_cpu_s']:.2f}x "
+            f"({cpu:.0f} against {c['items_per_cpu_s']:.0f})"
+        )
     return "\n".join(lines)

@@ -35,14 +35,15 @@ class LMNearest:
 
     def scores(self, b: Histories, n_items: int) -> np.ndarray:
         u = self.model.user_vectors_for(b)
-        s = (u @ self.model.item_vectors_[:n_items].T).astype(np.float32)
+        # float64 products rounded to float32: the same scores for a user alone as in
+        # a chunk (see recsys.candidates.ALS.scores)
+        s = (u.astype(np.float64) @ self.model.item_vectors_t64[:, :n_items]).astype(np.float32)
         if self.cold_slots > 0:
             cold = self.cold_[self.cold_ < n_items]
             if len(cold) and len(cold) < n_items:
-                s[:, cold] = interleave_cold(
-                    np.delete(s, cold, axis=1), u @ self.model.text_vectors_[cold].T,
-                    self.cold_slots,
-                )  # fmt: skip
+                tv = self.model.text_vectors_[cold].T.astype(np.float64)
+                cs = (u.astype(np.float64) @ tv).astype(np.float32)
+                s[:, cold] = interleave_cold(np.delete(s, cold, axis=1), cs, self.cold_slots)
         return s
 
     def state(self) -> dict[str, np.ndarray]:

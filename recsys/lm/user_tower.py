@@ -50,7 +50,13 @@ class UserTower(nn.Module):
 
 
 def user_vectors_numpy(state: dict[str, np.ndarray], x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """`UserTower.forward` in numpy. x: [B, L, d] float32, mask: [B, L] bool."""
+    """`UserTower.forward` in numpy. x: [B, L, d] float32, mask: [B, L] bool.
+
+    Computed in float64 and rounded to float32: a float32 product's last bit depends
+    on the BLAS kernel the batch's size picks, so one user alone (a request) and the
+    same user in a chunk of thousands (the batch job) would differ in the last bit."""
+    state = {k: np.asarray(v, dtype=np.float64) for k, v in state.items()}
+    x = x.astype(np.float64)
     d = x.shape[-1]
     L = x.shape[1]
     q = state["query"] + x[:, 0] @ state["q_proj.weight"].T

@@ -14,39 +14,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="session")
-def lm_config(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from recsys.config import PipelineConfig
-
-    return PipelineConfig.model_validate(
-        {
-            "sources": {"per_source": 50, "als_iterations": 3},
-            "ranker": {"n_estimators": 60, "early_stopping_rounds": 20},
-            "lm": {
-                "model": str(tiny_bert),
-                "dim": 16,
-                "epochs": 2,
-                "encoder_epochs": 1,
-                "batch_size": 128,
-                "negatives": 64,
-                "max_length": 32,
-                "cpu_train_layers": 1,
-                "checkpoints": False,
-                "device": "cpu",
-                "cpu_threads": 1,
-            },
-        }
-    )
-
-
-@pytest.fixture(scope="session")
-def lm_pipeline(synth_data, lm_config):  # type: ignore[no-untyped-def]
-    from recsys.pipeline import Pipeline
-
-    inter, items = synth_data
-    return Pipeline(lm_config).fit(inter, items)
-
-
 def test_item_text_default_and_template() -> None:
     from recsys.lm.text import item_texts
 

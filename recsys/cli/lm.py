@@ -18,6 +18,18 @@ def encode_items(
     items: Path = typer.Option(
         ..., "--items", help="Parquet (or CSV) of items: item_id and the catalogue's text columns."
     ),
+    engine: str = typer.Option(
+        "local",
+        "--engine",
+        help="'local': encode in this process; 'ray': on a Ray cluster's actors, one GPU "
+        "each where it has GPUs (local Ray, or --address / RAY_ADDRESS; Parquet input).",
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else local)."
+    ),
+    workers: int = typer.Option(
+        0, "--workers", min=0, help="Ray actors (0: one per GPU, else one per CPU)."
+    ),
 ) -> None:
     """Add new items (or refresh changed ones) in a bundle without refitting.
 
@@ -28,9 +40,24 @@ def encode_items(
     from recsys.lm.catalogue import encode_items_into_bundle
     from recsys.schema import read_items
 
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter("'local' or 'ray'", param_hint="--engine")
     t0 = time.perf_counter()
     new = read_items(items)
-    added, refreshed = encode_items_into_bundle(bundle, new, progress=True)
+    encode = None
+    if engine == "ray":
+        import numpy as np
+        import polars as pl
+
+        from recsys.distributed import encode_items_ray
+        from recsys.schema import ITEM
+
+        vectors = encode_items_ray(bundle, items, address=address, workers=workers)
+
+        def encode(aligned: pl.DataFrame) -> np.ndarray:
+            return np.stack([vectors[i] for i in aligned[ITEM].to_list()])
+
+    added, refreshed = encode_items_into_bundle(bundle, new, progress=True, encode=encode)
     console.print(
         f"{added} items added and {refreshed} refreshed in [bold]{bundle}[/] "
         f"in {time.perf_counter() - t0:.1f} s"

@@ -10,6 +10,7 @@ source is what can recommend them until the next fit.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +42,22 @@ def _align(new: pl.DataFrame, like: pl.DataFrame) -> pl.DataFrame:
     return out.unique(ITEM, keep="last", maintain_order=True)
 
 
-def add_items(p: Pipeline, new_items: pl.DataFrame, progress: bool = False) -> tuple[int, int]:
-    """Add or refresh items in a fitted pipeline in place; returns (added, refreshed)."""
+def add_items(
+    p: Pipeline,
+    new_items: pl.DataFrame,
+    progress: bool = False,
+    encode: Callable[[pl.DataFrame], np.ndarray] | None = None,
+) -> tuple[int, int]:
+    """Add or refresh items in a fitted pipeline in place; returns (added, refreshed).
+    `encode`: the items' vectors from their (aligned) rows, in place of the bundle's
+    item tower in this process (e.g. an encoding on a cluster)."""
     lm = p.lm
     if lm is None:
         raise ValueError("this bundle has no language model (fitted with --no-lm)")
     new = _align(new_items, p.items_)
     idx = p.item_index_.lookup(new[ITEM])
     known = idx >= 0
-    vecs = lm.encode_items(new, progress=progress)
+    vecs = encode(new) if encode is not None else lm.encode_items(new, progress=progress)
     n_old = len(p.item_index_)
     n_add = int((~known).sum())
     # catalogue: refreshed rows in place, new rows appended (index order is kept)
@@ -91,13 +99,16 @@ def add_items(p: Pipeline, new_items: pl.DataFrame, progress: bool = False) -> t
 
 
 def encode_items_into_bundle(
-    bundle_dir: str | Path, new_items: pl.DataFrame, progress: bool = False
+    bundle_dir: str | Path,
+    new_items: pl.DataFrame,
+    progress: bool = False,
+    encode: Callable[[pl.DataFrame], np.ndarray] | None = None,
 ) -> tuple[int, int]:
     """Load (checksums verified), add or refresh the items, save atomically."""
     from recsys import bundle
 
     p = bundle.load(bundle_dir)
     p.timings_ = dict(p.manifest_.get("timings_s", {}))
-    added, refreshed = add_items(p, new_items, progress)
+    added, refreshed = add_items(p, new_items, progress, encode)
     bundle.save(p, bundle_dir)
     return added, refreshed

@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/online_stages.py --bundle /tmp/srv/bundle230
     .venv/bin/python benchmarks/online_stages.py --bundle B --baseline old_online.py
 
-Builds `recsys.online.OnlineRanker` on the bundle and times, per user, the three
-stages of `OnlineRanker.rank` for `--users` random bundle users: `candidates`,
-`feature_columns`, the float32 matrix, and `trees.predict`. With `--baseline`, an
+Builds `recsys.online.OnlineRanker` on the bundle and times, per user, the stages
+of `OnlineRanker.rank` for `--users` random bundle users: candidates, features, the
+float32 matrix, and `trees.predict`. With `--baseline`, an
 `OnlineRanker` from another copy of the module (e.g. the previous commit's
 recsys/online.py) is timed too, interleaved user by user with the current one, so
 both see the same load; each stage reports the best of `--passes` passes (mean per
@@ -37,17 +37,25 @@ def _load_module(path: Path, name: str) -> object:
 
 def _time_user(r: object, u: int) -> tuple[float, float, float, float]:
     st = r.user_state(u)  # type: ignore[attr-defined]
-    t0 = time.thread_time()
-    cands, cols = r.candidates(st)  # type: ignore[attr-defined]
-    t1 = time.thread_time()
-    cols.update(r.feature_columns(st, cands))  # type: ignore[attr-defined]
-    t2 = time.thread_time()
-    if hasattr(r, "matrix"):
-        X = r.matrix(cols, len(cands))
-    else:  # an older OnlineRanker: its own row-major fill
-        X = np.empty((len(cands), len(r.features)), dtype=np.float32)  # type: ignore[attr-defined]
-        for j, c in enumerate(r.features):  # type: ignore[attr-defined]
-            X[:, j] = cols[c]
+    if hasattr(r, "feature_columns"):  # an older OnlineRanker: candidates, then features
+        t0 = time.thread_time()
+        cands, cols = r.candidates(st)  # type: ignore[attr-defined]
+        t1 = time.thread_time()
+        cols.update(r.feature_columns(st, cands))  # type: ignore[attr-defined]
+        t2 = time.thread_time()
+        X = r.matrix(cols, len(cands))  # type: ignore[attr-defined]
+    else:  # the pipeline's chunk kernels, on a chunk of one
+        from recsys.candidates import candidates
+        from recsys.pipeline import feature_matrix
+
+        p = r.pipeline  # type: ignore[attr-defined]
+        b = st.chunk
+        t0 = time.thread_time()
+        c = candidates(p.sources_, b, r.n_items, p.config.sources.per_source)  # type: ignore[attr-defined]
+        t1 = time.thread_time()
+        c.cols |= p.features.transform(b, c, p.lm.similarity_vectors if p.lm else None)
+        t2 = time.thread_time()
+        X = feature_matrix(c.cols, r.features, len(c))  # type: ignore[attr-defined]
     t3 = time.thread_time()
     r.trees.predict(X)  # type: ignore[attr-defined]
     t4 = time.thread_time()

@@ -19,24 +19,24 @@ def user_category_affinity(
     share of their events on items in it (over all their events, or over their last
     `recent_n`, divided by `recent_n`); a candidate gets the mean and the max over its
     own categories (0 for a category the user never met)."""
-    n_items = item_cats.shape[0]
+    n_cats = item_cats.shape[1]
     n = len(c)
-    ic = item_cats.astype(np.float64)
-    prof = (h.counts(n_items).astype(np.float64) @ ic).tocsr()
-    prof.sort_indices()
-    prof.data /= np.repeat(np.maximum(h.lengths, 1), np.diff(prof.indptr))
+    # the user's share of events per category, over all their events and the recent ones
+    lens, cats, _ = gather_rows(item_cats, h.items)
+    rows = np.repeat(segment_index(h.ptr), lens)
+    keys, k = np.unique(rows * n_cats + cats, return_counts=True)
+    aff = k / np.maximum(h.lengths, 1)[keys // n_cats]
     rptr, recent = h.last(recent_n)
-    rc = sp.csr_matrix(
-        (np.ones(len(recent)), (np.repeat(np.arange(len(h)), np.diff(rptr)), recent)),
-        shape=(len(h), n_items),
-    )
-    rprof = (rc @ ic).tocsr()
-    rprof.data /= recent_n
+    lens, cats, _ = gather_rows(item_cats, recent)
+    rows = np.repeat(segment_index(rptr), lens)
+    rkeys, rk = np.unique(rows * n_cats + cats, return_counts=True)
+    raff = rk / recent_n
+    # each candidate's categories
     n_c, cats, _ = gather_rows(item_cats, c.items)
     pair = np.repeat(np.arange(n, dtype=np.int64), n_c)
-    row = c.rows[pair]
-    a = _lookup(prof, row, cats)
-    ra = _lookup(rprof, row, cats)
+    q = c.rows[pair] * n_cats + cats
+    a = lookup(keys, aff, q)
+    ra = lookup(rkeys, raff, q)
     ptr = np.concatenate([[0], np.cumsum(n_c)]).astype(np.int64)
     return {
         "cat_aff_mean": np.where(
@@ -46,10 +46,3 @@ def user_category_affinity(
         "cat_aff_recent_max": segment_max(ra, ptr),
         "item_n_cats": n_c.astype(np.float64),
     }
-
-
-def _lookup(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """m[rows, cols] for a CSR matrix (0 where not stored)."""
-    m.sum_duplicates()
-    keys = segment_index(m.indptr.astype(np.int64)) * m.shape[1] + m.indices.astype(np.int64)
-    return lookup(keys, m.data, rows.astype(np.int64) * m.shape[1] + cols.astype(np.int64))

@@ -9,7 +9,7 @@ which other users share the chunk: the same state gives the same values on both 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -50,7 +50,7 @@ class Histories:
     fresh: np.ndarray  # bool [B]
     # values computed once per chunk and shared by its consumers (e.g. a model's user
     # vectors, which a candidate source and the new-item slots both use)
-    memo: dict[object, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    memo: dict[object, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def one(
@@ -106,19 +106,22 @@ class Histories:
         ptr, items = self.last(n)
         return [items[ptr[r] : ptr[r + 1]] for r in range(len(self))]
 
-    def counts(self, n_items: int) -> sp.csr_matrix:
-        """[B, n_items] events per (user, item), float32, indices sorted."""
-        rows = segment_index(self.ptr)
-        m = sp.csr_matrix(
-            (np.ones(len(rows), np.float32), (rows, self.items)), shape=(len(self), n_items)
-        )
-        m.sum_duplicates()
-        return m
-
     def seen(self, n_items: int) -> sp.csr_matrix:
-        """[B, n_items] binary: the items each user has met, indices sorted."""
-        m = self.counts(n_items)
-        m.data[:] = 1.0
+        """[B, n_items] binary float32: the items each user has met, indices sorted
+        (computed once per chunk; do not modify)."""
+        key = ("seen", n_items)
+        m = self.memo.get(key)
+        if m is None:
+            keys = np.unique(segment_index(self.ptr) * n_items + self.items)
+            rows = keys // n_items
+            ptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(self)))])
+            m = sp.csr_matrix(
+                (np.ones(len(keys), np.float32), (keys % n_items).astype(np.int32),
+                 ptr.astype(np.int32)),
+                shape=(len(self), n_items),
+            )  # fmt: skip
+            m.has_sorted_indices = True
+            self.memo[key] = m
         return m
 
 

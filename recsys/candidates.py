@@ -419,8 +419,12 @@ class ALS:
         # float64 products rounded to float32: the same values for one user as for a
         # chunk (a float32 product's last bit depends on the BLAS kernel the chunk's
         # size picks, which would reorder near-equal scores between the two)
+        cache = getattr(self, "_yt", None)
+        if cache is None or cache[0] is not self.item_factors_:
+            Yt = np.ascontiguousarray(self.item_factors_.T, dtype=np.float64)
+            cache = self._yt = (self.item_factors_, Yt)
         U64 = self.user_factors(b, n_items).astype(np.float64)
-        return (U64 @ self.item_factors_[:n_items].T.astype(np.float64)).astype(np.float32)
+        return (U64 @ cache[1][:, :n_items]).astype(np.float32)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"user_factors": self.user_factors_, "item_factors": self.item_factors_}

@@ -187,8 +187,15 @@ def search(keys: np.ndarray, q: np.ndarray, side: Literal["left", "right"] = "le
     return out
 
 
-def lookup(keys: np.ndarray, values: np.ndarray, q: np.ndarray, default: float = 0.0) -> np.ndarray:
-    """values[i] where keys[i] == q (keys sorted and distinct), `default` elsewhere."""
+def lookup(
+    keys: np.ndarray,
+    values: np.ndarray,
+    q: np.ndarray,
+    default: float = 0.0,
+    q_sorted: bool = False,
+) -> np.ndarray:
+    """values[i] where keys[i] == q (keys sorted and distinct), `default` elsewhere;
+    `q_sorted`: the queries are ascending already (no sort needed)."""
     integral = isinstance(default, int) and values.dtype.kind in "iu"
     out = np.full(
         len(q),
@@ -197,7 +204,7 @@ def lookup(keys: np.ndarray, values: np.ndarray, q: np.ndarray, default: float =
     )
     if len(keys) == 0 or len(q) == 0:
         return out
-    at = search(keys, q)
+    at = np.searchsorted(keys, q) if q_sorted else search(keys, q)
     at_c = np.minimum(at, len(keys) - 1)
     hit = keys[at_c] == q
     out[hit] = values[at_c[hit]]

@@ -55,11 +55,16 @@ class Transitions:
         lo, hi = m.indptr[item], m.indptr[item + 1]
         cols = m.indices[lo:hi]
         out = np.zeros(len(items))
-        if hi > lo:
-            at = np.searchsorted(cols, items)
-            at_c = np.minimum(at, hi - lo - 1)
-            hit = cols[at_c] == items
-            out[hit] = m.data[lo:hi][at_c[hit]]
+        if hi == lo or len(items) == 0:
+            return out
+        if hi - lo < len(items):  # search the shorter of the two sorted lists in the other
+            at = np.minimum(np.searchsorted(items, cols), len(items) - 1)
+            hit = items[at] == cols
+            out[at[hit]] = m.data[lo:hi][hit]
+        else:
+            at = np.minimum(np.searchsorted(cols, items), hi - lo - 1)
+            hit = cols[at] == items
+            out[hit] = m.data[lo:hi][at[hit]]
         return out
 
     def following(self, prev: int, items: np.ndarray) -> np.ndarray:

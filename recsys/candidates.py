@@ -577,6 +577,15 @@ def _keep_top_k_per_row(S: sp.csr_matrix, k: int) -> sp.csr_matrix:
     return out
 
 
+def _absent(a: np.ndarray, sorted_b: np.ndarray) -> np.ndarray:
+    """Which elements of `a` are not in `sorted_b` (ascending): `~np.isin` for a short
+    sorted set, without isin's per-call overhead (this runs per user and source)."""
+    if len(sorted_b) == 0:
+        return np.ones(len(a), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_b, a), len(sorted_b) - 1)
+    return sorted_b[at] != a
+
+
 def _best(items: np.ndarray, vals: np.ndarray, n: int) -> np.ndarray:
     """The `n` items of highest value, by value descending, ties by item ascending."""
     if n <= 0:
@@ -688,7 +697,7 @@ class SparseRows:
             pos = vj > 0
             # the best n + |seen| stored positives hold the best n unseen ones
             top = _best(cj[pos], vj[pos], n + len(sj))
-            top = top[~np.isin(top, sj)][:n]
+            top = top[_absent(top, sj)][:n]
             if len(top) < n:
                 # then the row's zeros (every other eligible unseen item) in index
                 # order, then the negatives
@@ -696,9 +705,9 @@ class SparseRows:
                 excl = np.union1d(sj, cj)
                 head = (pool[: m + len(excl)] if pool is not None
                         else np.arange(min(n_items, m + len(excl))))  # fmt: skip
-                zeros = head[~np.isin(head, excl)][:m]
+                zeros = head[_absent(head, excl)][:m]
                 neg = _best(cj[~pos], vj[~pos], m - len(zeros) + len(sj))
-                neg = neg[~np.isin(neg, sj)][: m - len(zeros)]
+                neg = neg[_absent(neg, sj)][: m - len(zeros)]
                 top = np.concatenate([top, zeros, neg])
             out.append(top.astype(np.int64))
         return _pack(out)
@@ -736,7 +745,7 @@ class OrderRows:
         for r in range(self.n_rows):
             s = seen.indices[seen.indptr[r] : seen.indptr[r + 1]]
             head = self.order[: n + len(s)]
-            out.append(head[~np.isin(head, s, assume_unique=True)][:n])
+            out.append(head[_absent(head, s)][:n])
         return _pack(out)
 
     def at(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:

@@ -71,10 +71,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
-    from recsys import bundle
     from recsys.online import OnlineRanker
+    from recsys.pipeline import Pipeline
 
-    p = bundle.load(str(a.bundle))
+    p = Pipeline.load(a.bundle)
     rankers = {"current": OnlineRanker(p)}
     if a.baseline:
         old = _load_module(a.baseline, "baseline_online")

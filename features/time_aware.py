@@ -51,6 +51,7 @@ class EventTimeIndex:
     t_min: int
     t_max: int
     n_items: int
+    item_ptr: np.ndarray  # item i's events are key_t[item_ptr[i]:item_ptr[i + 1]] (and key_r's)
 
     @classmethod
     def build(cls, items: np.ndarray, times: np.ndarray) -> EventTimeIndex:
@@ -69,6 +70,9 @@ class EventTimeIndex:
             t_min=t_min,
             t_max=int(t.max()) if n else 0,
             n_items=int(item.max()) + 1 if n else 0,
+            item_ptr=np.concatenate(
+                [[0], np.cumsum(np.bincount(item, minlength=int(item.max()) + 1 if n else 0))]
+            ).astype(np.int64),
         )
 
     def counts(
@@ -91,8 +95,9 @@ class EventTimeIndex:
         qi, t_end = qi[o], t_end[o]
         base = qi << _SHIFT
         limit = (1 << _SHIFT) - 1
-        lo_t = np.searchsorted(key_t, base, side="left")
-        lo_r = np.searchsorted(key_r, base, side="left")
+        known = qi < len(self.item_ptr) - 1
+        lo_t = np.where(known, self.item_ptr[np.minimum(qi, len(self.item_ptr) - 1)], n)
+        lo_r = lo_t
 
         def item_count_until(x: np.ndarray) -> np.ndarray:  # events on qi with time <= x
             off = np.clip(x - t_min, -1, limit)

@@ -15,6 +15,9 @@
 
 Written to a temporary sibling directory and renamed into place, so a failed save
 never leaves a half-written bundle. Loading verifies every checksum first.
+
+This module is the format (manifest, checksums, atomic writes); what goes into the
+files is the pipeline's (`Pipeline.save`, `Pipeline.load`).
 """
 
 from __future__ import annotations
@@ -27,21 +30,12 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import lightgbm as lgb
-import numpy as np
-import polars as pl
-from safetensors.numpy import load_file, save_file
-
-from recsys.candidates import History
 from recsys.config import PipelineConfig
-from recsys.data import I, IdIndex, T, U
-from recsys.pipeline import Pipeline, make_sources
-from recsys.ranker import Ranker
-from recsys.schema import ITEM, USER
 
 log = logging.getLogger("recsys")
 
@@ -69,62 +63,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[pkg] = "unknown"
     return out
-
-
-def fingerprint(p: Pipeline) -> str:
-    """sha256 over the training events and the catalogue ids the pipeline was fitted on."""
-    h = hashlib.sha256()
-    ev = p.history_.ev
-    for col in (U, I, T):
-        h.update(np.ascontiguousarray(ev[col].to_numpy()).tobytes())
-    h.update(p.item_index_.ids.cast(pl.String).str.join("\x1f").item().encode())
-    return h.hexdigest()
-
-
-def write_files(p: Pipeline, d: Path) -> dict[str, Any]:
-    """Write the artifacts of a fitted pipeline into `d` and return extra manifest fields."""
-    pl.DataFrame({USER: p.user_index_.ids}).write_parquet(d / "users.parquet")
-    p.items_.write_parquet(d / "items.parquet")
-    p.history_.ev.write_parquet(d / "history.parquet")
-    p.item_cats_.write_parquet(d / "item_categories.parquet")
-    tensors: dict[str, np.ndarray] = {"fallback": p.fallback_.astype(np.int64)}
-    for s in p.sources_:
-        for k, v in s.state().items():
-            tensors[f"{s.name}.{k}"] = np.ascontiguousarray(v)
-    save_file(tensors, str(d / "sources.safetensors"))
-    models = []
-    for f, b in enumerate(p.ranker_.boosters_):
-        name = f"ranker-{f}.txt"
-        b.save_model(str(d / name))
-        models.append(name)
-    p.ranker_.importances().write_parquet(d / "importances.parquet")
-    lm = p.lm.save(d) if p.lm is not None else None
-    return {
-        "lm": lm,
-        "ranker": {
-            "features": p.ranker_.features_,
-            "models": models,
-            "validation_ndcg@10": p.ranker_.best_score_,
-        },
-        "timings_s": {k: round(v, 3) for k, v in getattr(p, "timings_", {}).items()},
-    }
-
-
-def save(p: Pipeline, path: str | Path) -> Path:
-    """Save atomically: build in a temporary sibling, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o755)
-    try:
-        extra = write_files(p, tmp)
-        write_manifest(tmp, p.config, fingerprint(p), extra)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("bundle saved to %s", path)
-    return path
 
 
 def write_manifest(
@@ -190,34 +128,25 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load(path: str | Path) -> Pipeline:
-    """Load a verified bundle into a ready-to-recommend pipeline."""
-    d = Path(path)
-    manifest = read_manifest(d)
-    cfg = PipelineConfig.model_validate(manifest["config"])
-    p = Pipeline(cfg)
-    p.user_index_ = IdIndex(pl.read_parquet(d / "users.parquet")[USER])
-    p.items_ = pl.read_parquet(d / "items.parquet")
-    p.item_index_ = IdIndex(p.items_[ITEM])
-    p.item_cats_ = pl.read_parquet(d / "item_categories.parquet")
-    ev = pl.read_parquet(d / "history.parquet")
-    p.history_ = History(ev, len(p.user_index_), len(p.item_index_))
-    tensors = load_file(str(d / "sources.safetensors"))
-    p.fallback_ = tensors["fallback"]
-    p.sources_ = []
-    p.lm_ = None
-    if manifest.get("lm"):
-        from recsys.lm.model import LanguageModel
-
-        p.lm_ = LanguageModel.load(d, manifest["lm"], cfg.lm, cfg.seed)
-    for s in make_sources(cfg, p.lm_):
-        prefix = f"{s.name}."
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        p.sources_.append(s.load_state(state, p.history_))
-    r = Ranker()
-    r.boosters_ = [lgb.Booster(model_file=str(d / name)) for name in manifest["ranker"]["models"]]
-    r.features_ = list(manifest["ranker"]["features"])
-    r.best_score_ = float(manifest["ranker"]["validation_ndcg@10"])
-    p.ranker_ = r
-    p.manifest_ = manifest
-    return p
+def write(
+    path: str | Path,
+    config: PipelineConfig,
+    data_fingerprint: str,
+    write_files: Callable[[Path], dict[str, Any]],
+) -> Path:
+    """Write a bundle atomically: `write_files(d)` fills a temporary sibling directory
+    `d` and returns extra manifest fields; the manifest (with every file's checksum)
+    is added and the directory renamed over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)
+    try:
+        extra = write_files(tmp)
+        write_manifest(tmp, config, data_fingerprint, extra)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("bundle saved to %s", path)
+    return path

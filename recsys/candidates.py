@@ -128,7 +128,7 @@ class RecentPopular:
 
     name = "recent_pop"
 
-    def __init__(self, window_days: float = 14.0, checkpoint_bytes: int = 128 << 20) -> None:
+    def __init__(self, window_days: float = 14.0, checkpoint_bytes: int = 256 << 20) -> None:
         self.window_days = window_days
         self.checkpoint_bytes = checkpoint_bytes
 
@@ -154,33 +154,45 @@ class RecentPopular:
             self._cum, self._step = cum, step
         return self._cum, self._step
 
-    def _window(self, t: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
-        """The window ending at `t`: (items with events in it ascending, their counts)."""
+    def _bounds(self, t_end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each window's events: positions lo:hi in time order."""
         w = int(self.window_days * 86400)
-        hi = int(np.searchsorted(self.t_sorted_, t, side="right"))
-        lo = int(np.searchsorted(self.t_sorted_, t - w, side="left"))
-        ii = self.i_sorted_
-        if hi - lo <= 2 * 1024 + n_items // 8:
-            items, counts = np.unique(ii[lo:hi], return_counts=True)
-            keep = items < n_items
-            return items[keep].astype(np.int64), counts[keep].astype(np.float32)
+        t_end = np.asarray(t_end, dtype=np.int64)
+        hi = np.searchsorted(self.t_sorted_, t_end, side="right")
+        lo = np.searchsorted(self.t_sorted_, t_end - w, side="left")
+        return lo.astype(np.int64), hi.astype(np.int64)
+
+    def _dense(self, lo: np.ndarray, hi: np.ndarray, n_items: int) -> np.ndarray:
+        """[len(lo), n_items] float32 counts: checkpoint differences, corrected by the
+        events between each bound and its checkpoint."""
         cum, step = self._checkpoints(n_items)
         a, b = lo // step, hi // step
-        row = cum[b] - cum[a]
-        row += np.bincount(ii[b * step : hi], minlength=n_items).astype(np.int32)
-        row -= np.bincount(ii[a * step : lo], minlength=n_items).astype(np.int32)
-        nz = np.flatnonzero(row)
-        return nz, row[nz].astype(np.float32)
+        out = cum[b] - cum[a]
+        flat = out.reshape(-1)
+        ii = self.i_sorted_
+        for sign, start, end in ((1, b * step, hi), (-1, a * step, lo)):
+            bounds = zip(start.tolist(), end.tolist(), strict=True)
+            segs = [r * n_items + ii[s:e].astype(np.int64) for r, (s, e) in enumerate(bounds)]
+            if segs:
+                np.add.at(flat, np.concatenate(segs), np.int32(sign))
+        return out.astype(np.float32)
 
-    def counts_at(self, t_end: np.ndarray, n_items: int) -> np.ndarray:
-        return self._sparse_at(t_end, n_items).toarray()
-
-    def _sparse_at(self, t_end: np.ndarray, n_items: int) -> sp.csr_matrix:
-        parts = [self._window(int(t), n_items) for t in np.asarray(t_end).tolist()]
+    def _sparse(self, lo: np.ndarray, hi: np.ndarray, n_items: int) -> sp.csr_matrix:
+        """The same counts as a CSR matrix, counted directly in each window."""
+        parts = [np.unique(self.i_sorted_[s:e], return_counts=True)
+                 for s, e in zip(lo.tolist(), hi.tolist(), strict=True)]  # fmt: skip
         ptr = np.concatenate([[0], np.cumsum([len(p[0]) for p in parts])]).astype(np.int64)
         items = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
         counts = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32)
-        return sp.csr_matrix((counts, items, ptr), shape=(len(parts), n_items))
+        return sp.csr_matrix(
+            (counts.astype(np.float32), items.astype(np.int64), ptr), shape=(len(parts), n_items)
+        )
+
+    def counts_at(self, t_end: np.ndarray, n_items: int) -> np.ndarray:
+        lo, hi = self._bounds(t_end)
+        if len(lo) and (hi - lo).mean() > n_items / 8:
+            return self._dense(lo, hi, n_items)
+        return self._sparse(lo, hi, n_items).toarray()
 
     def _t_end(self, b: Histories) -> np.ndarray:
         t_end = b.last_t
@@ -190,8 +202,13 @@ class RecentPopular:
     def scores(self, b: Histories, n_items: int) -> np.ndarray:
         return self.counts_at(self._t_end(b), n_items)
 
-    def rows(self, b: Histories, n_items: int) -> SparseRows:
-        return SparseRows(self._sparse_at(self._t_end(b), n_items))
+    def rows(self, b: Histories, n_items: int) -> SparseRows | DenseRows:
+        """Dense rows where the windows hold more events than an eighth of the items
+        (most items then have a count), else sparse ones."""
+        lo, hi = self._bounds(self._t_end(b))
+        if len(lo) and (hi - lo).mean() > n_items / 8:
+            return DenseRows(self._dense(lo, hi, n_items), finite=True)
+        return SparseRows(self._sparse(lo, hi, n_items))
 
     def state(self) -> dict[str, np.ndarray]:
         return {}  # cheap: refitted from the history on load
@@ -354,6 +371,7 @@ class ALS:
     gets the ALS least-squares solution against the fixed item factors."""
 
     name = "als"
+    finite_scores = True  # products of finite factors
 
     def __init__(
         self,
@@ -608,20 +626,24 @@ def _pack(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return ptr, items
 
 
-def top_lists(S: np.ndarray, seen: sp.csr_matrix, n: int) -> tuple[np.ndarray, np.ndarray]:
+def top_lists(
+    S: np.ndarray, seen: sp.csr_matrix, n: int, finite: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Each row's top-n items, never an item in its row of `seen`, nor one without a
     finite score: by score descending, ties by item index ascending, as (ptr, items).
     `S` is modified in place (seen and non-finite entries become -inf).
 
     The rows are partitioned together; a row whose n-th score is tied beyond the
     partition takes the tied items in index order."""
-    S[~np.isfinite(S)] = -np.inf
+    if not finite:  # (`finite`: the caller knows there is nothing to replace)
+        S[~np.isfinite(S)] = -np.inf
     r = segment_index(seen.indptr.astype(np.int64))
     S[r, seen.indices] = -np.inf
     n = min(n, S.shape[1])
     if n == 0 or len(S) == 0:
         return np.zeros(len(S) + 1, np.int64), np.zeros(0, np.int64)
-    part = np.argpartition(-S, n - 1, axis=1)[:, :n]
+    m = S.shape[1]
+    part = np.argpartition(S, m - n, axis=1)[:, m - n :]  # the n largest, in any order
     ps = np.take_along_axis(S, part, axis=1)
     kth = ps.min(axis=1)
     at_kth = kth[:, None]
@@ -657,13 +679,15 @@ def top_n(scores: np.ndarray, seen: sp.csr_matrix, n: int) -> tuple[np.ndarray, 
 
 
 class DenseRows:
-    """Scores as a dense [users, n_items] array."""
+    """Scores as a dense [users, n_items] array (`finite`: no NaN or inf in it)."""
 
-    def __init__(self, S: np.ndarray) -> None:
+    def __init__(self, S: np.ndarray, finite: bool = False) -> None:
         self.S = S
+        self.finite = finite
 
     def top(self, seen: sp.csr_matrix, n: int) -> tuple[np.ndarray, np.ndarray]:
-        return top_lists(self.S, seen, n)  # seen and non-finite entries become -inf
+        # seen and non-finite entries become -inf
+        return top_lists(self.S, seen, n, finite=self.finite)
 
     def at(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         return self.S[rows, items]
@@ -755,7 +779,9 @@ class OrderRows:
 def source_rows(s: Source, b: Histories, n_items: int) -> DenseRows | SparseRows | OrderRows:
     """A source's scores for a chunk in the form it computes them cheapest."""
     rows = getattr(s, "rows", None)
-    return rows(b, n_items) if rows is not None else DenseRows(s.scores(b, n_items))
+    if rows is not None:
+        return rows(b, n_items)
+    return DenseRows(s.scores(b, n_items), finite=getattr(s, "finite_scores", False))
 
 
 def candidates(sources: list[Source], b: Histories, n_items: int, per_source: int) -> Candidates:

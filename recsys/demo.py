@@ -36,9 +36,9 @@ def demo_config() -> PipelineConfig:
 def run_demo(
     out: Path, n_users: int, n_items: int, n_events: int, seed: int, console: Console
 ) -> None:
-    from recsys.cli.commands import print_report
     from recsys.evaluate import evaluate, write_report
     from recsys.pipeline import Pipeline
+    from recsys.report import results_table
     from recsys.schema import read_interactions, read_items
     from recsys.synth import generate
 
@@ -58,7 +58,7 @@ def run_demo(
     cfg = demo_config()
     rep = evaluate(inter, items, cfg)
     write_report(rep, out / "report")
-    print_report(rep)
+    console.print(results_table(rep.to_dict()))
 
     console.rule("3. fit on everything and write the bundle")
     pipe = Pipeline(cfg).fit(inter, items)

@@ -28,14 +28,22 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from recsys.batch import PartJob
 from recsys.schema import ITEM
 
 log = logging.getLogger("recsys")
+
+
+class Parts(Protocol):
+    """A batch job cut in parts (`recsys.batch.PartJob`): `run` writes one part."""
+
+    threads: int | None
+
+    def run(self, index: int) -> int: ...
+
 
 SINGLE_THREAD = {
     "OMP_NUM_THREADS": "1",
@@ -77,7 +85,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
 
 
 def run_ray(
-    job: PartJob,
+    job: Parts,
     todo: list[int],
     address: str | None = None,
     workers: int = 0,

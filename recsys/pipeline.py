@@ -8,20 +8,25 @@ for recommending.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import lightgbm as lgb
 import numpy as np
 import polars as pl
+from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from features.batch import Candidates, Histories, segment_offsets
 from features.builder import FeatureBuilder
+from recsys import bundle
 from recsys.candidates import (
     ALS,
     EASE,
@@ -34,7 +39,7 @@ from recsys.candidates import (
     candidates,
 )
 from recsys.config import PipelineConfig
-from recsys.data import I, IdIndex, U, to_internal
+from recsys.data import I, IdIndex, T, U, to_internal
 from recsys.lm.cold import cold_order, cold_pool, merge
 from recsys.ranker import Ranker
 from recsys.schema import ITEM, USER, DataError
@@ -264,9 +269,13 @@ class Pipeline:
         cfg = self.config
         per = cfg.sources.per_source
         n_i = h.n_items
+        # a random order, so that the users reached when ranker_max_rows stops the
+        # examples are a random sample (the rows are put back in user order below)
         rng = np.random.default_rng(cfg.seed)
         if len(train_users) > cfg.max_train_users:
-            train_users = np.sort(rng.choice(train_users, cfg.max_train_users, replace=False))
+            train_users = rng.choice(train_users, cfg.max_train_users, replace=False)
+        else:
+            train_users = rng.permutation(train_users)
         t_keys = np.unique(
             targets[U].to_numpy().astype(np.int64) * n_i + targets[I].to_numpy().astype(np.int64)
         )
@@ -322,9 +331,12 @@ class Pipeline:
             n_pairs / max(n_users, 1),
             ", ".join(f"{k} {v / max(n_targets, 1):.3f}" for k, v in src_hits.items()),
         )
-        X = np.concatenate(Xs) if Xs else np.zeros((0, 0), np.float32)
-        y = np.concatenate(ys) if ys else np.zeros(0, np.int8)
         g = np.concatenate(gs) if gs else np.zeros(0, np.int64)
+        o = np.argsort(g, kind="stable")
+        g = g[o]
+        X = np.concatenate(Xs)[o] if Xs else np.zeros((0, 0), np.float32)
+        del Xs
+        y = np.concatenate(ys)[o] if ys else np.zeros(0, np.int8)
         log.info(
             "ranker data: %d rows, %d users, %d positives, %d features",
             len(X),
@@ -560,15 +572,79 @@ class Pipeline:
         )
 
     # -- persistence -----------------------------------------------------------------
-    def save(self, path: str) -> None:
-        """Write the fitted pipeline as a bundle (see `recsys.bundle`)."""
-        from recsys import bundle
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted pipeline as a bundle (`recsys.bundle`: a temporary sibling
+        directory, the manifest with every file's checksum, then a rename)."""
+        return bundle.write(path, self.config, self.fingerprint(), self._write_files)
 
-        bundle.save(self, path)
+    def fingerprint(self) -> str:
+        """sha256 over the training events and the catalogue ids the pipeline was fitted on."""
+        h = hashlib.sha256()
+        ev = self.history_.ev
+        for col in (U, I, T):
+            h.update(np.ascontiguousarray(ev[col].to_numpy()).tobytes())
+        h.update(self.item_index_.ids.cast(pl.String).str.join("\x1f").item().encode())
+        return h.hexdigest()
+
+    def _write_files(self, d: Path) -> dict[str, Any]:
+        """The bundle's artifacts, written into `d`; returns extra manifest fields."""
+        pl.DataFrame({USER: self.user_index_.ids}).write_parquet(d / "users.parquet")
+        self.items_.write_parquet(d / "items.parquet")
+        self.history_.ev.write_parquet(d / "history.parquet")
+        self.item_cats_.write_parquet(d / "item_categories.parquet")
+        tensors: dict[str, np.ndarray] = {"fallback": self.fallback_.astype(np.int64)}
+        for s in self.sources_:
+            for k, v in s.state().items():
+                tensors[f"{s.name}.{k}"] = np.ascontiguousarray(v)
+        save_file(tensors, str(d / "sources.safetensors"))
+        models = []
+        for f, b in enumerate(self.ranker_.boosters_):
+            name = f"ranker-{f}.txt"
+            b.save_model(str(d / name))
+            models.append(name)
+        self.ranker_.importances().write_parquet(d / "importances.parquet")
+        lm = self.lm.save(d) if self.lm is not None else None
+        return {
+            "lm": lm,
+            "ranker": {
+                "features": self.ranker_.features_,
+                "models": models,
+                "validation_ndcg@10": self.ranker_.best_score_,
+            },
+            "timings_s": {k: round(v, 3) for k, v in getattr(self, "timings_", {}).items()},
+        }
 
     @staticmethod
-    def load(path: str) -> Pipeline:
-        """Load a bundle, verifying its checksums."""
-        from recsys import bundle
+    def load(path: str | Path) -> Pipeline:
+        """Load a bundle, verifying its checksums first (`recsys.bundle.BundleError`
+        for a missing, damaged or foreign one)."""
+        d = Path(path)
+        manifest = bundle.read_manifest(d)
+        cfg = PipelineConfig.model_validate(manifest["config"])
+        p = Pipeline(cfg)
+        p.user_index_ = IdIndex(pl.read_parquet(d / "users.parquet")[USER])
+        p.items_ = pl.read_parquet(d / "items.parquet")
+        p.item_index_ = IdIndex(p.items_[ITEM])
+        p.item_cats_ = pl.read_parquet(d / "item_categories.parquet")
+        ev = pl.read_parquet(d / "history.parquet")
+        p.history_ = History(ev, len(p.user_index_), len(p.item_index_))
+        tensors = load_file(str(d / "sources.safetensors"))
+        p.fallback_ = tensors["fallback"]
+        p.sources_ = []
+        p.lm_ = None
+        if manifest.get("lm"):
+            from recsys.lm.model import LanguageModel
 
-        return bundle.load(path)
+            p.lm_ = LanguageModel.load(d, manifest["lm"], cfg.lm, cfg.seed)
+        for s in make_sources(cfg, p.lm_):
+            prefix = f"{s.name}."
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            p.sources_.append(s.load_state(state, p.history_))
+        r = Ranker()
+        models = manifest["ranker"]["models"]
+        r.boosters_ = [lgb.Booster(model_file=str(d / name)) for name in models]
+        r.features_ = list(manifest["ranker"]["features"])
+        r.best_score_ = float(manifest["ranker"]["validation_ndcg@10"])
+        p.ranker_ = r
+        p.manifest_ = manifest
+        return p

@@ -20,6 +20,7 @@ if "ipykernel" not in sys.modules:  # notebooks keep their inline backend
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from rich.table import Table
 
 PLOTS = {
     "ndcg_ci.png": "NDCG@10 per model with its 95% bootstrap interval, and the paired "
@@ -34,6 +35,28 @@ PLOTS = {
     "category diversity of the lists",
     "importances.png": "Ranker feature importances (gain)",
 }
+
+
+def results_table(d: dict[str, Any]) -> Table:
+    """The models' headline metrics of a report (`Report.to_dict()`) as a rich table,
+    with each model's NDCG as a multiple of EASE's when EASE was measured."""
+    k = d["k"]
+    rows = d["models"]
+    ease = rows.get("EASE", {}).get(f"ndcg@{k}")
+    t = Table(title=f"{d['users']} users, {d['items']} items, {d['test_events']} held-out events")
+    for c in ["model", f"NDCG@{k}", f"Recall@{k}", f"HR@{k}", f"MRR@{k}", "coverage", "s"] + (
+        ["× EASE"] if ease else []
+    ):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for name, m in rows.items():
+        row = [name] + [
+            f"{m[c]:.4f}" for c in (f"ndcg@{k}", f"recall@{k}", f"hr@{k}", f"mrr@{k}", "coverage")
+        ]
+        row.append(f"{m['seconds']:.1f}")
+        if ease:
+            row.append(f"{m[f'ndcg@{k}'] / ease:.3f}")
+        t.add_row(*row)
+    return t
 
 
 def _models(d: dict[str, Any]) -> list[str]:

@@ -97,9 +97,7 @@ class Model:
     def load(
         cls, path: str | Path, tree_cache: Path | None = None, new_item_every: int | None = None
     ) -> Model:
-        from recsys import bundle
-
-        return cls(bundle.load(path), path, tree_cache, new_item_every)
+        return cls(Pipeline.load(path), path, tree_cache, new_item_every)
 
     def warm(self, n_users: int = 8) -> None:
         """Rank a few users (compiles, fills caches) and check the tree evaluator gives

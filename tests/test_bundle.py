@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from recsys import bundle
 from recsys.bundle import BundleError
 from recsys.pipeline import Pipeline
 
@@ -59,11 +58,11 @@ def test_missing_manifest_is_refused(copy: Path) -> None:
 def test_failed_save_leaves_the_old_bundle_intact(fitted, copy: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     before = (copy / "manifest.json").read_text()
 
-    def boom(p, d):  # type: ignore[no-untyped-def]
+    def boom(self, d):  # type: ignore[no-untyped-def]
         (d / "users.parquet").write_text("partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(bundle, "write_files", boom)
+    monkeypatch.setattr(Pipeline, "_write_files", boom)
     with pytest.raises(OSError, match="disk full"):
         fitted.save(str(copy))
     assert (copy / "manifest.json").read_text() == before

@@ -6,15 +6,9 @@ import logging
 import os
 import sys
 
-import typer
+from recsys.cli.app import app
 
-app = typer.Typer(
-    name="recsys",
-    help="Two-stage recommender: candidates, point-in-time features, LightGBM LambdaRank.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+__all__ = ["app", "main"]
 
 
 def main() -> None:

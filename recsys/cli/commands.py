@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recsys.cli import app
+from recsys.cli.app import app
 from recsys.cli.ingest import ingest_app
 from recsys.cli.lm import bench_app, encode_items
 from recsys.cli.serve import serve
@@ -265,22 +265,9 @@ def explain(
 
 
 def print_report(rep: Report) -> None:
-    k = rep.k
-    ease = rep.rows.get("EASE", {}).get(f"ndcg@{k}")
-    t = Table(title=f"{rep.n_users} users, {rep.n_items} items, {rep.n_test} held-out events")
-    for c in ["model", f"NDCG@{k}", f"Recall@{k}", f"HR@{k}", f"MRR@{k}", "coverage", "s"] + (
-        ["× EASE"] if ease else []
-    ):
-        t.add_column(c, justify="left" if c == "model" else "right")
-    for name, m in rep.rows.items():
-        row = [name] + [
-            f"{m[c]:.4f}" for c in (f"ndcg@{k}", f"recall@{k}", f"hr@{k}", f"mrr@{k}", "coverage")
-        ]
-        row.append(f"{m['seconds']:.1f}")
-        if ease:
-            row.append(f"{m[f'ndcg@{k}'] / ease:.3f}")
-        t.add_row(*row)
-    console.print(t)
+    from recsys.report import results_table
+
+    console.print(results_table(rep.to_dict()))
 
 
 @app.command()

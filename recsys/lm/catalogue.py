@@ -105,10 +105,8 @@ def encode_items_into_bundle(
     encode: Callable[[pl.DataFrame], np.ndarray] | None = None,
 ) -> tuple[int, int]:
     """Load (checksums verified), add or refresh the items, save atomically."""
-    from recsys import bundle
-
-    p = bundle.load(bundle_dir)
+    p = Pipeline.load(bundle_dir)
     p.timings_ = dict(p.manifest_.get("timings_s", {}))
     added, refreshed = add_items(p, new_items, progress, encode)
-    bundle.save(p, bundle_dir)
+    p.save(bundle_dir)
     return added, refreshed

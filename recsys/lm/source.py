@@ -24,6 +24,7 @@ class LMNearest:
     """
 
     name = "lm"
+    finite_scores = True  # products of unit vectors
 
     def __init__(self, model: LanguageModel, cold_slots: float = 0.0) -> None:
         self.model = model

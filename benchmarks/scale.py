@@ -95,7 +95,9 @@ def parse_size(s: str) -> tuple[str, tuple[int, int, int]]:
     return s, (e, u, i)
 
 
-def bench(name: str, size: tuple[int, int, int], work: Path, lm: bool, k: int) -> dict[str, Any]:
+def bench(
+    name: str, size: tuple[int, int, int], work: Path, variants: list[str], k: int
+) -> dict[str, Any]:
     import polars as pl
 
     events, users, items = size
@@ -113,7 +115,7 @@ def bench(name: str, size: tuple[int, int, int], work: Path, lm: bool, k: int) -
     pl.DataFrame({"user_id": ids}).write_parquet(all_users)
     pl.DataFrame({"user_id": ids.gather_every(10)}).write_parquet(tenth)
     out["distinct_users"] = len(ids)
-    for variant in ["no LM", "LM"] if lm else ["no LM"]:
+    for variant in variants:
         bundle = d / ("bundle_lm" if variant == "LM" else "bundle")
         fit = ["fit", "--interactions", str(data / "interactions.parquet"),
                "--items", str(data / "items.parquet"), "--out", str(bundle)]  # fmt: skip
@@ -142,6 +144,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1m", help="comma-separated: 100k, 1m, 10m or E:U:I")
     ap.add_argument("--work", type=Path, default=Path("/tmp/recsys-scale"))
     ap.add_argument("--lm", action="store_true", help="also fit and recommend with the LM")
+    ap.add_argument("--lm-only", action="store_true", help="only the fit with the LM")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--json", type=Path, help="write every figure here")
     a = ap.parse_args()
@@ -150,7 +153,8 @@ def main() -> None:
     results = []
     for s in a.sizes.split(","):
         name, size = parse_size(s.strip())
-        r = bench(name, size, a.work, a.lm, a.k)
+        variants = ["LM"] if a.lm_only else ["no LM", "LM"] if a.lm else ["no LM"]
+        r = bench(name, size, a.work, variants, a.k)
         results.append(r)
         print(f"\n== {name}: {r['events']:,} events, {r['distinct_users']:,} users, "
               f"{r['items']:,} items", flush=True)  # fmt: skip

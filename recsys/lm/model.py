@@ -62,6 +62,9 @@ from recsys.lm.user_tower import UserTower, history_matrix, user_vectors_numpy
 log = logging.getLogger("recsys")
 
 
+HIDDEN_FP32_BYTES = 2 << 30  # the fine-tuning cache's size in fp32 from which it is bf16
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("RECSYS_CACHE_DIR", Path.home() / ".cache" / "recsys"))
 
@@ -124,9 +127,9 @@ class LanguageModel:
         pooled0, hidden = self._frozen_pass(tower, tokens, dev, keep_hidden=finetune)
         self.timings_["encode (frozen)"] = time.perf_counter() - t0
 
-        ex = next_item_examples(h, cfg.history_len, cfg.target_window, self.seed)
-        if len(ex) > cfg.max_examples:
-            ex = ex.take(np.arange(len(ex) - cfg.max_examples, len(ex)))
+        ex = next_item_examples(
+            h, cfg.history_len, cfg.target_window, self.seed, max_examples=cfg.max_examples
+        )
         train_ex, valid_ex = split_validation(ex, 2000, rng)
         user_tower = UserTower(self.dim_, cfg.history_len)
         scale = nn.Parameter(torch.tensor(np.log(20.0), dtype=torch.float32))
@@ -246,8 +249,13 @@ class LanguageModel:
                 save_file({"pooled": pooled}, str(path) + ".tmp")
                 os.replace(str(path) + ".tmp", path)
             return pooled, None
-        # hidden states entering the first trainable block, per item (ragged, fp32 on CPU)
+        # hidden states entering the first trainable block, per item (ragged, fp32 on CPU;
+        # bf16 where fp32 would pass HIDDEN_FP32_BYTES, e.g. 100,000 items of 48 tokens)
         n, hid = len(tokens.lengths), hidden_size(enc)
+        store = torch.float32
+        if int(np.sum(tokens.lengths)) * hid * 4 > HIDDEN_FP32_BYTES:
+            store = torch.bfloat16
+            log.info("lm: hidden states of %d items kept in bf16", n)
         pooled = np.zeros((n, hid), dtype=np.float32)
         hidden: list[torch.Tensor] = [torch.empty(0)] * n
         shadow = ItemTower.__new__(ItemTower)
@@ -260,7 +268,7 @@ class LanguageModel:
                 pooled[idx] = po.float().cpu().numpy()
                 hs = hs.float().cpu()
                 for r, j in enumerate(idx.tolist()):
-                    hidden[j] = hs[r, : tokens.lengths[j]].clone()
+                    hidden[j] = hs[r, : tokens.lengths[j]].to(store).clone()
         return pooled, hidden
 
     def _checkpoint_dir(self, h: History) -> Path | None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from recsys.candidates import History
-from recsys.data import I, U
+from recsys.data import I, T, U
 
 
 @dataclass
@@ -32,9 +32,15 @@ class Examples:
 
 
 def next_item_examples(
-    h: History, history_len: int, target_window: int = 1, seed: int = 0
+    h: History,
+    history_len: int,
+    target_window: int = 1,
+    seed: int = 0,
+    max_examples: int | None = None,
 ) -> Examples:
-    """Every event with at least one earlier event of the same user.
+    """Every event with at least one earlier event of the same user (with
+    `max_examples`, the most recent that many by time, so that memory stays at
+    max_examples x history_len however long the log), in the log's (user, time) order.
 
     With `target_window` > 1 the target is drawn from the user's next `target_window`
     events rather than the very next one: the model then learns what a user takes up
@@ -49,6 +55,9 @@ def next_item_examples(
     start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
     pos = np.arange(n) - start
     keep = np.flatnonzero(pos >= 1)
+    if max_examples is not None and len(keep) > max_examples:
+        t = h.ev[T].to_numpy()[keep]
+        keep = np.sort(keep[np.argsort(-t, kind="stable")[:max_examples]])
     hist = np.full((len(keep), history_len), -1, dtype=np.int64)
     for j in range(history_len):
         ok = pos[keep] > j

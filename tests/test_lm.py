@@ -302,6 +302,11 @@ def test_cpu_inference_copy_stays_close_to_fp32_and_int8_runs(tiny_bert: Path) -
     assert cpu_precision("auto") == ("bf16" if cpu_bf16_native() else "int8-mixed")
     with pytest.raises(ValueError, match="cpu precision"):
         cpu_precision("fp8")
+    from recsys.lm.config import LMConfig
+    from recsys.lm.encoder import CPU_PRECISIONS
+
+    for p in CPU_PRECISIONS:  # every path the code takes can be asked for in a config
+        assert LMConfig(cpu_precision=p).cpu_precision == p
 
 
 def test_wide_input_channels_stay_float32_in_the_int8_linear() -> None:

@@ -125,6 +125,11 @@ def bench(
         manifest = json.loads((bundle / "manifest.json").read_text())
         row: dict[str, Any] = {"fit_s": wall, "fit_peak_gib": peak,
                                "stages_s": manifest.get("timings_s", {})}  # fmt: skip
+        if "lm" in manifest:  # the language model's own stages, and its encoding rate
+            lm_s = manifest["lm"].get("timings_s", {})
+            row["lm_stages_s"] = lm_s
+            if lm_s.get("encode (frozen)"):
+                row["lm_encode_items_per_s"] = items / lm_s["encode (frozen)"]
         for label, users_file in (("tenth", tenth), ("all", all_users)):
             n = pl.read_parquet(users_file).height
             recs = d / f"recs_{label}.parquet"
@@ -165,6 +170,11 @@ def main() -> None:
             stages = ", ".join(f"{k} {x:.0f}" for k, x in v["stages_s"].items())
             print(f"  fit ({variant}): {v['fit_s']:.0f} s, peak {v['fit_peak_gib']:.2f} GiB "
                   f"[{stages}]")  # fmt: skip
+            if "lm_stages_s" in v:
+                lm_stages = ", ".join(f"{k} {x:.0f}" for k, x in v["lm_stages_s"].items())
+                rate = v.get("lm_encode_items_per_s")
+                print(f"    language model: [{lm_stages}]"
+                      + (f", frozen pass {rate:,.0f} items/s" if rate else ""))  # fmt: skip
             for label in ("tenth", "all"):
                 rr = v[f"recommend_{label}"]
                 print(f"  recommend ({variant}, {label}: {rr['users']:,} users): "

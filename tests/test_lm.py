@@ -63,6 +63,32 @@ def test_next_item_examples_and_logq_loss() -> None:
     assert torch.isfinite(val)
 
 
+def test_frozen_pass_keeps_the_same_hidden_states_on_every_worker_count(tiny_bert: Path) -> None:
+    """The fit's frozen pass (pooled outputs and the hidden states entering the first
+    trained layer) takes every torch thread as batch workers: the same arrays as one
+    worker, each item's hidden states cut to its own length."""
+    from recsys.lm.config import LMConfig
+    from recsys.lm.encoder import ItemTower, Tokens, load_pretrained, ops_threads
+    from recsys.lm.model import LanguageModel
+
+    tok, enc = load_pretrained(str(tiny_bert))
+    texts = [" ".join(["word"] * (1 + i % 7)) + f" item {i}" for i in range(50)]
+    tokens = Tokens.from_texts(tok, texts, 16)
+    lm = LanguageModel(LMConfig(model=str(tiny_bert), quantize_cpu=False, encode_batch_size=8))
+    lm.pad_id_ = 0
+    tower = ItemTower(enc, 8, 1, 0)
+    cpu = torch.device("cpu")
+    with ops_threads(1):
+        p1, h1 = lm._frozen_pass(tower, tokens, cpu, keep_hidden=True)
+    with ops_threads(3):
+        p3, h3 = lm._frozen_pass(tower, tokens, cpu, keep_hidden=True)
+    np.testing.assert_array_equal(p1, p3)
+    assert h1 is not None and h3 is not None
+    for j in range(len(texts)):
+        assert h3[j].shape[0] == tokens.lengths[j]
+        assert torch.equal(h1[j], h3[j])
+
+
 def test_fit_gives_unit_item_vectors_and_learns(synth_data, lm_config) -> None:  # type: ignore[no-untyped-def]
     from recsys.candidates import History
     from recsys.data import IdIndex, to_internal

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -506,6 +506,44 @@ def ops_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
+def map_batches(
+    batches: list[np.ndarray],
+    fn: Callable[[np.ndarray], None],
+    device: torch.device,
+    bar: Any = None,
+) -> int:
+    """Call `fn(idx)` under inference mode for every batch of item indices; returns the
+    number of workers.
+
+    On CPU the batches are shared among `torch.get_num_threads()` worker threads whose
+    ops each run on one thread: at item-text sizes one batch's ops are too small to
+    split well across cores (an op's threads wait for each other, and for any core
+    another job holds), while whole batches side by side keep every core busy. `fn`
+    must write only to its own batch's rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cpu = device.type == "cpu"
+    workers = max(1, min(torch.get_num_threads(), len(batches))) if cpu else 1
+
+    def run(part: list[np.ndarray]) -> None:
+        if cpu:
+            torch.set_num_threads(1)  # (a new thread starts with the default count)
+        with torch.inference_mode():
+            for idx in part:
+                fn(idx)
+                if bar is not None:
+                    bar.update(len(idx))
+
+    with ops_threads(1) if cpu else contextlib.nullcontext():
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="encode") as ex:
+                # every worker gets short and long batches alike
+                list(ex.map(run, [batches[j::workers] for j in range(workers)]))
+        else:
+            run(batches)
+    return workers
+
+
 def encode_pooled(
     encoder: nn.Module,
     tokens: Tokens,
@@ -514,43 +552,24 @@ def encode_pooled(
     pad_id: int = 0,
     progress: bool = False,
 ) -> np.ndarray:
-    """Mean-pooled encoder output of every tokenised text, float32 [n, hidden].
-
-    On CPU the batches are shared among `torch.get_num_threads()` worker threads whose
-    ops each run on one thread: at item-text sizes one batch's ops are too small to
-    split well across cores (an op's threads wait for each other, and for any core
-    another job holds), while whole batches side by side keep every core busy."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Mean-pooled encoder output of every tokenised text, float32 [n, hidden], the
+    batches spread over `torch.get_num_threads()` workers on CPU (`map_batches`)."""
     from tqdm.auto import tqdm
 
     hidden = hidden_size(encoder)
     out = np.zeros((len(tokens.lengths), hidden), dtype=np.float32)
-    batches = tokens.batches(batch_size)
-    cpu, cuda = device.type == "cpu", device.type == "cuda"
-    workers = max(1, min(torch.get_num_threads(), len(batches))) if cpu else 1
+    cuda = device.type == "cuda"
     bar = tqdm(total=len(tokens.lengths), desc="encode items", unit="item", disable=not progress)
 
-    def run(part: list[np.ndarray]) -> None:
-        if cpu:
-            torch.set_num_threads(1)  # (a new thread starts with the default count)
-        with torch.inference_mode():
-            for idx in part:
-                ids, mask = tokens.pad(idx, pad_id)
-                ids, mask = ids.to(device), mask.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    h = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                out[idx] = mean_pool(h.float(), mask).cpu().numpy()
-                bar.update(len(idx))
+    def one(idx: np.ndarray) -> None:
+        ids, mask = tokens.pad(idx, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            h = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        out[idx] = mean_pool(h.float(), mask).cpu().numpy()
 
     t0 = time.perf_counter()
-    with ops_threads(1) if cpu else contextlib.nullcontext():
-        if workers > 1:
-            with ThreadPoolExecutor(workers, thread_name_prefix="encode") as ex:
-                # every worker gets short and long batches alike
-                list(ex.map(run, [batches[j::workers] for j in range(workers)]))
-        else:
-            run(batches)
+    workers = map_batches(tokens.batches(batch_size), one, device, bar)
     bar.close()
     log.debug(
         "encoded %d items in %.1f s (%d workers)", len(out), time.perf_counter() - t0, workers

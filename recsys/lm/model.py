@@ -45,6 +45,7 @@ from recsys.lm.encoder import (
     hidden_size,
     load_pretrained,
     load_tokens,
+    map_batches,
     ops_threads,
     resolve_model,
     save_tokens,
@@ -86,6 +87,8 @@ class LanguageModel:
     def fit(self, h: History, items: pl.DataFrame) -> LanguageModel:
         cfg = self.config
         cpu = _device(cfg).type != "cuda"
+        # encoding passes (no gradients) take every thread torch has; training `cpu_threads`
+        self._encode_threads = torch.get_num_threads()
         threads = cfg.cpu_threads if cpu and cfg.cpu_threads else torch.get_num_threads()
         with ops_threads(threads):  # torch's thread count is restored afterwards
             return self._fit(h, items)
@@ -124,8 +127,16 @@ class LanguageModel:
 
         # frozen pass over every item: pooled output, and hidden states entering `start`
         t0 = time.perf_counter()
-        pooled0, hidden = self._frozen_pass(tower, tokens, dev, keep_hidden=finetune)
-        self.timings_["encode (frozen)"] = time.perf_counter() - t0
+        with ops_threads(getattr(self, "_encode_threads", torch.get_num_threads())):
+            pooled0, hidden = self._frozen_pass(tower, tokens, dev, keep_hidden=finetune)
+        self.timings_["encode (frozen)"] = dt = time.perf_counter() - t0
+        log.info(
+            "lm: frozen pass over %d items in %.1f s (%.0f items/s%s)",
+            h.n_items,
+            dt,
+            h.n_items / max(dt, 1e-9),
+            ", to the first trained layer" if finetune else "",
+        )
 
         ex = next_item_examples(
             h, cfg.history_len, cfg.target_window, self.seed, max_examples=cfg.max_examples
@@ -261,14 +272,16 @@ class LanguageModel:
         shadow = ItemTower.__new__(ItemTower)
         nn.Module.__init__(shadow)
         shadow.encoder, shadow.start = enc, tower.start
-        with torch.inference_mode():
-            for idx in tokens.batches(cfg.encode_batch_size):
-                ids, mask = tokens.pad(idx, self.pad_id_)
-                hs, po = ItemTower.bottom(shadow, ids.to(dev), mask.to(dev))
-                pooled[idx] = po.float().cpu().numpy()
-                hs = hs.float().cpu()
-                for r, j in enumerate(idx.tolist()):
-                    hidden[j] = hs[r, : tokens.lengths[j]].to(store).clone()
+
+        def one(idx: np.ndarray) -> None:
+            ids, mask = tokens.pad(idx, self.pad_id_)
+            hs, po = ItemTower.bottom(shadow, ids.to(dev), mask.to(dev))
+            pooled[idx] = po.float().cpu().numpy()
+            hs = hs.float().cpu()
+            for r, j in enumerate(idx.tolist()):
+                hidden[j] = hs[r, : tokens.lengths[j]].to(store).clone()
+
+        map_batches(tokens.batches(cfg.encode_batch_size), one, dev)
         return pooled, hidden
 
     def _checkpoint_dir(self, h: History) -> Path | None:

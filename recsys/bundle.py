@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.config import PipelineConfig
+from recsys.schema import chmod_as_created
 
 log = logging.getLogger("recsys")
 
@@ -140,7 +141,7 @@ def write(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o755)
+    chmod_as_created(tmp, directory=True)
     try:
         extra = write_files(tmp)
         write_manifest(tmp, config, data_fingerprint, extra)

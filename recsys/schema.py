@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -538,19 +540,54 @@ def read_interactions(
     )
 
 
-def write_parquet_atomic(df: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write Parquet via a temp file in the same directory and os.replace.
+def current_umask() -> int:
+    """The process's umask. Linux shows it in /proc/self/status, which reads it without
+    changing it; elsewhere os.umask sets a value and puts the old one back at once (for a
+    moment, a file another thread creates gets 0o077 rather than the umask)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
-    Readers never see a half-written file, and a crash leaves the old file intact.
-    """
+
+def chmod_as_created(path: str | os.PathLike[str], directory: bool = False) -> None:
+    """Give a file from tempfile.mkstemp (always 0600) or a directory from mkdtemp
+    (always 0700) the mode open() or mkdir() would have given it: 0666 (0777) less the
+    umask. Called before the rename that puts it in place, so what a user writes gets
+    the permissions their umask asks for, as every other file does."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path in the directory of `path` (created) to write to. When the block
+    ends without error, the file gets the umask's permissions (`chmod_as_created`) and
+    replaces `path` in one rename; on error it is removed and `path` is left as it was."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        df.write_parquet(tmp)
+        yield Path(tmp)
+        chmod_as_created(tmp)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return p
+
+
+def write_parquet_atomic(df: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write Parquet via a temp file in the same directory and os.replace.
+
+    Readers never see a half-written file, and a crash leaves the old file intact. The
+    file gets the permissions of the umask, as a plain write would.
+    """
+    with atomic_path(path) as tmp:
+        df.write_parquet(tmp)
+    return Path(path)

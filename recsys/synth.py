@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from recsys.schema import EVENT, ITEM, TS, USER, write_parquet_atomic
+from recsys.schema import EVENT, ITEM, TS, USER, atomic_path, write_parquet_atomic
 
 DAY = 86_400.0
 EVENT_TYPES = ("view", "click", "purchase")
@@ -455,35 +454,27 @@ def generate(
     event_names = pa.array(EVENT_TYPES, type=pa.string())
 
     inter_path = out / "interactions.parquet"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".interactions.parquet.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with (
-            pq.ParquetWriter(tmp, INTERACTIONS_SCHEMA, compression="zstd") as writer,
-            tqdm(
-                total=n_events, unit="ev", unit_scale=True, disable=not progress, desc="synth"
-            ) as bar,
-        ):
-            for c, (a, b) in enumerate(_chunks(counts)):
-                users = a + np.flatnonzero(counts[a:b])
-                if len(users) == 0:
-                    continue
-                crng = np.random.default_rng(np.random.SeedSequence([seed, 1, c]))
-                u, i, t, e = _simulate(crng, counts[users], cat, sampler, taste_alpha, days, st)
-                ts = start_us + np.round(t * 1e6).astype(np.int64)
-                table = pa.table(
-                    [
-                        user_ids.take(pa.array(users[u])),
-                        item_ids.take(pa.array(i)),
-                        pa.array(ts, type=pa.timestamp("us", tz="UTC")),
-                        event_names.take(pa.array(e)),
-                    ],
-                    schema=INTERACTIONS_SCHEMA,
-                )
-                writer.write_table(table, row_group_size=len(table))
-                bar.update(len(table))
-        os.replace(tmp, inter_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with (
+        atomic_path(inter_path) as tmp,
+        pq.ParquetWriter(tmp, INTERACTIONS_SCHEMA, compression="zstd") as writer,
+        tqdm(total=n_events, unit="ev", unit_scale=True, disable=not progress, desc="synth") as bar,
+    ):
+        for c, (a, b) in enumerate(_chunks(counts)):
+            users = a + np.flatnonzero(counts[a:b])
+            if len(users) == 0:
+                continue
+            crng = np.random.default_rng(np.random.SeedSequence([seed, 1, c]))
+            u, i, t, e = _simulate(crng, counts[users], cat, sampler, taste_alpha, days, st)
+            ts = start_us + np.round(t * 1e6).astype(np.int64)
+            table = pa.table(
+                [
+                    user_ids.take(pa.array(users[u])),
+                    item_ids.take(pa.array(i)),
+                    pa.array(ts, type=pa.timestamp("us", tz="UTC")),
+                    event_names.take(pa.array(e)),
+                ],
+                schema=INTERACTIONS_SCHEMA,
+            )
+            writer.write_table(table, row_group_size=len(table))
+            bar.update(len(table))
     return inter_path, items_path

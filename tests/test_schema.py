@@ -264,3 +264,38 @@ def test_write_parquet_atomic_replaces_and_leaves_no_temp(tmp_path: Path) -> Non
     write_parquet_atomic(pl.DataFrame({"a": [2, 3]}), target)
     assert pl.read_parquet(target)["a"].to_list() == [2, 3]
     assert [p.name for p in target.parent.iterdir()] == ["t.parquet"]
+
+
+# ----------------------------------------------------------------------- permissions
+
+
+@pytest.mark.parametrize(
+    ("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)]
+)
+def test_atomic_writes_get_the_permissions_of_the_umask(
+    tmp_path: Path, mask: int, file_mode: int, dir_mode: int
+) -> None:
+    """mkstemp makes 0600 files and mkdtemp 0700 folders; what is renamed into place
+    gets what a plain write would: 0666 / 0777 less the umask."""
+    import os
+    import stat
+
+    from recsys import bundle
+    from recsys.config import PipelineConfig
+    from recsys.schema import current_umask
+
+    def files(d: Path) -> dict[str, object]:
+        (d / "table.parquet").write_bytes(b"")
+        return {}
+
+    old = os.umask(mask)
+    try:
+        assert current_umask() == mask
+        table = write_parquet_atomic(pl.DataFrame({"a": [1]}), tmp_path / "t.parquet")
+        b = bundle.write(tmp_path / "bundle", PipelineConfig(), "fp", files)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(table.stat().st_mode) == file_mode
+    assert stat.S_IMODE(b.stat().st_mode) == dir_mode
+    for f in b.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == file_mode, f.name

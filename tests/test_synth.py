@@ -225,6 +225,27 @@ def test_cli_writes_the_files(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes
 
 
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_cli_files_get_the_permissions_of_the_umask(tmp_path: Path, mask: int, mode: int) -> None:
+    import os
+    import stat
+
+    from recsys.cli.synth import synth
+
+    app = typer.Typer()
+    app.command("synth")(synth)
+    app.command("noop")(lambda: None)
+    args = ["synth", "--out", str(tmp_path), "--users", "20", "--items", "10", "--events", "100"]
+    old = os.umask(mask)
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    for name in ("interactions.parquet", "items.parquet"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
 def test_rejects_empty_sizes(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         generate(tmp_path, n_events=0, progress=False)

@@ -2,7 +2,9 @@
 
 Each converter writes OUT_DIR/interactions.parquet and OUT_DIR/items.parquet (atomically:
 a temp file, then a rename, so a failed run never leaves half a data set behind) after
-running them through the same validation as `fit`, and returns the two paths.
+running them through the same validation as `fit`, and returns the two paths. With
+`pseudonymize` (a `recsys.pseudonym.Pseudonymizer`), user ids are written as keyed hashes
+and OUT_DIR/interactions.pseudonym.json records that they were.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import IO, Any
 
 import polars as pl
 
+from recsys.pseudonym import Pseudonymizer, sidecar_path, write_sidecar
 from recsys.schema import (
     EVENT,
     IMPRESSION,
@@ -70,13 +73,36 @@ PathLike = str | os.PathLike[str]
 
 
 def _write(
-    interactions: pl.DataFrame, items: pl.DataFrame, out_dir: PathLike, what: str
+    interactions: pl.DataFrame,
+    items: pl.DataFrame,
+    out_dir: PathLike,
+    what: str,
+    pseudonymize: Pseudonymizer | None = None,
 ) -> tuple[Path, Path]:
-    """Write both canonical tables atomically and log what was written."""
+    """Write both canonical tables atomically and log what was written.
+
+    Every converter ends here, so `pseudonymize` (`recsys.pseudonym`) applies to all of
+    them: user ids are replaced by their pseudonyms before anything is written, and the
+    record of it (flag and key fingerprint, never the key) goes beside the interactions
+    once they are in place. A record left by an earlier run is removed first: a crash
+    in between leaves no record rather than one that does not match the ids.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    inter_file = out / INTERACTIONS_FILE
+    if pseudonymize is not None:
+        interactions = interactions.with_columns(pseudonymize.series(interactions[USER]))
+    sidecar_path(inter_file).unlink(missing_ok=True)
     items_path = write_parquet_atomic(items, out / ITEMS_FILE)
-    inter_path = write_parquet_atomic(interactions, out / INTERACTIONS_FILE)
+    inter_path = write_parquet_atomic(interactions, inter_file)
+    if pseudonymize is not None:
+        record = write_sidecar(inter_path, pseudonymize)
+        log.info(
+            "%s: user ids pseudonymized (key fingerprint %s), recorded in %s",
+            what,
+            pseudonymize.fingerprint,
+            record,
+        )
     log.info(
         "%s: wrote %d interactions (%d users) to %s and %d items to %s",
         what,
@@ -107,7 +133,9 @@ def _movielens_layout(src: Path) -> tuple[str, Path] | None:
     return None
 
 
-def ingest_movielens(src_dir: PathLike, out_dir: PathLike) -> tuple[Path, Path]:
+def ingest_movielens(
+    src_dir: PathLike, out_dir: PathLike, pseudonymize: Pseudonymizer | None = None
+) -> tuple[Path, Path]:
     """Convert a MovieLens folder (ml-latest-small / ml-25m CSV layout, or ml-100k).
 
     The layout is detected from the files present; a folder holding exactly one MovieLens
@@ -137,7 +165,7 @@ def ingest_movielens(src_dir: PathLike, out_dir: PathLike) -> tuple[Path, Path]:
         inter, items = _movielens_100k(folder)
     items = validate_items(items, source=str(folder))
     inter = validate_interactions(inter, source=str(folder), items=items)
-    return _write(inter, items, out_dir, f"movielens ({layout})")
+    return _write(inter, items, out_dir, f"movielens ({layout})", pseudonymize)
 
 
 def _read_ml_csv(path: Path, schema: dict[str, pl.DataType]) -> pl.LazyFrame:
@@ -312,7 +340,9 @@ def _read_tsv(path: Path, names: list[str]) -> pl.DataFrame:
         ) from e
 
 
-def ingest_mind(src_dir: PathLike, out_dir: PathLike) -> tuple[Path, Path]:
+def ingest_mind(
+    src_dir: PathLike, out_dir: PathLike, pseudonymize: Pseudonymizer | None = None
+) -> tuple[Path, Path]:
     """Convert a MIND split (behaviors.tsv + news.tsv) to canonical tables.
 
     Every impression entry becomes a row with impression_id and label (1 clicked, 0 shown
@@ -414,7 +444,7 @@ def ingest_mind(src_dir: PathLike, out_dir: PathLike) -> tuple[Path, Path]:
         )
         inter = inter.filter(known)
     inter = validate_interactions(inter, source=str(beh_path), items=items)
-    return _write(inter, items, out_dir, "mind")
+    return _write(inter, items, out_dir, "mind", pseudonymize)
 
 
 # ------------------------------------------------------------------------------- Amazon
@@ -656,6 +686,7 @@ def ingest_amazon(
     meta_src: PathLike,
     out_dir: PathLike,
     min_user_events: int = 1,
+    pseudonymize: Pseudonymizer | None = None,
 ) -> tuple[Path, Path]:
     """Convert an Amazon review category (McAuley lab: 2014, 2018 or 2023 release).
 
@@ -699,7 +730,7 @@ def ingest_amazon(
         )
     items = validate_items(items, source=str(meta_path))
     inter = validate_interactions(inter, source=str(reviews), items=items)
-    return _write(inter, items, out_dir, "amazon")
+    return _write(inter, items, out_dir, "amazon", pseudonymize)
 
 
 # ---------------------------------------------------------------------------- generic
@@ -712,6 +743,7 @@ def ingest_csv(
     mapping: dict[str, str] | None = None,
     sep: str | None = None,
     drop_unknown_items: bool = False,
+    pseudonymize: Pseudonymizer | None = None,
 ) -> tuple[Path, Path]:
     """Convert any CSV/TSV/Parquet event log (and optional item table) to canonical tables.
 
@@ -756,4 +788,4 @@ def ingest_csv(
     inter = validate_interactions(
         raw, source=str(inter_src), items=items, drop_unknown_items=drop_unknown_items
     )
-    return _write(inter, items, out_dir, "csv")
+    return _write(inter, items, out_dir, "csv", pseudonymize)

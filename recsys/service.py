@@ -10,6 +10,11 @@ Fresh events are kept per user, at most `max_events_per_user` each and for at mo
 processes, `state_dir` makes them share fresh events and reloads through two files:
 `events.jsonl` (appended by whichever worker took the POST, read by all before each
 request) and `bundle.json` (the bundle every worker should serve).
+
+A bundle fitted on pseudonymized user ids (`recsys.pseudonym`) loads only with the key
+they were hashed with in RECSYS_PSEUDONYM_KEY. Clients still send raw ids: each is
+hashed where it enters (`Model.bundle_user_id`), fresh events and cached lists are kept
+under the pseudonym, and a list names the user by the id the client sent.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import polars as pl
 from recsys.candidates import ItemKNN
 from recsys.online import OnlineRanker, Ranked, UserState
 from recsys.pipeline import Pipeline
+from recsys.pseudonym import for_manifest
 
 log = logging.getLogger("recsys")
 
@@ -77,6 +83,9 @@ class Model:
     ):
         self.path = str(path)
         self.pipeline = pipeline
+        # the key that hashes requests' user ids, when the bundle's ids are pseudonyms;
+        # PseudonymKeyError (the bundle refused) when the environment lacks that key
+        self.pseudonym = for_manifest(pipeline.manifest_, self.path)
         if new_item_every is not None:  # the server's setting over the bundle's
             pipeline.new_item_every = new_item_every
         self.ranker = OnlineRanker(pipeline, tree_cache=tree_cache)
@@ -112,6 +121,11 @@ class Model:
         self.warmed = True
 
     # -- ids ----------------------------------------------------------------------------
+    def bundle_user_id(self, user_id: Id) -> Id:
+        """The id the bundle knows a client's user id by: its pseudonym when the bundle
+        was fitted on pseudonymized ids, else the id itself."""
+        return self.pseudonym(user_id) if self.pseudonym is not None else user_id
+
     def user_index(self, user_id: Id) -> int:
         return self.users.get(_coerce(user_id, self.user_int), -1)
 
@@ -253,6 +267,9 @@ class RecService:
         m = self.model
         if not 1 <= k <= self.limits.max_k:
             raise ServiceError(f"k must be between 1 and {self.limits.max_k}, got {k}")
+        client_id = user_id
+        if user_id is not None:
+            user_id = m.bundle_user_id(user_id)
         hist_idx = m.item_indices(history, "history") if history else None
         excl_idx = m.item_indices(exclude, "exclude") if exclude else None
         u = m.user_index(user_id) if user_id is not None else -1
@@ -278,6 +295,8 @@ class RecService:
         uid = user_id
         if u >= 0:
             uid = m.user_ids[u]
+        if m.pseudonym is not None:  # the client's own id, never the pseudonym
+            uid = client_id
         return Recommendation(uid, items, m.version, kind)
 
     def _ranked_cached(
@@ -353,7 +372,8 @@ class RecService:
         m = self.model
         m.item_indices([e[1] for e in events], "events")
         rows = []
-        for user_id, item_id, t in events:
+        for client_id, item_id, t in events:
+            user_id = m.bundle_user_id(client_id)
             u = m.user_index(user_id)
             key = _user_key(m, user_id)
             if t is None:

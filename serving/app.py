@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from recsys.pseudonym import PseudonymKeyError, check_bundle
 from recsys.service import RecService, ServiceError, ServiceLimits
 from serving.metrics import Metrics
 from serving.settings import Settings
@@ -343,6 +344,10 @@ def app_from_env() -> Guard:
     settings = Settings()
     if settings.bundle is None:
         raise SystemExit("RECSYS_BUNDLE is not set: the bundle directory to serve")
+    try:  # a bundle of pseudonymized ids never serves under another key, nor none
+        check_bundle(settings.bundle)
+    except PseudonymKeyError as e:
+        raise SystemExit(f"error: {e}") from None
     service = RecService(
         None,
         limits=ServiceLimits(

@@ -21,10 +21,11 @@ def main() -> None:
     )
     from recsys.bundle import BundleError
     from recsys.cli import commands  # noqa: F401  (registers the commands)
+    from recsys.pseudonym import PseudonymKeyError
     from recsys.schema import DataError
 
     try:
         app()
-    except (DataError, BundleError, FileNotFoundError) as e:
+    except (DataError, BundleError, PseudonymKeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

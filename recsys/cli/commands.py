@@ -81,14 +81,30 @@ def fit(
     """Fit the pipeline (sources, features, LambdaRank ranker) and write a bundle.
 
     The input is split in time by fit itself: the last part of each user's history
-    becomes ranker targets and early-stopping data. No test set is needed.
+    becomes ranker targets and early-stopping data. No test set is needed. Interactions
+    written by `recsys ingest --pseudonymize` mark the bundle as pseudonymized.
     """
+    from recsys.bundle import save_with_fields
     from recsys.pipeline import Pipeline
+    from recsys.pseudonym import MANIFEST_FIELD, check_pseudonyms, read_sidecar, sidecar_path
+    from recsys.schema import USER
 
     t0 = time.perf_counter()
     inter, it = _load_data(interactions, items, drop_unknown_items)
+    # ingest --pseudonymize left a record beside the interactions: the bundle carries
+    # it, so a server hashes the raw ids requests bring (recsys.pseudonym)
+    pseudonym = read_sidecar(interactions)
+    if pseudonym is not None:
+        check_pseudonyms(inter[USER], sidecar_path(interactions))
     p = Pipeline(_config(config, no_lm)).fit(inter, it)
-    p.save(str(out))
+    if pseudonym is None:
+        p.save(str(out))
+    else:
+        save_with_fields(out, p.save, {MANIFEST_FIELD: pseudonym})
+        console.print(
+            f"user ids are pseudonyms (key fingerprint {pseudonym.get('key_fingerprint')}): "
+            "serving needs RECSYS_PSEUDONYM_KEY"
+        )
     console.print(f"bundle written to [bold]{out}[/] in {time.perf_counter() - t0:.1f} s")
     _print_timings(p.timings_)
     if p.lm is not None:

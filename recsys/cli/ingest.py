@@ -7,9 +7,13 @@ raises DataError, which the `recsys` entry point prints and turns into exit stat
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 import typer
+
+if TYPE_CHECKING:
+    from recsys.pseudonym import Pseudonymizer
 
 ingest_app = typer.Typer(
     help="Convert MovieLens, MIND, Amazon reviews or any CSV/Parquet event log to the "
@@ -22,11 +26,39 @@ _SRC = "Source folder."
 _OUT = "Output folder; interactions.parquet and items.parquet are written there (created)."
 
 
+_PSEUDONYMIZE = (
+    "Write user ids as HMAC-SHA256 pseudonyms (32 hex digits) under the secret key in "
+    "RECSYS_PSEUDONYM_KEY; the key is never written, only its fingerprint in "
+    "OUT_DIR/interactions.pseudonym.json, which `recsys fit` copies into the bundle."
+)
+
+
+def _pseudonymizer(on: bool) -> Pseudonymizer | None:
+    """The key checked before anything is read or written: exit status 2 without it."""
+    if not on:
+        return None
+    from recsys.pseudonym import Pseudonymizer, PseudonymKeyError
+
+    try:
+        return Pseudonymizer.from_env()
+    except PseudonymKeyError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _report(paths: tuple[Path, Path]) -> None:
     """Print where the tables went and how big they are (row counts from Parquet metadata)."""
+    from recsys.pseudonym import read_sidecar, sidecar_path
+
     for label, path in zip(("interactions", "items"), paths, strict=True):
         rows = pq.read_metadata(path).num_rows
         typer.echo(f"{label}: {path} ({rows} rows)")
+    record = read_sidecar(paths[0])
+    if record is not None:
+        typer.echo(
+            f"user ids pseudonymized (key fingerprint {record['key_fingerprint']}): "
+            f"{sidecar_path(paths[0])}"
+        )
 
 
 @ingest_app.command(
@@ -42,11 +74,12 @@ def movielens(
         "(u.data, u.item); detected automatically.",
     ),
     out: Path = typer.Argument(..., help=_OUT),
+    pseudonymize: bool = typer.Option(False, "--pseudonymize", help=_PSEUDONYMIZE),
 ) -> None:
     """Convert a MovieLens folder; the layout is detected from its files."""
     from recsys.ingest import ingest_movielens
 
-    _report(ingest_movielens(src, out))
+    _report(ingest_movielens(src, out, _pseudonymizer(pseudonymize)))
 
 
 @ingest_app.command(
@@ -61,11 +94,12 @@ def mind(
         ..., help=_SRC + " A MIND split holding behaviors.tsv and news.tsv."
     ),
     out: Path = typer.Argument(..., help=_OUT),
+    pseudonymize: bool = typer.Option(False, "--pseudonymize", help=_PSEUDONYMIZE),
 ) -> None:
     """Convert a MIND split (behaviors.tsv + news.tsv)."""
     from recsys.ingest import ingest_mind
 
-    _report(ingest_mind(src, out))
+    _report(ingest_mind(src, out, _pseudonymizer(pseudonymize)))
 
 
 @ingest_app.command(
@@ -92,11 +126,13 @@ def amazon(
         min=1,
         help="Leave out users with fewer interactions than this (1 keeps everyone).",
     ),
+    pseudonymize: bool = typer.Option(False, "--pseudonymize", help=_PSEUDONYMIZE),
 ) -> None:
     """Convert an Amazon review category and its metadata."""
     from recsys.ingest import ingest_amazon
 
-    _report(ingest_amazon(reviews, meta, out, min_user_events=min_user_events))
+    key = _pseudonymizer(pseudonymize)
+    _report(ingest_amazon(reviews, meta, out, min_user_events=min_user_events, pseudonymize=key))
 
 
 def _parse_mapping(pairs: list[str]) -> dict[str, str]:
@@ -142,10 +178,12 @@ def csv(
         "--drop-unknown-items",
         help="Drop events whose item is not in --items (with a warning) instead of failing.",
     ),
+    pseudonymize: bool = typer.Option(False, "--pseudonymize", help=_PSEUDONYMIZE),
 ) -> None:
     """Convert a generic CSV/TSV/Parquet event log with a column mapping."""
     from recsys.ingest import ingest_csv
 
+    key = _pseudonymizer(pseudonymize)
     if sep is not None and sep in ("\\t", "tab"):
         sep = "\t"
     _report(
@@ -156,5 +194,6 @@ def csv(
             mapping=_parse_mapping(map_),
             sep=sep,
             drop_unknown_items=drop_unknown_items,
+            pseudonymize=key,
         )
     )

@@ -36,13 +36,17 @@ def serve(
     """Serve top-k lists over HTTP (GET/POST /v1/recommendations, POST /v1/events, ...).
 
     Settings not given here come from RECSYS_* environment variables (see
-    serving/settings.py); RECSYS_ADMIN_TOKEN enables POST /admin/reload.
+    serving/settings.py); RECSYS_ADMIN_TOKEN enables POST /admin/reload. A bundle fitted
+    on pseudonymized user ids needs the key in RECSYS_PSEUDONYM_KEY; requests send raw ids.
     """
     import uvicorn
 
     from recsys.bundle import read_manifest
+    from recsys.pseudonym import for_manifest
 
-    read_manifest(bundle)  # a clear error now rather than a worker that never gets ready
+    # clear errors now rather than a worker that never gets ready: a damaged bundle, or
+    # one fitted on pseudonymized ids without the key they were hashed with
+    for_manifest(read_manifest(bundle), str(bundle))
     os.environ["RECSYS_BUNDLE"] = str(bundle.resolve())
     os.environ["RECSYS_CACHE"] = "true" if cache else "false"
     os.environ["RECSYS_PREFILL"] = "true" if prefill else "false"

@@ -66,6 +66,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
+MANIFEST_KEYS = frozenset(
+    {"format", "created_at", "versions", "config", "data_fingerprint", "files"}
+)
+
+
 def write_manifest(
     d: Path, config: PipelineConfig, data_fingerprint: str, extra: dict[str, Any]
 ) -> None:
@@ -154,29 +159,4 @@ def write(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("bundle saved to %s", path)
-    return path
-
-
-def save_with_fields(
-    path: str | Path, save: Callable[[Path], object], fields: dict[str, Any]
-) -> Path:
-    """Save a bundle with manifest fields its writer does not know of (the pseudonym
-    record `recsys fit` copies from the ingested data): `save(d)` writes the bundle to a
-    hidden sibling `d`, `fields` join its manifest (which checksums the files, not
-    itself), and `d` is renamed over `path`, so `path` never holds the bundle without them.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.staging-{os.getpid()}")
-    try:
-        save(staging)
-        manifest = json.loads((staging / MANIFEST).read_text())
-        taken = sorted(set(fields) & set(manifest))
-        if taken:
-            raise ValueError(f"manifest fields {taken} are the bundle writer's own")
-        _dump_manifest(staging, {**manifest, **fields})
-        _replace_dir(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path

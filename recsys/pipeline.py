@@ -572,10 +572,20 @@ class Pipeline:
         )
 
     # -- persistence -----------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, manifest_fields: dict[str, Any] | None = None) -> Path:
         """Write the fitted pipeline as a bundle (`recsys.bundle`: a temporary sibling
-        directory, the manifest with every file's checksum, then a rename)."""
-        return bundle.write(path, self.config, self.fingerprint(), self._write_files)
+        directory, the manifest with every file's checksum, then a rename).
+        `manifest_fields` join the manifest (e.g. the pseudonym record of the data)."""
+        fields = dict(manifest_fields or {})
+
+        def write_files(d: Path) -> dict[str, Any]:
+            extra = self._write_files(d)
+            taken = sorted(set(fields) & (set(extra) | bundle.MANIFEST_KEYS))
+            if taken:
+                raise ValueError(f"manifest fields {taken} are the bundle writer's own")
+            return extra | fields
+
+        return bundle.write(path, self.config, self.fingerprint(), write_files)
 
     def fingerprint(self) -> str:
         """sha256 over the training events and the catalogue ids the pipeline was fitted on."""

@@ -84,7 +84,6 @@ def fit(
     becomes ranker targets and early-stopping data. No test set is needed. Interactions
     written by `recsys ingest --pseudonymize` mark the bundle as pseudonymized.
     """
-    from recsys.bundle import save_with_fields
     from recsys.pipeline import Pipeline
     from recsys.pseudonym import MANIFEST_FIELD, check_pseudonyms, read_sidecar, sidecar_path
     from recsys.schema import USER
@@ -97,10 +96,8 @@ def fit(
     if pseudonym is not None:
         check_pseudonyms(inter[USER], sidecar_path(interactions))
     p = Pipeline(_config(config, no_lm)).fit(inter, it)
-    if pseudonym is None:
-        p.save(str(out))
-    else:
-        save_with_fields(out, p.save, {MANIFEST_FIELD: pseudonym})
+    p.save(out, None if pseudonym is None else {MANIFEST_FIELD: pseudonym})
+    if pseudonym is not None:
         console.print(
             f"user ids are pseudonyms (key fingerprint {pseudonym.get('key_fingerprint')}): "
             "serving needs RECSYS_PSEUDONYM_KEY"

@@ -41,6 +41,7 @@ from recsys.candidates import (
 from recsys.config import PipelineConfig
 from recsys.data import I, IdIndex, T, U, to_internal
 from recsys.lm.cold import cold_order, cold_pool, merge
+from recsys.memory import rss_gib
 from recsys.ranker import Ranker
 from recsys.schema import ITEM, USER, DataError
 
@@ -68,7 +69,8 @@ def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
     t0 = time.perf_counter()
     yield
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-    log.info("stage %-22s %7.1f s", name, timings[name])
+    now, peak = rss_gib()
+    log.info("stage %-22s %7.1f s   RSS %.2f GiB, peak %.2f GiB", name, timings[name], now, peak)
 
 
 def make_sources(cfg: PipelineConfig, lm: LanguageModel | None = None) -> list[Source]:

@@ -59,6 +59,7 @@ from recsys.lm.train import (
     split_validation,
 )
 from recsys.lm.user_tower import UserTower, history_matrix, user_vectors_numpy
+from recsys.memory import rss_gib
 
 log = logging.getLogger("recsys")
 
@@ -131,11 +132,12 @@ class LanguageModel:
             pooled0, hidden = self._frozen_pass(tower, tokens, dev, keep_hidden=finetune)
         self.timings_["encode (frozen)"] = dt = time.perf_counter() - t0
         log.info(
-            "lm: frozen pass over %d items in %.1f s (%.0f items/s%s)",
+            "lm: frozen pass over %d items in %.1f s (%.0f items/s%s), RSS %.2f GiB",
             h.n_items,
             dt,
             h.n_items / max(dt, 1e-9),
             ", to the first trained layer" if finetune else "",
+            rss_gib()[0],
         )
 
         ex = next_item_examples(
@@ -756,7 +758,8 @@ class _TrainState:
                 }
             )
             log.info(
-                "lm %s epoch %d: loss %.4f, validation recall@%d %.4f, %d ex in %.1f s%s",
+                "lm %s epoch %d: loss %.4f, validation recall@%d %.4f, %d ex in %.1f s%s, "
+                "RSS %.2f GiB",
                 phase,
                 epoch + 1,
                 np.mean(losses) if losses else float("nan"),
@@ -765,6 +768,7 @@ class _TrainState:
                 seen_ex,
                 time.perf_counter() - t0,
                 " (time budget reached)" if stopped else "",
+                rss_gib()[0],
             )
             if rec > self.best:
                 self.best, bad = rec, 0

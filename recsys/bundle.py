@@ -108,31 +108,92 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and verify: every listed file present with its checksum, format known."""
+def _json_kind(x: object) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(x), "number")
+
+
+def _plain_name(name: object) -> bool:
+    """A file name directly inside the bundle folder: no separator, no '..', not absolute."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\x00")
+        and not Path(name).is_absolute()
+    )
+
+
+def _named_files(manifest: dict[str, Any]) -> list[object]:
+    """File names the manifest's own sections point at (the ranker's models, the language
+    model's files): each must also be a checksummed entry of "files"."""
+    names: list[object] = []
+    ranker = manifest.get("ranker")
+    if isinstance(ranker, dict) and isinstance(ranker.get("models"), list):
+        names += ranker["models"]
+    lm = manifest.get("lm")
+    if isinstance(lm, dict) and isinstance(lm.get("files"), dict):
+        names += list(lm["files"].values())
+    return names
+
+
+def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Read and verify: every listed file present with its checksum, format known.
+
+    Refused with a BundleError naming the entry: a manifest that is not a JSON object, a
+    file name that is not a plain name inside the folder ('../x', '/etc/x': nothing
+    outside the folder is ever read), and a manifest or any file of the folder that is a
+    symbolic link. `fit` writes no links, and a link could point outside the folder or be
+    retargeted after its checksum was verified; the bundle folder itself may be a link
+    (the usual `current -> v3` deployment). `verify=False` checks the manifest's form
+    only, without hashing the files."""
     d = Path(path)
     if not d.is_dir():
         raise BundleError(f"{d}: no bundle here (not a directory)")
     mf = d / MANIFEST
+    if mf.is_symlink():
+        raise BundleError(f"{mf}: the manifest is a symbolic link; a bundle holds its own files")
     if not mf.is_file():
         raise BundleError(f"{d}: not a bundle or incomplete: {MANIFEST} is missing")
     try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mf}: manifest is not valid JSON ({e})") from e
-    if manifest.get("format") != FORMAT:
-        raise BundleError(
-            f"{d}: bundle format {manifest.get('format')!r}, this recsys reads {FORMAT}"
-        )
-    problems = []
-    for name, info in manifest.get("files", {}).items():
+        manifest = json.loads(mf.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BundleError(f"{mf}: manifest is not valid JSON ({first})") from e
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mf}: manifest is a JSON {_json_kind(manifest)}, not an object")
+    fmt = manifest.get("format")
+    if type(fmt) is not int or fmt != FORMAT:
+        raise BundleError(f"{d}: bundle format {fmt!r}, this recsys reads {FORMAT}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise BundleError(f"{mf}: 'files' is a JSON {_json_kind(files)}, not an object")
+    for name, info in files.items():
+        if not isinstance(info, dict):
+            raise BundleError(
+                f"{mf}: 'files' entry {name!r} is a JSON {_json_kind(info)}, "
+                'not {"sha256": ..., "bytes": ...}'
+            )
+    problems = [
+        f"{f.name} is a symbolic link (links are not followed)"
+        for f in sorted(d.iterdir())
+        if f.is_symlink() and f.name != MANIFEST
+    ]
+    for name, info in files.items():
+        if not _plain_name(name):
+            problems.append(f"{name!r} is not a file name inside the bundle folder")
+            continue
         f = d / name
+        if f.is_symlink():
+            continue  # said above
         if not f.is_file():
             problems.append(f"{name} is missing")
-        elif _sha256(f) != info.get("sha256"):
+        elif verify and _sha256(f) != info.get("sha256"):
             problems.append(
                 f"{name} does not match its checksum (changed after the bundle was written)"
             )
+    for name in _named_files(manifest):
+        if not isinstance(name, str) or name not in files:  # also '../x', '/abs'
+            problems.append(f"{name!r} is named by the manifest but not listed in its files")
     if problems:
         raise BundleError(f"{d}: refusing to load the bundle: " + "; ".join(problems))
     return manifest

@@ -37,6 +37,7 @@ def encode_items(
     they can be recommended at once; the bundle is rewritten atomically with fresh
     checksums.
     """
+    from recsys.bundle import BundleError, read_manifest
     from recsys.lm.catalogue import encode_items_into_bundle
     from recsys.schema import read_items
 
@@ -44,6 +45,11 @@ def encode_items(
         raise typer.BadParameter("'local' or 'ray'", param_hint="--engine")
     t0 = time.perf_counter()
     new = read_items(items)
+    if not read_manifest(bundle, verify=False).get("lm"):  # loading verifies the checksums
+        raise BundleError(
+            f"{bundle}: this bundle has no language model (fitted with --no-lm); "
+            "encode-items needs one to encode the new items' text"
+        )
     encode = None
     if engine == "ray":
         import numpy as np

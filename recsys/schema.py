@@ -83,7 +83,7 @@ log = logging.getLogger("recsys")
 _MAX_ROWS_IN_ERROR = 10_000
 _SAMPLE = 5
 
-# Integer epochs: the unit is read from the largest absolute value of the column. Seconds
+# Integer epochs: the unit is read from the median absolute value of the column. Seconds
 # below 1e11 reach the year 5138, so anything larger cannot be seconds; the same reasoning
 # applies one factor of 1000 further for each finer unit.
 _EPOCH_LIMITS = ((1e11, "s"), (1e14, "ms"), (1e17, "us"))
@@ -187,15 +187,20 @@ def _to_utc(s: pl.Series) -> pl.Series:
 
 
 def _epoch_int(s: pl.Series) -> pl.Series:
-    """Integer epochs; the unit (s, ms, us, ns) is detected from the largest magnitude."""
+    """Integer epochs; the unit (s, ms, us, ns) is detected from the median magnitude, so
+    a few stray values cannot turn a whole column of seconds into nanoseconds. Values too
+    large for that unit (see _EPOCH_LIMITS) become null: the caller reports their rows as
+    out of range."""
     s64 = s.cast(pl.Int64, strict=False)
-    biggest = s64.abs().max()
-    unit = "ns"
-    if biggest is not None:
-        for limit, u in _EPOCH_LIMITS:
-            if float(biggest) < limit:  # type: ignore[arg-type]
-                unit = u
+    mag = s64.cast(pl.Float64).abs()  # float: abs(-2**63) does not wrap around
+    typical = mag.median()
+    unit, limit = "ns", float("inf")
+    if typical is not None:
+        for lim, u in _EPOCH_LIMITS:
+            if float(typical) < lim:  # type: ignore[arg-type]
+                unit, limit = u, lim
                 break
+    s64 = pl.select(pl.when(mag < limit).then(s64)).to_series().alias(s.name)
     if unit == "s":
         us = s64 * 1_000_000
     elif unit == "ms":
@@ -272,7 +277,7 @@ def _timestamp_column(s: pl.Series, source: str) -> pl.Series:
     bad = out.is_null() & s.is_not_null()
     if bad.any():
         raise DataError(
-            "timestamp(s) out of range",
+            f"{int(bad.sum())} timestamp(s) out of range, e.g. {_sample(s.filter(bad))}",
             file=source,
             column=s.name,
             rows=_rows(bad),
@@ -283,8 +288,6 @@ def _timestamp_column(s: pl.Series, source: str) -> pl.Series:
 
 def _float_column(s: pl.Series, source: str) -> pl.Series:
     """Ratings and weights as Float64; text that is not a number is an error, nulls are kept."""
-    if s.dtype == pl.Float64:
-        return s
     if not (s.dtype.is_numeric() or s.dtype in (pl.String, pl.Boolean, pl.Null)):
         raise DataError(
             f"unsupported type {s.dtype}", file=source, column=s.name, expected="numbers"
@@ -299,6 +302,15 @@ def _float_column(s: pl.Series, source: str) -> pl.Series:
             column=s.name,
             rows=_rows(bad),
             expected="numbers",
+        )
+    bad = out.is_nan() | out.is_infinite()
+    if bad.any():
+        raise DataError(
+            f"{int(bad.sum())} NaN or infinite value(s)",
+            file=source,
+            column=s.name,
+            rows=_rows(bad),
+            expected="finite numbers",
         )
     return out
 
@@ -401,7 +413,8 @@ def validate_interactions(
     of event (String), rating/weight (Float64), impression_id (String), label (Int8 0/1).
     Timestamps: datetimes of any unit (tz-aware converted, naive taken as UTC), dates,
     float epoch seconds, ISO-8601/common strings, or integer epochs whose unit comes from
-    the largest magnitude: below 1e11 seconds, below 1e14 ms, below 1e17 us, else ns.
+    the median magnitude: below 1e11 seconds, below 1e14 ms, below 1e17 us, else ns
+    (values beyond their unit's limit are refused as out of range).
     Other columns are dropped. With `items`, item ids take the catalogue's id type and ids
     missing from it are an error, or are dropped (with a warning) if drop_unknown_items.
     Row numbers in errors are 0-based data rows.
@@ -489,6 +502,24 @@ def sniff_separator(path: str | os.PathLike[str]) -> str:
     return best if counts[best] else ","
 
 
+_CSV_SUFFIXES = (".csv", ".tsv", ".txt")
+
+
+def _duplicate_csv_columns(p: Path, sep: str) -> None:
+    """polars renames a repeated header (a, a_duplicated_0): refuse it instead, since which
+    of the two columns is meant cannot be known."""
+    head = pl.read_csv(p, separator=sep, has_header=False, n_rows=1, infer_schema=False)
+    names = list(head.row(0)) if head.height else []
+    dups = sorted({n for n in names if n is not None and names.count(n) > 1})
+    if dups:
+        raise DataError(
+            f"the header names {', '.join(repr(n) for n in dups)} more than once",
+            file=str(p),
+            column=dups[0],
+            expected="unique column names",
+        )
+
+
 def read_table(
     path: str | os.PathLike[str],
     id_columns: list[str] | None = None,
@@ -502,9 +533,10 @@ def read_table(
         raise DataError("is a directory", file=str(p), expected="a Parquet or CSV file")
     suffix = p.suffix.lower()
     try:
-        if suffix in (".csv", ".tsv", ".txt"):
+        if suffix in _CSV_SUFFIXES:
             if sep is None:
                 sep = "\t" if suffix == ".tsv" else sniff_separator(p)
+            _duplicate_csv_columns(p, sep)
             overrides = {c: pl.String for c in (id_columns or [])}
             df = pl.read_csv(
                 p, separator=sep, schema_overrides=overrides, infer_schema_length=100_000
@@ -515,12 +547,46 @@ def read_table(
     except DataError:
         raise
     except Exception as e:
-        kind = "CSV" if suffix in (".csv", ".tsv", ".txt") else "Parquet"
+        kind = "CSV" if suffix in _CSV_SUFFIXES else "Parquet"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
             f"cannot read the file: {first}", file=str(p), expected=f"a {kind} file"
         ) from e
     return df
+
+
+def check_id_file(path: str | os.PathLike[str], column: str = USER) -> None:
+    """A file of ids (the users of `recsys recommend`), checked from its header or Parquet
+    schema only: readable, unique column names, and `column` of string or integer type."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError("file not found", file=str(p), expected="a Parquet or CSV file")
+    csv = p.suffix.lower() == ".csv"  # as recsys.batch.read_users reads it
+    try:
+        if csv:
+            _duplicate_csv_columns(p, ",")
+            schema = pl.scan_csv(p).collect_schema()
+        else:
+            schema = pl.scan_parquet(p).collect_schema()
+    except DataError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"cannot read the file: {first}",
+            file=str(p),
+            expected=f"a {'CSV' if csv else 'Parquet'} file",
+        ) from e
+    if column not in schema:
+        raise DataError(
+            f"no '{column}' column (columns found: {', '.join(schema) or 'none'})",
+            file=str(p),
+            column=column,
+        )
+    dt = schema[column]
+    text = dt == pl.String or isinstance(dt, (pl.Categorical, pl.Enum))
+    if not (text or dt == pl.Null or dt.is_integer()):
+        raise DataError(f"unsupported id type {dt}", file=str(p), column=column, expected=_ID_HELP)
 
 
 def read_items(path: str | os.PathLike[str]) -> pl.DataFrame:

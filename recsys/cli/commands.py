@@ -171,9 +171,11 @@ def recommend(
     import os
 
     from recsys.batch import recommend_file
+    from recsys.schema import check_id_file
 
     if engine not in ("local", "ray"):
         raise typer.BadParameter("'local' or 'ray'", param_hint="--engine")
+    check_id_file(users)  # a list or float user_id column is refused before any work
     t0 = time.perf_counter()
     n_users, n_rows = recommend_file(
         bundle, users, out, k=k, batch_size=batch_size, new_item_every=new_item_every,

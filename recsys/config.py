@@ -5,13 +5,13 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from recsys.lm.config import LMConfig
 
 
 class SourcesConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     use: list[str] = Field(
         default_factory=lambda: ["pop", "recent_pop", "itemknn", "ease", "als", "next"],
@@ -36,7 +36,7 @@ class SourcesConfig(BaseModel):
 
 
 class RankerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     n_estimators: int = Field(1000, ge=1)
     learning_rate: float = Field(0.03, gt=0)
@@ -74,7 +74,7 @@ class RankerConfig(BaseModel):
 
 
 class PipelineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     target_fraction: float = Field(
         0.2, gt=0, lt=1, description="share of each user's latest events used as ranker targets"
@@ -113,5 +113,23 @@ class PipelineConfig(BaseModel):
 
     @classmethod
     def from_toml(cls, path: str | Path) -> PipelineConfig:
-        with open(path, "rb") as f:
-            return cls.model_validate(tomllib.load(f))
+        """Settings from a TOML file; a file that is missing, not TOML or not valid
+        settings is a DataError naming the file and the offending keys."""
+        from recsys.schema import DataError
+
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise DataError(f"cannot read the settings ({e.strerror})", file=str(path)) from e
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"not valid TOML: {e}", file=str(path)) from e
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            errors = e.errors()
+            shown = "; ".join(
+                f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in errors[:5]
+            )
+            more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+            raise DataError(f"invalid settings: {shown}{more}", file=str(path)) from e

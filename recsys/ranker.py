@@ -8,6 +8,8 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
+from recsys.schema import DataError
+
 log = logging.getLogger("recsys")
 
 
@@ -87,7 +89,14 @@ class Ranker:
         self.features_ = list(features)
         rng = np.random.default_rng(self.seed)
         groups = rng.permutation(np.unique(group_ids))
-        n_folds = self.n_folds or (3 if len(groups) < self.fold_users else 1)
+        if len(groups) < 2:  # one to train on and one to stop early on
+            raise DataError(
+                f"{len(groups)} user(s) with a ranker target among their candidates; the "
+                "ranker needs at least 2",
+                file="interactions",
+                expected="more users with several events each",
+            )
+        n_folds = min(self.n_folds or (3 if len(groups) < self.fold_users else 1), len(groups))
         if n_folds > 1:
             folds = np.array_split(groups, n_folds)
         else:

@@ -158,13 +158,19 @@ def _user_key(m: Model, user_id: Id | None) -> Id:
 
 
 def _coerce(x: Id, to_int: bool) -> Any:
+    """A client's id as the bundle's id type. Only the canonical text of an integer maps
+    to an integer id: int() would also take ' 7', '+7', '0_7', '007' and other scripts'
+    digits ('٧'), each then naming user 7."""
     if to_int:
         if isinstance(x, int):
             return x
+        if len(x) > 20 or not x.isascii():
+            return None
         try:
-            return int(x)
+            n = int(x)
         except ValueError:
             return None
+        return n if str(n) == x else None
     return x if isinstance(x, str) else str(x)
 
 

@@ -6,19 +6,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
+import math
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, MutableMapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
 from fastapi import Body, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from recsys.pseudonym import PseudonymKeyError, check_bundle
 from recsys.service import RecService, ServiceError, ServiceLimits
@@ -51,7 +54,7 @@ class RecommendationOut(BaseModel):
 
 
 class RecommendationIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     user_id: Id | None = None
     history: list[Id] | None = Field(None, max_length=MAX_LIST, description="recent items")
@@ -60,17 +63,26 @@ class RecommendationIn(BaseModel):
 
 
 class EventIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     user_id: Id
     item_id: Id
     timestamp: datetime | None = Field(
-        None, description="epoch seconds or ISO 8601; default: the service's clock"
+        None,
+        description="epoch seconds or ISO 8601 (naive = UTC, years 1 to 9999); "
+        "default: the service's clock",
     )
+
+    @field_validator("timestamp")
+    @classmethod
+    def _naive_is_utc(cls, t: datetime | None) -> datetime | None:
+        # as in the canonical data; .timestamp() of a naive time would use the server's
+        # local zone (and fail for the year 1)
+        return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
 
 
 class EventsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     events: list[EventIn] = Field(..., min_length=1, max_length=MAX_EVENTS)
 
@@ -101,6 +113,7 @@ class Problem(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem},
     404: {"model": Problem},
     413: {"model": Problem},
     422: {"model": Problem},
@@ -108,8 +121,67 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _json(obj: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(obj), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+class FailureLimiter:
+    """Failed admin attempts per client address: after `max_failures` within `window_s`
+    seconds the client is refused (429, Retry-After) until the oldest failure leaves the
+    window; a success clears its count. In-process and per worker (W workers allow W x
+    max_failures), at most `max_clients` addresses tracked (least recent dropped)."""
+
+    def __init__(
+        self,
+        max_failures: int,
+        window_s: float,
+        max_clients: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self.clock = clock
+        self._fails: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> deque[float] | None:
+        q = self._fails.get(client)
+        while q and q[0] <= now - self.window_s:
+            q.popleft()
+        return q
+
+    def retry_after(self, client: str) -> float:
+        """Seconds until `client` may try again; 0 when it may now."""
+        with self._lock:
+            now = self.clock()
+            q = self._recent(client, now)
+            if q is not None and len(q) >= self.max_failures:
+                return q[0] + self.window_s - now
+            return 0.0
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            now = self.clock()
+            q = self._recent(client, now)
+            if q is None:
+                q = self._fails[client] = deque(maxlen=self.max_failures)
+                while len(self._fails) > self.max_clients:
+                    self._fails.popitem(last=False)
+            self._fails.move_to_end(client)
+            q.append(now)
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._fails.pop(client, None)
+
+
+def _token_matches(given: str, token: str) -> bool:
+    """Constant time, and the digests hide the token's length too."""
+    a = hashlib.sha256(given.encode()).digest()
+    return hmac.compare_digest(a, hashlib.sha256(token.encode()).digest())
 
 
 def _recommendation(rec: Any) -> Response:
@@ -134,6 +206,8 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
     )
     app.state.service = service
     app.state.metrics = metrics
+    limiter = FailureLimiter(settings.admin_max_failures, settings.admin_failure_window_s)
+    app.state.admin_limiter = limiter
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, e: ServiceError) -> Response:
@@ -227,19 +301,38 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
     @app.post(
         "/admin/reload",
         response_model=ReloadOut,
-        responses={401: {"model": Problem}, 403: {"model": Problem}, 409: {"model": Problem}},
-        summary="Load a bundle beside the serving one and swap (bearer token)",
+        responses={
+            401: {"model": Problem},
+            403: {"model": Problem},
+            409: {"model": Problem},
+            429: {"model": Problem},
+        },
+        summary="Load a bundle beside the serving one and swap (bearer token; failed "
+        "attempts are rate-limited per client)",
     )
     def reload(
+        request: Request,
         req: Annotated[ReloadIn | None, Body()] = None,
         authorization: Annotated[str | None, Header(max_length=4096)] = None,
     ) -> Response:
         token = settings.admin_token.get_secret_value() if settings.admin_token else ""
         if not token:
             return _json({"detail": "admin endpoints are disabled (RECSYS_ADMIN_TOKEN unset)"}, 403)
+        client = request.client.host if request.client else "unknown"
+        wait = limiter.retry_after(client)
+        if wait > 0:  # refused before the token is even compared
+            secs = max(1, math.ceil(wait))
+            return _json(
+                {"detail": f"too many failed admin attempts; try again in {secs} s"},
+                429,
+                headers={"Retry-After": str(secs)},
+            )
         given = (authorization or "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        if not _token_matches(given, token):
+            limiter.failed(client)  # the token, given or expected, is never logged
+            log.warning("admin: missing or wrong bearer token from %s", client)
             return _json({"detail": "missing or wrong bearer token"}, 401)
+        limiter.succeeded(client)
         try:
             old, new = service.reload(req.bundle if req else None)
         except ServiceError as e:

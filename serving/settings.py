@@ -18,6 +18,16 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="bearer token of POST /admin/reload; unset disables it"
     )
+    admin_max_failures: int = Field(
+        5, ge=1, description="failed admin token attempts per client within the window"
+    )
+    admin_failure_window_s: float = Field(
+        60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds a failed admin attempt counts; a client with "
+        "admin_max_failures of them gets 429 with Retry-After until the oldest expires",
+    )
     state_dir: Path | None = Field(
         None, description="shared by the workers: fresh events and the bundle to serve"
     )

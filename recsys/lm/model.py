@@ -64,6 +64,30 @@ from recsys.memory import rss_gib
 log = logging.getLogger("recsys")
 
 
+class PackedHidden:
+    """Hidden states of every item's tokens in one tensor: item j's are rows
+    `offsets[j]:offsets[j + 1]`. One allocation, handed back to the system when the fit
+    drops it, where a small tensor per item would stay in the heap's fragments."""
+
+    def __init__(self, data: torch.Tensor, offsets: np.ndarray) -> None:
+        self.data, self.offsets = data, offsets
+
+    @classmethod
+    def empty(cls, lengths: np.ndarray, hidden: int, dtype: torch.dtype) -> PackedHidden:
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(torch.empty(int(offsets[-1]), hidden, dtype=dtype), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self.data[int(self.offsets[j]) : int(self.offsets[j + 1])]
+
+    def __setitem__(self, j: int, value: torch.Tensor) -> None:
+        self.data[int(self.offsets[j]) : int(self.offsets[j + 1])] = value
+
+
 HIDDEN_FP32_BYTES = 2 << 30  # the fine-tuning cache's size in fp32 from which it is bf16
 
 
@@ -234,7 +258,7 @@ class LanguageModel:
 
     def _frozen_pass(
         self, tower: ItemTower, tokens: Tokens, dev: torch.device, keep_hidden: bool
-    ) -> tuple[np.ndarray, list[torch.Tensor] | None]:
+    ) -> tuple[np.ndarray, PackedHidden | None]:
         cfg = self.config
         enc = tower.encoder
         precision = "fp32"
@@ -270,7 +294,7 @@ class LanguageModel:
             store = torch.bfloat16
             log.info("lm: hidden states of %d items kept in bf16", n)
         pooled = np.zeros((n, hid), dtype=np.float32)
-        hidden: list[torch.Tensor] = [torch.empty(0)] * n
+        hidden = PackedHidden.empty(tokens.lengths, hid, store)
         shadow = ItemTower.__new__(ItemTower)
         nn.Module.__init__(shadow)
         shadow.encoder, shadow.start = enc, tower.start
@@ -279,9 +303,9 @@ class LanguageModel:
             ids, mask = tokens.pad(idx, self.pad_id_)
             hs, po = ItemTower.bottom(shadow, ids.to(dev), mask.to(dev))
             pooled[idx] = po.float().cpu().numpy()
-            hs = hs.float().cpu()
+            hs = hs.cpu()
             for r, j in enumerate(idx.tolist()):
-                hidden[j] = hs[r, : tokens.lengths[j]].to(store).clone()
+                hidden[j] = hs[r, : tokens.lengths[j]]
 
         map_batches(tokens.batches(cfg.encode_batch_size), one, dev)
         return pooled, hidden
@@ -601,7 +625,7 @@ class _TrainState:
             self.load_snapshot(self.best_state)
 
     def pooled_table(
-        self, cache: tuple[Tokens, list[torch.Tensor] | None], P0: torch.Tensor, bs: int = 256
+        self, cache: tuple[Tokens, PackedHidden | None], P0: torch.Tensor, bs: int = 256
     ) -> torch.Tensor:
         """Pooled output of the current encoder for every item (no grad)."""
         tokens, _hidden = cache
@@ -614,9 +638,7 @@ class _TrainState:
         self.tower.train(was)
         return out
 
-    def _pooled(
-        self, idx: np.ndarray, cache: tuple[Tokens, list[torch.Tensor] | None]
-    ) -> torch.Tensor:
+    def _pooled(self, idx: np.ndarray, cache: tuple[Tokens, PackedHidden | None]) -> torch.Tensor:
         tokens, hidden = cache
         dev = self.dev
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -640,7 +662,7 @@ class _TrainState:
         valid_ex: Examples,
         seen_rows: list[np.ndarray],
         P0: torch.Tensor,
-        cache: tuple[Tokens, list[torch.Tensor] | None] | None,
+        cache: tuple[Tokens, PackedHidden | None] | None,
         bs: int,
         rng: np.random.Generator,
         deadline: float | None,
@@ -792,7 +814,7 @@ class _TrainState:
         valid_ex: Examples,
         seen_rows: list[np.ndarray],
         P0: torch.Tensor,
-        cache: tuple[Tokens, list[torch.Tensor] | None] | None,
+        cache: tuple[Tokens, PackedHidden | None] | None,
     ) -> float:
         self.tower.eval()
         self.user_tower.eval()

@@ -162,6 +162,18 @@ def test_time_budget_ends_training_between_whole_epochs(synth_data, lm_config, m
     np.testing.assert_array_equal(b.item_vectors_, two.item_vectors_)
 
 
+def test_encoder_epoch_starts_only_where_half_of_it_fits() -> None:
+    """The first encoder epoch goes on after its probe steps only where at least half of
+    it would be done before the budget ends (a partial epoch rarely beats the heads)."""
+    from recsys.lm.model import half_epoch_fits
+
+    # 2,560 examples in 10 s: 256/s
+    assert half_epoch_fits(2560, 10.0, 1000.0, 400_000)  # 258,560 of 400,000
+    assert not half_epoch_fits(2560, 10.0, 600.0, 400_000)  # 156,160: under half
+    assert half_epoch_fits(2560, 10.0, 0.0, 5000)  # already past half
+    assert not half_epoch_fits(2560, 10.0, -5.0, 400_000)  # past the deadline
+
+
 def test_pipeline_with_lm_has_lm_source_and_features(lm_pipeline) -> None:  # type: ignore[no-untyped-def]
     feats = lm_pipeline.ranker_.features_
     for f in ("lm_score", "lm_rank", "lm_cand_rank", "lm_sim_last", "lm_sim_max"):

@@ -41,7 +41,7 @@ from recsys.candidates import (
 from recsys.config import PipelineConfig
 from recsys.data import I, IdIndex, T, U, to_internal
 from recsys.lm.cold import cold_order, cold_pool, merge
-from recsys.memory import rss_gib
+from recsys.memory import release_free_memory, rss_gib
 from recsys.ranker import Ranker
 from recsys.schema import ITEM, USER, DataError
 
@@ -69,6 +69,7 @@ def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
     t0 = time.perf_counter()
     yield
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+    release_free_memory()  # what the stage freed, before the next one allocates its own
     now, peak = rss_gib()
     log.info("stage %-22s %7.1f s   RSS %.2f GiB, peak %.2f GiB", name, timings[name], now, peak)
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from recsys.lm.config import DEFAULT_MODEL
+from recsys.memory import release_free_memory
 
 log = logging.getLogger("recsys")
 
@@ -541,6 +542,7 @@ def map_batches(
                 list(ex.map(run, [batches[j::workers] for j in range(workers)]))
         else:
             run(batches)
+    release_free_memory()  # the batches' activations, freed in the workers' heaps
     return workers
 
 

@@ -59,7 +59,7 @@ from recsys.lm.train import (
     split_validation,
 )
 from recsys.lm.user_tower import UserTower, history_matrix, user_vectors_numpy
-from recsys.memory import rss_gib
+from recsys.memory import release_free_memory, rss_gib
 
 log = logging.getLogger("recsys")
 
@@ -256,6 +256,7 @@ class LanguageModel:
         self.user_state_ = self.user_tower_.numpy_state()
         self.scale_ = float(scale.detach().exp())
         self.timings_["item vectors"] = time.perf_counter() - t0
+        release_free_memory()
         log.info(
             "language model: %d items, dim %d, validation recall@%d %.4f (encoder %s), %.1f s",
             h.n_items,
@@ -814,6 +815,7 @@ class _TrainState:
                 )
                 break
             rec = self.validate(cfg, valid_ex, seen_rows, P0, cache if phase == "encoder" else None)
+            release_free_memory()
             self.history[phase].append(
                 {
                     "epoch": epoch + 1,

@@ -815,7 +815,6 @@ class _TrainState:
                 )
                 break
             rec = self.validate(cfg, valid_ex, seen_rows, P0, cache if phase == "encoder" else None)
-            release_free_memory()
             self.history[phase].append(
                 {
                     "epoch": epoch + 1,

@@ -216,6 +216,7 @@ class LanguageModel:
                 resumed,
                 self.seed,
             )
+            release_free_memory()  # what the heads' epochs freed, before the encoder's
             if finetune and (deadline is None or time.perf_counter() < deadline - 30):
                 state.run_phase(
                     "encoder",

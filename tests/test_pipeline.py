@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import polars as pl
+import pytest
 
 from recsys.candidates import History, MostPopular, source_top_k
 from recsys.data import IdIndex, to_canonical, to_internal
@@ -101,3 +104,19 @@ def test_ranker_feature_gain_scales_a_features_splits() -> None:
     assert off["a"] == 0 and off["b"] > 0
     assert half["a"] > 0
     assert half["a"] / sum(half.values()) < free["a"] / sum(free.values())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and glibc")
+def test_memory_figures_and_heap_release_on_linux() -> None:
+    """The fit's logs say resident memory from /proc (now) and getrusage (peak); freed
+    blocks allocated while large blocks are mapped on their own leave the process."""
+    from recsys.memory import mapped_large_blocks, release_free_memory, rss_gib
+
+    now, peak = rss_gib()
+    assert 0.01 < now <= peak + 0.01  # (the kernel updates the peak at its own pace)
+    with mapped_large_blocks():
+        blocks = [np.ones(300_000) for _ in range(400)]  # 2.4 MB each, about 0.9 GiB
+        grown = rss_gib()[0]
+        del blocks
+    release_free_memory()
+    assert grown - rss_gib()[0] > 0.7

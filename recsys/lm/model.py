@@ -59,7 +59,7 @@ from recsys.lm.train import (
     split_validation,
 )
 from recsys.lm.user_tower import UserTower, history_matrix, user_vectors_numpy
-from recsys.memory import release_free_memory, rss_gib
+from recsys.memory import mapped_large_blocks, release_free_memory, rss_gib
 
 log = logging.getLogger("recsys")
 
@@ -652,7 +652,10 @@ class _TrainState:
             out[idx] = self._pooled(idx, cache).float().cpu()
 
         # batches side by side on every core (as the frozen pass), one thread each
-        with ops_threads(self.encode_threads if self.dev.type == "cpu" else 1):
+        with (
+            ops_threads(self.encode_threads if self.dev.type == "cpu" else 1),
+            mapped_large_blocks(),
+        ):
             map_batches(tokens.batches(bs), one, self.dev)
         self.tower.train(was)
         return out

@@ -178,6 +178,19 @@ def _id_column(s: pl.Series, source: str) -> pl.Series:
     return out
 
 
+def _refuse_rows(bad: pl.Series, s: pl.Series, source: str, message: str, expected: str) -> None:
+    """A DataError naming the file, the column and the rows where `bad` holds; `message`
+    may name how many rows ({n}) and show a sample of their values ({sample})."""
+    if bad.any():
+        raise DataError(
+            message.format(n=int(bad.sum()), sample=_sample(s.filter(bad))),
+            file=source,
+            column=s.name,
+            rows=_rows(bad),
+            expected=expected,
+        )
+
+
 def _to_utc(s: pl.Series) -> pl.Series:
     """Any Datetime series to Datetime("us", "UTC"); naive values are taken as UTC."""
     dt = s.dtype
@@ -247,42 +260,23 @@ def _timestamp_column(s: pl.Series, source: str) -> pl.Series:
         out = _epoch_int(s)
     elif dt.is_float():
         bad = s.is_nan() | s.is_infinite()
-        if bad.any():
-            raise DataError(
-                "NaN or infinite timestamps",
-                file=source,
-                column=s.name,
-                rows=_rows(bad),
-                expected=_TS_HELP,
-            )
+        _refuse_rows(bad, s, source, "NaN or infinite timestamps", _TS_HELP)
         us = (s * 1_000_000).round(0).cast(pl.Int64, strict=False)
         out = us.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
     elif dt == pl.String or isinstance(dt, (pl.Categorical, pl.Enum)):
         s = s.cast(pl.String)
         out = _parse_ts_strings(s)
         bad = out.is_null() & s.is_not_null()
-        if bad.any():
-            raise DataError(
-                f"{int(bad.sum())} timestamp(s) could not be parsed, e.g. {_sample(s.filter(bad))}",
-                file=source,
-                column=s.name,
-                rows=_rows(bad),
-                expected=_TS_HELP,
-            )
+        _refuse_rows(
+            bad, s, source, "{n} timestamp(s) could not be parsed, e.g. {sample}", _TS_HELP
+        )
     else:
         raise DataError(
             f"unsupported timestamp type {dt}", file=source, column=s.name, expected=_TS_HELP
         )
     out = out.alias(s.name)
     bad = out.is_null() & s.is_not_null()
-    if bad.any():
-        raise DataError(
-            f"{int(bad.sum())} timestamp(s) out of range, e.g. {_sample(s.filter(bad))}",
-            file=source,
-            column=s.name,
-            rows=_rows(bad),
-            expected=_TS_HELP,
-        )
+    _refuse_rows(bad, s, source, "{n} timestamp(s) out of range, e.g. {sample}", _TS_HELP)
     return out
 
 
@@ -295,23 +289,9 @@ def _float_column(s: pl.Series, source: str) -> pl.Series:
     src = s.str.strip_chars() if s.dtype == pl.String else s
     out = src.cast(pl.Float64, strict=False)
     bad = out.is_null() & s.is_not_null()
-    if bad.any():
-        raise DataError(
-            f"{int(bad.sum())} non-numeric value(s), e.g. {_sample(s.filter(bad))}",
-            file=source,
-            column=s.name,
-            rows=_rows(bad),
-            expected="numbers",
-        )
+    _refuse_rows(bad, s, source, "{n} non-numeric value(s), e.g. {sample}", "numbers")
     bad = out.is_nan() | out.is_infinite()
-    if bad.any():
-        raise DataError(
-            f"{int(bad.sum())} NaN or infinite value(s)",
-            file=source,
-            column=s.name,
-            rows=_rows(bad),
-            expected="finite numbers",
-        )
+    _refuse_rows(bad, s, source, "{n} NaN or infinite value(s)", "finite numbers")
     return out
 
 
@@ -326,14 +306,7 @@ def _label_column(s: pl.Series, source: str) -> pl.Series:
     else:
         raise DataError(f"unsupported type {s.dtype}", file=source, column=s.name, expected="0/1")
     bad = ~((out == 0) | (out == 1)).fill_null(False)
-    if bad.any():
-        raise DataError(
-            f"{int(bad.sum())} label(s) not 0/1, e.g. {_sample(s.filter(bad))}",
-            file=source,
-            column=s.name,
-            rows=_rows(bad),
-            expected="0 or 1",
-        )
+    _refuse_rows(bad, s, source, "{n} label(s) not 0/1, e.g. {sample}", "0 or 1")
     return out.cast(pl.Int8).alias(s.name)
 
 

@@ -5,11 +5,13 @@ list) and the fresh events posted since it started. Requests read `self.model` o
 so a reload that assigns a new `Model` swaps atomically: a request in flight finishes
 on the model it started with.
 
-Fresh events are kept per user, at most `max_events_per_user` each and for at most
-`max_fresh_users` users (least recently updated dropped first). With several worker
-processes, `state_dir` makes them share fresh events and reloads through two files:
-`events.jsonl` (appended by whichever worker took the POST, read by all before each
-request) and `bundle.json` (the bundle every worker should serve).
+Fresh events and ranked lists are kept as `recsys.state` describes: bounded, and shared
+between worker processes through a `SharedState` (a state folder by default, Redis for
+a fleet). A list is served while it was computed by the serving bundle from the user's
+current fresh events and is younger than `list_ttl_s`; an event makes the user's list
+stale at once, and a background thread (`Refresher`) recomputes it, as it does a list
+read in the last quarter of its time-to-live. A read that finds no valid list ranks
+synchronously. A batch job's output can seed the lists at start (`seed_lists`).
 
 A bundle fitted on pseudonymized user ids (`recsys.pseudonym`) loads only with the key
 they were hashed with in RECSYS_PSEUDONYM_KEY. Clients still send raw ids: each is
@@ -23,10 +25,8 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,16 @@ from recsys.candidates import ItemKNN
 from recsys.online import OnlineRanker, Ranked, UserState
 from recsys.pipeline import Pipeline
 from recsys.pseudonym import for_manifest
+from recsys.state import (
+    CachedList,
+    FileState,
+    Fresh,
+    ListCache,
+    LocalState,
+    Refresher,
+    SharedState,
+    StateWriteError,
+)
 
 log = logging.getLogger("recsys")
 
@@ -58,12 +68,19 @@ class NotReadyError(ServiceError):
     status = 503
 
 
+class StorageError(ServiceError):
+    """Shared state could not be written; nothing was taken. The client may retry."""
+
+    status = 503
+
+
 @dataclass
 class Recommendation:
     user_id: Id | None
     items: list[tuple[Id, float | None]]
     model_version: str
     fallback: str | None = None  # None: ranked; "popular" or "history" otherwise
+    age_s: float = 0.0  # how long ago the list was ranked (0: for this request)
 
 
 def _id_map(ids: pl.Series) -> tuple[dict[Any, int], bool]:
@@ -175,13 +192,6 @@ def _coerce(x: Id, to_int: bool) -> Any:
 
 
 @dataclass
-class _Fresh:
-    items: deque[Id]
-    times: deque[int]
-    version: int = 0
-
-
-@dataclass
 class ServiceLimits:
     max_events_per_user: int = 500
     max_fresh_users: int = 100_000
@@ -189,6 +199,9 @@ class ServiceLimits:
     prefill: bool = False  # rank the bundle's users into the cache before ready
     max_k: int = 1000
     new_item_every: int | None = None  # new-item slots; None: the bundle's setting
+    list_ttl_s: float = 3600.0  # a cached list older than this is ranked again
+    refresh: bool = True  # recompute invalidated and ageing lists in the background
+    compact_bytes: int = 64 << 20  # the state folder's events log is compacted past this
 
 
 def _settle_gc() -> None:
@@ -212,31 +225,33 @@ class RecService:
         tree_cache: Path | None = None,
         cache: bool = True,
         freeze_gc: bool = False,
+        state: SharedState | None = None,
+        seed_lists: str | Path | None = None,
     ) -> None:
         self._model = model
         # a server's process: after each bundle swap, what is alive (the bundle, the
         # libraries) leaves the cyclic collector's view, whose full passes over it
         # would otherwise stall a request now and then (see `_settle_gc`)
         self.freeze_gc = freeze_gc
-        self.limits = limits or ServiceLimits()
+        self.limits = lim = limits or ServiceLimits()
         self.tree_cache = tree_cache
-        self.use_cache = cache
-        self._fresh: OrderedDict[Id, _Fresh] = OrderedDict()
-        self._cache: OrderedDict[str, tuple[Model, Ranked]] = OrderedDict()
-        self._lock = threading.RLock()
+        self.use_cache = cache and lim.cache_users > 0
+        if state is None:
+            if state_dir is not None:
+                state = FileState(
+                    state_dir, lim.max_events_per_user, lim.max_fresh_users, lim.compact_bytes
+                )
+            else:
+                state = LocalState(lim.max_events_per_user, lim.max_fresh_users)
+        self.state = state
+        self.lists: ListCache = state.lists(lim.cache_users if self.use_cache else 0)
+        self.refresher = Refresher(self._refresh) if self.use_cache and lim.refresh else None
+        self.seed_path = Path(seed_lists) if seed_lists is not None else None
         self._reload_lock = threading.Lock()
-        self.state_dir = Path(state_dir) if state_dir else None
-        self._log_offset = 0
-        self._bundle_mtime = 0.0
         self._bg_reload: threading.Thread | None = None
-        if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self._events_path = self.state_dir / "events.jsonl"
-            self._events_path.touch(exist_ok=True)
-            self._bundle_file = self.state_dir / "bundle.json"
-            if self._bundle_file.exists():
-                self._bundle_mtime = self._bundle_file.stat().st_mtime
-            self.sync()
+        self._pending_target: dict[str, str] | None = None
+        if model is not None and self.seed_path is not None:
+            self.seed_lists(self.seed_path, model)
 
     @classmethod
     def from_bundle(cls, path: str | Path, warm: bool = True, **kw: Any) -> RecService:
@@ -279,50 +294,74 @@ class RecService:
         hist_idx = m.item_indices(history, "history") if history else None
         excl_idx = m.item_indices(exclude, "exclude") if exclude else None
         u = m.user_index(user_id) if user_id is not None else -1
-        fresh = self._fresh_events(user_id, m) if user_id is not None else None
+        key = _user_key(m, user_id) if user_id is not None else None
+        age = 0.0
         if hist_idx is not None:
+            fresh = self._fresh_arrays(m, key)
             t_hist = max(m.now, self._last_t(m, u, fresh))
             extra_items = hist_idx if fresh is None else np.concatenate([fresh[0], hist_idx])
             extra_times = np.full(len(hist_idx), t_hist, dtype=np.int64)
             if fresh is not None:
                 extra_times = np.concatenate([fresh[1], extra_times])
-            state = m.ranker.user_state(u, (extra_items, extra_times))
-            ranked = m.ranker.rank(state)
+            st = m.ranker.user_state(u, (extra_items, extra_times))
+            state: UserState | None = st
+            ranked: Ranked | None = m.ranker.rank(st)
             kind = None if u >= 0 else "history"
         else:
             state = None
             ranked = None
-            if u >= 0 or fresh is not None:
-                ranked = self._ranked_cached(m, user_id, u, fresh)
-            kind = None
-            if ranked is None:
-                kind = "popular"
-        items = self._top(m, ranked, state, u, fresh, k, excl_idx)
+            if key is not None:
+                ranked, age = self._list(m, key, u, k)
+            kind = None if ranked is not None else "popular"
+        items = self._top(m, ranked, state, u, key, k, excl_idx)
         uid = user_id
         if u >= 0:
             uid = m.user_ids[u]
         if m.pseudonym is not None:  # the client's own id, never the pseudonym
             uid = client_id
-        return Recommendation(uid, items, m.version, kind)
+        return Recommendation(uid, items, m.version, kind, age)
 
-    def _ranked_cached(
-        self, m: Model, user_id: Id | None, u: int, fresh: tuple[np.ndarray, np.ndarray] | None
-    ) -> Ranked | None:
-        key = str(_user_key(m, user_id))
+    def _list(self, m: Model, key: Id, u: int, k: int) -> tuple[Ranked | None, float]:
+        """The user's ranked list and its age: the cached one while valid, else ranked
+        now (and cached)."""
+        now = time.time()
         if self.use_cache:
-            hit = self._cache.get(key)
-            if hit is not None and hit[0] is m:
-                return hit[1]
-        state = m.ranker.user_state(u, fresh)
+            e = self.lists.get(str(key))
+            if (
+                e is not None
+                and e.model_version == m.version
+                and 0 <= now - e.at <= self.limits.list_ttl_s
+                and (e.complete or k <= len(e.items))
+                and e.fresh_version == self.state.version(key)
+            ):
+                if self.refresher is not None and now - e.at > 0.75 * self.limits.list_ttl_s:
+                    self.refresher.add([key])  # refreshed before it expires
+                return Ranked(e.items, e.scores), now - e.at
+        r = self._rank_user(m, key, u)
+        return r, 0.0
+
+    def _rank_user(self, m: Model, key: Id, u: int) -> Ranked | None:
+        """Rank the user's bundle and fresh events, and cache the list."""
+        fresh = self.state.fresh(key)
+        if u < 0 and fresh is None:
+            return None
+        at = time.time()
+        state = m.ranker.user_state(u, self._as_arrays(m, fresh))
         if len(state.items) == 0:
             return None
         r = m.ranker.rank(state)
         if self.use_cache:
-            with self._lock:
-                self._cache[key] = (m, r)
-                if len(self._cache) > self.limits.cache_users:
-                    self._cache.popitem(last=False)
+            version = fresh.version if fresh is not None else 0
+            self.lists.put(str(key), CachedList(m.version, version, at, r.items, r.scores))
         return r
+
+    def _refresh(self, key: Id) -> None:
+        """The refresher's work: rank one user again with the serving bundle."""
+        m = self._model
+        if m is None or not m.warmed:
+            return
+        if self._rank_user(m, key, m.user_index(key)) is None:
+            self.lists.drop(str(key))
 
     def _top(
         self,
@@ -330,7 +369,7 @@ class RecService:
         ranked: Ranked | None,
         state: UserState | None,
         u: int,
-        fresh: tuple[np.ndarray, np.ndarray] | None,
+        key: Id | None,
         k: int,
         exclude: np.ndarray | None,
     ) -> list[tuple[Id, float | None]]:
@@ -346,6 +385,7 @@ class RecService:
         ]
         if len(out) < k:  # too few candidates: popular items the user has not met, unscored
             if state is None:
+                fresh = self._fresh_arrays(m, key) if key is not None else None
                 state = m.ranker.user_state(u, fresh)
             taken = np.concatenate(
                 [items[:k], state.items, exclude if exclude is not None else np.zeros(0, np.int64)]
@@ -374,7 +414,8 @@ class RecService:
 
     # -- fresh events --------------------------------------------------------------------
     def add_events(self, events: list[tuple[Id, Id, int | None]]) -> int:
-        """(user_id, item_id, epoch seconds or None) rows; all or none are taken."""
+        """(user_id, item_id, epoch seconds or None) rows; all or none are taken. The
+        users' lists are recomputed in the background."""
         m = self.model
         m.item_indices([e[1] for e in events], "events")
         rows = []
@@ -383,93 +424,51 @@ class RecService:
             u = m.user_index(user_id)
             key = _user_key(m, user_id)
             if t is None:
-                fresh = self._fresh_events(key, m)
-                t = max(m.now, self._last_t(m, u, fresh))
+                t = max(m.now, self._last_t(m, u, self._fresh_arrays(m, key)))
             rows.append((key, m.item_ids[m.item_index(item_id)], int(t)))
-        if self.state_dir is not None:
-            data = "".join(json.dumps({"u": r[0], "i": r[1], "t": r[2]}) + "\n" for r in rows)
-            fd = os.open(self._events_path, os.O_WRONLY | os.O_APPEND)
-            try:
-                os.write(fd, data.encode())
-            finally:
-                os.close(fd)
-            self.sync()
-        else:
-            self._apply(rows)
+        try:
+            changed = self.state.add(rows)
+        except StateWriteError as e:
+            log.error("%s", e.strerror)
+            raise StorageError(f"events not taken: {e.strerror}; retry later") from None
+        if self.refresher is not None:
+            mine = {r[0] for r in rows}
+            self.refresher.add([*mine, *self._cached(changed - mine)])
         return len(rows)
 
-    def _apply(self, rows: list[tuple[Id, Id, int]]) -> None:
-        lim = self.limits
-        with self._lock:
-            for user, item, t in rows:
-                f = self._fresh.get(user)
-                if f is None:
-                    n = lim.max_events_per_user
-                    f = self._fresh[user] = _Fresh(deque(maxlen=n), deque(maxlen=n))
-                    while len(self._fresh) > lim.max_fresh_users:
-                        old, _ = self._fresh.popitem(last=False)
-                        self._drop_cached(old)
-                else:
-                    self._fresh.move_to_end(user)
-                f.items.append(item)
-                f.times.append(t)
-                f.version += 1
-                self._drop_cached(user)
+    def _cached(self, users: set[Id]) -> list[Id]:
+        """Of `users`, those with a list in this process's cache (active here)."""
+        return [] if self.lists.shared else [x for x in users if str(x) in self.lists]
 
-    def _drop_cached(self, user: Id) -> None:
-        self._cache.pop(str(user), None)
+    def _fresh_arrays(self, m: Model, key: Id | None) -> tuple[np.ndarray, np.ndarray] | None:
+        return self._as_arrays(m, self.state.fresh(key)) if key is not None else None
 
-    def _fresh_events(self, user_id: Id, m: Model) -> tuple[np.ndarray, np.ndarray] | None:
-        f = self._fresh.get(_user_key(m, user_id))
+    @staticmethod
+    def _as_arrays(m: Model, f: Fresh | None) -> tuple[np.ndarray, np.ndarray] | None:
         if f is None:
             return None
-        with self._lock:
-            items, times = list(f.items), list(f.times)
-        idx = np.asarray([m.item_index(x) for x in items], dtype=np.int64)
+        idx = np.asarray([m.item_index(x) for x in f.items], dtype=np.int64)
         keep = idx >= 0  # items gone from a reloaded catalogue
-        return idx[keep], np.asarray(times, dtype=np.int64)[keep]
+        return idx[keep], np.asarray(f.times, dtype=np.int64)[keep]
 
     # -- sharing state between worker processes ---------------------------------------------
     def sync(self) -> None:
-        """Take in events other workers appended, and a bundle another worker swapped in."""
-        if self.state_dir is None:
+        """Take in events other workers stored, and a bundle another worker swapped in."""
+        changed = self.state.sync()
+        if changed and self.refresher is not None:
+            self.refresher.add(self._cached(changed))
+        target = self.state.bundle_target() or self._pending_target
+        if target is None:
             return
-        try:
-            size = os.stat(self._events_path).st_size
-        except FileNotFoundError:
-            size = 0
-        if size > self._log_offset:
-            with self._lock:
-                with open(self._events_path, "rb") as f:
-                    f.seek(self._log_offset)
-                    data = f.read(size - self._log_offset)
-                end = data.rfind(b"\n") + 1  # a line being written is taken next time
-                rows = []
-                for line in data[:end].splitlines():
-                    try:
-                        r = json.loads(line)
-                        rows.append((r["u"], r["i"], int(r["t"])))
-                    except (ValueError, KeyError, TypeError):
-                        log.warning("skipping a malformed line of %s", self._events_path)
-                self._log_offset += end
-                self._apply(rows)
-        try:
-            mtime = os.stat(self._bundle_file).st_mtime
-        except FileNotFoundError:
+        if self._bg_reload is not None and self._bg_reload.is_alive():
+            self._pending_target = target  # followed once the running reload ends
             return
-        if mtime != self._bundle_mtime and (
-            self._bg_reload is None or not self._bg_reload.is_alive()
-        ):
-            self._bundle_mtime = mtime
-            try:
-                target = json.loads(self._bundle_file.read_text())
-            except (OSError, ValueError):
-                return
-            if self._model is None or target.get("version") != self._model.version:
-                self._bg_reload = threading.Thread(
-                    target=self._follow_reload, args=(target["path"],), daemon=True
-                )
-                self._bg_reload.start()
+        self._pending_target = None
+        if self._model is None or target.get("version") != self._model.version:
+            self._bg_reload = threading.Thread(
+                target=self._follow_reload, args=(target["path"],), daemon=True
+            )
+            self._bg_reload.start()
 
     def _follow_reload(self, path: str) -> None:
         try:
@@ -477,16 +476,39 @@ class RecService:
         except Exception as e:
             log.error("could not follow the reload to %s: %s", path, e)
 
-    def _prefilled(self, m: Model) -> OrderedDict[str, tuple[Model, Ranked]]:
-        """Ranked lists of the most active bundle users, up to `cache_users`."""
+    def _prefill(self, m: Model) -> None:
+        """Rank the most active bundle users into the cache, up to `cache_users`."""
         n_events = np.diff(m.ranker._hist_ptr)
         users = np.argsort(-n_events, kind="stable")[: self.limits.cache_users]
-        out: OrderedDict[str, tuple[Model, Ranked]] = OrderedDict()
         for u in users[n_events[users] > 0].tolist():
-            key = str(m.user_ids[u])
-            if key not in self._fresh:
-                out[key] = (m, m.ranker.rank(m.ranker.user_state(u)))
-        return out
+            key = m.user_ids[u]
+            if self.state.fresh(key) is None:
+                r = m.ranker.rank(m.ranker.user_state(u))
+                self.lists.put(str(key), CachedList(m.version, 0, time.time(), r.items, r.scores))
+
+    def seed_lists(self, path: str | Path, m: Model | None = None) -> int:
+        """Cache the lists of a batch job's output (`recsys recommend --out`: user_id,
+        item_id, rank, score) for the users without fresh events; each serves requests
+        for up to its length of items until its time-to-live (counted from now) ends.
+        Returns the number of users seeded."""
+        m = m or self.model
+        lists = read_lists(path, m)
+        if len(lists) > self.limits.cache_users:
+            log.warning(
+                "%s holds lists of %d users; the cache keeps %d (RECSYS_CACHE_USERS)",
+                path,
+                len(lists),
+                self.limits.cache_users,
+            )
+        now = time.time()
+        n = 0
+        for key, (items, scores) in lists.items():
+            if self.state.version(key) == 0:
+                e = CachedList(m.version, 0, now, items, scores, complete=False)
+                self.lists.put(str(key), e)
+                n += 1
+        log.info("seeded %d lists from %s", n, path)
+        return n
 
     # -- reloading ------------------------------------------------------------------------
     def reload(self, path: str | Path | None = None) -> tuple[str, str]:
@@ -495,11 +517,12 @@ class RecService:
         old = self.model.version
         path = str(path or self.model.path)
         new = self._swap(path)
-        if self.state_dir is not None:
-            tmp = self._bundle_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"path": path, "version": new}))
-            os.replace(tmp, self._bundle_file)
-            self._bundle_mtime = self._bundle_file.stat().st_mtime
+        try:
+            self.state.announce_bundle(path, new)
+        except StateWriteError as e:
+            raise StorageError(
+                f"this worker serves {new}, but the other workers were not told: {e.strerror}"
+            ) from None
         return old, new
 
     def _swap(self, path: str, only_first: bool = False) -> str:
@@ -509,10 +532,13 @@ class RecService:
             t0 = time.perf_counter()
             model = Model.load(path, self.tree_cache, self.limits.new_item_every)
             model.warm()
-            filled = self._prefilled(model) if self.use_cache and self.limits.prefill else None
             self._model = model
-            with self._lock:
-                self._cache = filled if filled is not None else OrderedDict()
+            if not self.lists.shared:
+                self.lists.clear()  # the old bundle's lists: never served again
+            if self.use_cache and self.limits.prefill:
+                self._prefill(model)
+            if self.use_cache and self.seed_path is not None and only_first:
+                self.seed_lists(self.seed_path, model)
             if self.freeze_gc:
                 _settle_gc()
             log.info(
@@ -522,3 +548,37 @@ class RecService:
                 time.perf_counter() - t0,
             )
             return model.version
+
+
+def read_lists(path: str | Path, m: Model) -> dict[Id, tuple[np.ndarray, np.ndarray]]:
+    """A batch job's lists by the bundle's user id: (item indices, scores) best first.
+    Raises ServiceError naming the file and what is wrong with it."""
+    path = Path(path)
+    need = {"user_id", "item_id", "rank", "score"}
+    try:
+        df = pl.read_parquet(path)
+    except Exception as e:
+        raise ServiceError(f"{path}: not a readable Parquet file of lists ({e})") from None
+    missing = need - set(df.columns)
+    if missing:
+        raise ServiceError(
+            f"{path}: missing column(s) {sorted(missing)}; expected `recsys recommend` "
+            "output (user_id, item_id, rank, score)"
+        )
+    df = df.sort(["user_id", "rank"])
+    items = [m.item_index(x) for x in df["item_id"].to_list()]
+    unknown = sum(1 for j in items if j < 0)
+    if unknown:
+        raise ServiceError(
+            f"{path}: {unknown} row(s) name items the bundle does not know: lists from "
+            "another bundle?"
+        )
+    idx = np.asarray(items, dtype=np.int64)
+    scores = df["score"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    users = df["user_id"].to_list()
+    out: dict[Id, tuple[np.ndarray, np.ndarray]] = {}
+    new_user = (df["user_id"] != df["user_id"].shift(1)).fill_null(True).to_numpy()
+    bounds = np.r_[np.flatnonzero(new_user), len(df)]
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        out[_user_key(m, users[lo])] = (idx[lo:hi], scores[lo:hi])
+    return out

@@ -289,7 +289,7 @@ def test_fresh_events_under_raw_ids_are_kept_under_the_pseudonym(pseudo_model: M
     item = pseudo_model.item_ids[0]
     r = client.post("/v1/events", json={"events": [{"user_id": "newcomer", "item_id": item}]})
     assert r.status_code == 200, r.text
-    assert list(service._fresh) == [Pseudonymizer(KEY.encode())("newcomer")]
+    assert service.state.fresh_events.users() == [Pseudonymizer(KEY.encode())("newcomer")]
     r = client.post("/v1/recommendations", json={"user_id": "newcomer", "k": 5})
     assert r.status_code == 200, r.text
     body = r.json()

@@ -129,9 +129,10 @@ def test_fresh_events_are_bounded_per_user(model: Model, tree_cache: Path) -> No
 
     svc = RecService(model, limits=ServiceLimits(max_events_per_user=3, max_fresh_users=2))
     svc.add_events([("a", model.item_ids[j], None) for j in range(10)])
-    assert len(svc._fresh["a"].items) == 3
+    fresh = svc.state.fresh("a")
+    assert fresh is not None and len(fresh.items) == 3
     svc.add_events([("b", model.item_ids[0], None), ("c", model.item_ids[0], None)])
-    assert list(svc._fresh) == ["b", "c"]
+    assert svc.state.fresh_events.users() == ["b", "c"]
 
 
 def test_similar_items(client: TestClient, model: Model) -> None:

@@ -2,115 +2,319 @@
 
     .venv/bin/python benchmarks/load_test.py --bundle /tmp/srv/bundle
     .venv/bin/python benchmarks/load_test.py --bundle B --no-cache   # every request ranks
+    .venv/bin/python benchmarks/load_test.py --bundle B --mix realistic   # + freshness probe
+    .venv/bin/python benchmarks/load_test.py --bundle B --soak 60
+    .venv/bin/python benchmarks/load_test.py --bundle B --kill-worker
+    .venv/bin/python benchmarks/load_test.py --bundle B --reload-under-load
 
-Starts the server on 127.0.0.1 (a free port), waits for /readyz, then for each
-connection count runs wrk for `--duration` seconds; every request asks for a user id
-drawn at random from the bundle's users (and `--unknown-share` of ids it has never
-seen). Prints req/s, p50/p90/p99 and errors per run; the server is stopped at the end.
-Needs wrk (Debian: apt-get install wrk).
+Each run starts the server on 127.0.0.1 (a free port, `--workers` processes), waits
+until every worker answers /readyz, runs its scenario and stops the server.
+
+- default (`--mix uniform`): for each connection count wrk runs `--duration` seconds;
+  every request asks for a user id drawn uniformly from the bundle's users (and
+  `--unknown-share` of ids it has never seen); `--event-share` of them POST an event.
+- `--mix realistic`: 94% GET /v1/recommendations/{id}?k=10, ids drawn Zipf-like
+  (`--zipf`) over the bundle's users ordered by their number of events; 1% POST
+  /v1/events (a user drawn the same way, a random catalogue item); 5% POST
+  /v1/recommendations for an unknown user with a history of 1-10 random items. Beside
+  the last connection count's run, a freshness probe times an event until the user's
+  list reflects it, reading on the other worker.
+- `--soak S`: the realistic mix at 64 connections, 10 s of warm-up, then S seconds;
+  errors, p99 and the resident memory of the server's processes, every second.
+- `--kill-worker`: the mix at 16 connections for 20 s; one worker is killed (SIGKILL)
+  at 5 s; errors, the replacement's pid and when it answered again.
+- `--reload-under-load`: the mix at 16 connections for 20 s; POST /admin/reload of the
+  same bundle in the middle; errors and the reload's time.
+
+Prints req/s, p50/p90/p99 and errors (non-2xx responses plus socket errors); exits 1
+when any request failed. Needs wrk (Debian: apt-get install wrk).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
-import re
+import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+import psutil
+from loadmix import (
+    FreshnessProbe,
+    RssSampler,
+    Server,
+    WrkRun,
+    fmt_wrk,
+    json_id,
+    lua_str,
+    mix_lua,
+    path_id,
+    run_wrk,
+    users_by_activity,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-
-LUA = """
-local ids = {%(ids)s}
+UNIFORM_LUA = """
+local ids_path = {%(ids_path)s}
+local ids_json = {%(ids_json)s}
 local items = {%(items)s}
 local k = %(k)d
 local event_share = %(event_share)f
 math.randomseed(%(seed)d)
 request = function()
-  local id = ids[math.random(#ids)]
+  local j = math.random(#ids_path)
   if event_share > 0 and math.random() < event_share then
-    local body = '{"events": [{"user_id": ' .. id .. ', "item_id": '
+    local body = '{"events": [{"user_id": ' .. ids_json[j] .. ', "item_id": '
       .. items[math.random(#items)] .. '}]}'
     return wrk.format("POST", "/v1/events", {["Content-Type"] = "application/json"}, body)
   end
-  return wrk.format("GET", "/v1/recommendations/" .. id .. "?k=" .. k)
+  return wrk.format("GET", "/v1/recommendations/" .. ids_path[j] .. "?k=" .. k)
 end
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+MiB = 1024 * 1024
 
 
-def wait_ready(url: str, timeout: float, proc: subprocess.Popen) -> float:
+def uniform_script(args: argparse.Namespace, path: Path) -> int:
+    users = pl.read_parquet(args.bundle / "users.parquet")["user_id"].to_list()
+    share = args.unknown_share or 0.0
+    n_unknown = int(len(users) * share / max(1e-9, 1 - share))
+    ids = users + [f"unknown-{j}" for j in range(n_unknown)]
+    items = pl.read_parquet(args.bundle / "items.parquet")["item_id"].head(2000).to_list()
+    path.write_text(
+        UNIFORM_LUA
+        % {
+            "ids_path": ",".join(lua_str(path_id(x)) for x in ids),
+            "ids_json": ",".join(lua_str(json_id(x)) for x in ids),
+            "items": ",".join(lua_str(json_id(x)) for x in items),
+            "k": args.k,
+            "event_share": args.event_share or 0.0,
+            "seed": args.seed,
+        }
+    )
+    return len(ids)
+
+
+def realistic_script(args: argparse.Namespace, path: Path, users: list[Any]) -> None:
+    items = pl.read_parquet(args.bundle / "items.parquet")["item_id"].to_list()
+    path.write_text(
+        mix_lua(
+            users,
+            items,
+            k=args.k,
+            exponent=args.zipf,
+            event_share=0.01 if args.event_share is None else args.event_share,
+            unknown_share=0.05 if args.unknown_share is None else args.unknown_share,
+            seed=args.seed,
+            tag=secrets.token_hex(4),
+        )
+    )
+
+
+def gib(b: float) -> str:
+    return f"{b / 1024**3:.3f} GiB"
+
+
+# -- scenarios ---------------------------------------------------------------------------
+def connection_runs(
+    args: argparse.Namespace, srv: Server, script: Path, users: list[Any] | None
+) -> dict[str, Any]:
+    if args.warmup:
+        run_wrk(srv.url, script, 16, args.warmup)
+    conns = [int(x) for x in args.connections.split(",")]
+    runs = []
+    fresh = None
+    for j, c in enumerate(conns):
+        probe = None
+        if users is not None and args.freshness and j == len(conns) - 1:
+            probe = FreshnessProbe(srv, users, args.zipf, args.k, args.freshness)
+            probe.start()
+        r = run_wrk(srv.url, script, c, args.duration)
+        runs.append(r)
+        print(fmt_wrk(r), flush=True)
+        if probe is not None:
+            probe.stop()
+            fresh = probe.summary()
+            print(
+                f"freshness beside {c} conn: {fresh['probes']} probes "
+                f"({fresh['cross_worker']} read on the other worker), event to a read "
+                f"without the item: p50 {fresh['p50_ms']:.1f} ms  p99 {fresh['p99_ms']:.1f} ms"
+                f"  max {fresh['max_ms']:.1f} ms; {fresh['stale']} still listed after "
+                f"{probe.give_up:.0f} s, {fresh['errors']} errors",
+                flush=True,
+            )
+            for e in probe.errors[:5]:
+                print(f"  probe error: {e}", flush=True)
+            if fresh["probes"] < args.freshness:
+                print(f"  (only {fresh['probes']} of {args.freshness} probes fitted)")
+    out: dict[str, Any] = {"runs": runs, "freshness": fresh}
+    out["ok"] = all(r["errors"] == 0 for r in runs) and (
+        fresh is None or (fresh["errors"] == 0 and fresh["stale"] == 0)
+    )
+    return out
+
+
+def soak(args: argparse.Namespace, srv: Server, script: Path) -> dict[str, Any]:
+    c = args.soak_connections
+    warm = run_wrk(srv.url, script, c, args.soak_warmup) if args.soak_warmup else None
+    if warm:
+        print("warm-up " + fmt_wrk(warm), flush=True)
+    sampler = RssSampler(srv, 1.0)
+    sampler.start()
+    r = run_wrk(srv.url, script, c, args.soak)
+    time.sleep(1.1)  # one sample after the load
+    sampler.stop()
+    rss = [s[1] for s in sampler.samples]
+    start, end, peak = rss[0], rss[-1], max(rss)
+    growth = 100 * (end - start) / start
+    print("soak    " + fmt_wrk(r), flush=True)
+    print(
+        f"RSS of the server's {len(sampler.samples[-1][2])} processes: after warm-up "
+        f"{gib(start)}, at the end {gib(end)}, max {gib(peak)}, growth {growth:+.2f}%",
+        flush=True,
+    )
+    first, last = sampler.samples[0][2], sampler.samples[-1][2]
+    for pid in sorted(set(first) | set(last)):
+        a, b = first.get(pid), last.get(pid)
+        print(
+            f"  pid {pid}: {'-' if a is None else f'{a / MiB:.0f} MiB'} -> "
+            f"{'-' if b is None else f'{b / MiB:.0f} MiB'}"
+        )
+    return {
+        "warmup": warm,
+        "soak": r,
+        "rss_start": start,
+        "rss_end": end,
+        "rss_max": peak,
+        "rss_growth_pct": growth,
+        "rss_series": [(round(t, 1), v) for t, v, _ in sampler.samples],
+        "ok": r["errors"] == 0,
+    }
+
+
+def _established(pid: int, port: int) -> int:
+    try:
+        return sum(
+            1
+            for c in psutil.Process(pid).net_connections("tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+        )
+    except psutil.NoSuchProcess:
+        return 0
+
+
+def kill_worker(args: argparse.Namespace, srv: Server, script: Path) -> dict[str, Any]:
+    if args.warmup:
+        run_wrk(srv.url, script, 16, args.warmup)
+    before = srv.worker_pids()
+    run = WrkRun(srv.url, script, 16, args.fault_duration)
+    time.sleep(args.kill_at)
+    victim = before[0]
+    conns = _established(victim, srv.port)
+    os.kill(victim, signal.SIGKILL)
+    t_kill = time.perf_counter()
+    print(f"killed worker {victim} (it held {conns} connections) at {args.kill_at:.0f} s")
+    new_pid = None
+    t_spawn = t_first = t_ready = None
+    first_status = None
+    deadline = t_kill + args.fault_duration + 120
+    while time.perf_counter() < deadline and t_ready is None:
+        if new_pid is None:
+            fresh = [p for p in srv.worker_pids() if p not in before]
+            if fresh:
+                new_pid, t_spawn = fresh[0], time.perf_counter()
+            else:
+                time.sleep(0.05)
+                continue
+        try:  # fresh connections until one lands on the new worker
+            status, pid = srv.ask("/readyz", timeout=2)
+        except (OSError, http.client.HTTPException):
+            status, pid = 0, None
+        if pid == new_pid:
+            if t_first is None:
+                t_first, first_status = time.perf_counter(), status
+            if status == 200:
+                t_ready = time.perf_counter()
+        time.sleep(0.05)
+    r = run.result()
+    print(fmt_wrk(r), flush=True)
+
+    def since(t: float | None) -> str:
+        return "never" if t is None else f"{t - t_kill:.2f} s after the kill"
+
+    print(
+        f"replacement worker: {new_pid or 'none'} (spawned {since(t_spawn)}); first answer "
+        f"{since(t_first)} (status {first_status}), ready (/readyz 200) {since(t_ready)}; "
+        f"workers now {srv.worker_pids()}",
+        flush=True,
+    )
+    return {
+        "wrk": r,
+        "victim": victim,
+        "victim_connections": conns,
+        "replacement": new_pid,
+        "spawned_s": None if t_spawn is None else t_spawn - t_kill,
+        "first_answer_s": None if t_first is None else t_first - t_kill,
+        "first_status": first_status,
+        "ready_s": None if t_ready is None else t_ready - t_kill,
+        "ok": new_pid is not None and t_ready is not None and r["errors"] <= conns,
+    }
+
+
+def reload_under_load(
+    args: argparse.Namespace, srv: Server, script: Path, token: str
+) -> dict[str, Any]:
+    if args.warmup:
+        run_wrk(srv.url, script, 16, args.warmup)
+    sampler = RssSampler(srv, 0.5)
+    sampler.start()
+    run = WrkRun(srv.url, script, 16, args.fault_duration)
+    time.sleep(args.fault_duration / 2 - 3)
+    body = json.dumps({"bundle": str(args.bundle.resolve())})
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=600)
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return time.perf_counter() - t0
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"server not ready after {timeout:.0f} s")
-
-
-def to_ms(s: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", s)
-    if not m:
-        return float("nan")
-    v, unit = float(m.group(1)), m.group(2)
-    return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
-
-
-def run_wrk(url: str, script: Path, conns: int, duration: int) -> dict[str, float]:
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{conns}",
-            f"-d{duration}s",
-            "--timeout",
-            "2s",
-            "--latency",
-            "-s",
-            str(script),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=duration + 30,
-    ).stdout
-    res: dict[str, float] = {"connections": conns}
-    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    res["req_s"] = float(m.group(1)) if m else float("nan")
-    m = re.search(r"(\d+) requests in", out)
-    res["requests"] = int(m.group(1)) if m else 0
-    for p in ("50", "90", "99"):
-        m = re.search(rf"\s{p}(?:\.000)?%\s+(\S+)", out)
-        res[f"p{p}_ms"] = to_ms(m.group(1)) if m else float("nan")
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors = int(m.group(1)) if m else 0
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        errors += sum(int(x) for x in m.groups())
-    res["errors"] = errors
-    return res
+    conn.request(
+        "POST",
+        "/admin/reload",
+        body,
+        {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
+    resp = conn.getresponse()
+    answer = resp.read().decode()
+    took = time.perf_counter() - t0
+    conn.close()
+    r = run.result()
+    sampler.stop()
+    print(fmt_wrk(r), flush=True)
+    print(f"POST /admin/reload: {resp.status} in {took:.2f} s: {answer[:300]}", flush=True)
+    # the other worker follows through the state folder; every worker ready again?
+    t1 = time.perf_counter()
+    follow = srv.wait_ready(120)
+    versions = {srv.ask("/readyz")[0] for _ in range(4)}
+    rss = [s[1] for s in sampler.samples]
+    print(
+        f"all workers ready {follow:.2f} s after the load ended ({time.perf_counter() - t1:.1f}"
+        f" s to check; /readyz statuses {sorted(versions)}); RSS of the server's processes "
+        f"{gib(rss[0])} before, max {gib(max(rss))} during, {gib(rss[-1])} at the end",
+        flush=True,
+    )
+    return {
+        "wrk": r,
+        "reload_status": resp.status,
+        "reload_s": took,
+        "reload_answer": answer,
+        "rss_before": rss[0],
+        "rss_max": max(rss),
+        "rss_end": rss[-1],
+        "ok": resp.status == 200 and r["errors"] == 0,
+    }
 
 
 def main() -> None:
@@ -123,83 +327,102 @@ def main() -> None:
     ap.add_argument("--no-cache", action="store_true", help="rank every request afresh")
     ap.add_argument("--prefill", action="store_true", help="server ranks all users at start")
     ap.add_argument(
+        "--mix",
+        choices=["uniform", "realistic"],
+        default="uniform",
+        help="uniform: the default's GETs of uniformly drawn users; realistic: the "
+        "production-like mix (the soak and fault scenarios always use it)",
+    )
+    ap.add_argument(
         "--event-share",
         type=float,
-        default=0.0,
-        help="share of requests that POST a fresh event (the user's next list is re-ranked)",
+        default=None,
+        help="share of requests that POST a fresh event (the user's next list is "
+        "re-ranked); default 0, 0.01 in the realistic mix",
     )
-    ap.add_argument("--unknown-share", type=float, default=0.0)
+    ap.add_argument(
+        "--unknown-share",
+        type=float,
+        default=None,
+        help="uniform: share of GETs for unknown ids (default 0); realistic: share of "
+        "POSTs for unknown users with a history (default 0.05)",
+    )
+    ap.add_argument("--zipf", type=float, default=1.0, help="exponent of the user draw")
+    ap.add_argument(
+        "--freshness",
+        type=int,
+        default=200,
+        help="realistic mix: event-to-list probes beside the last run (0: none)",
+    )
+    ap.add_argument("--soak", type=int, metavar="SECONDS", help="soak run of this length")
+    ap.add_argument("--soak-connections", type=int, default=64)
+    ap.add_argument("--soak-warmup", type=int, default=10)
+    ap.add_argument("--kill-worker", action="store_true")
+    ap.add_argument("--kill-at", type=float, default=5.0, help="seconds into the run")
+    ap.add_argument("--reload-under-load", action="store_true")
+    ap.add_argument("--fault-duration", type=int, default=20, help="seconds of load around a fault")
     ap.add_argument("--warmup", type=int, default=3, help="seconds of unmeasured load first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install -y wrk)")
-
-    users = pl.read_parquet(args.bundle / "users.parquet")["user_id"].cast(pl.String).to_list()
-    n_unknown = int(len(users) * args.unknown_share / max(1e-9, 1 - args.unknown_share))
-    ids = users + [f"unknown-{j}" for j in range(n_unknown)]
-    tmp = Path(tempfile.mkdtemp(prefix="recsys-load-"))
-    script = tmp / "users.lua"
-    items = pl.read_parquet(args.bundle / "items.parquet")["item_id"]
-    item_ids = [json.dumps(x) for x in items.head(2000).to_list()]
-    script.write_text(
-        LUA
-        % {
-            "ids": ",".join(json.dumps(x) for x in ids),
-            "items": ",".join(json.dumps(x) for x in item_ids),
-            "k": args.k,
-            "event_share": args.event_share,
-            "seed": args.seed,
-        }
+    scenario = (
+        "soak"
+        if args.soak
+        else "kill-worker"
+        if args.kill_worker
+        else "reload"
+        if args.reload_under_load
+        else args.mix
     )
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [
-        str(ROOT / ".venv" / "bin" / "recsys"),
-        "serve",
-        "--bundle",
-        str(args.bundle),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(args.workers),
-        "--no-cache" if args.no_cache else "--cache",
-    ] + (["--prefill"] if args.prefill else [])
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    results = []
+    if sum(bool(x) for x in (args.soak, args.kill_worker, args.reload_under_load)) > 1:
+        raise SystemExit("choose one of --soak, --kill-worker, --reload-under-load")
+
+    tmp = Path(tempfile.mkdtemp(prefix="recsys-load-"))
+    script = tmp / "mix.lua"
+    users = None
+    if scenario == "uniform":
+        n_ids = uniform_script(args, script)
+        what = f"uniform over {n_ids} user ids"
+    else:
+        users = users_by_activity(args.bundle)
+        realistic_script(args, script, users)
+        ev = 0.01 if args.event_share is None else args.event_share
+        unk = 0.05 if args.unknown_share is None else args.unknown_share
+        what = (
+            f"realistic mix over {len(users)} users (Zipf {args.zipf}): "
+            f"{1 - ev - unk:.0%} GET, {ev:.0%} events, {unk:.0%} unknown users with a history"
+        )
+    env = {}
+    token = secrets.token_hex(16)
+    if scenario == "reload":
+        env["RECSYS_ADMIN_TOKEN"] = token
+    srv = Server(args.bundle, args.workers, not args.no_cache, args.prefill, env)
+    srv.start()
+    result: dict[str, Any] = {"scenario": scenario}
     try:
-        ready_s = wait_ready(url, 600, proc)
+        ready_s = srv.wait_ready(900)
         cache = "off" if args.no_cache else "on, prefilled" if args.prefill else "on"
         print(
-            f"server ready in {ready_s:.1f} s: {args.workers} worker(s), "
-            f"cache {cache}, {len(ids)} user ids, k={args.k}, "
-            f"{args.event_share:.0%} of requests post an event",
+            f"server ready in {ready_s:.1f} s: {args.workers} worker(s) "
+            f"{srv.worker_pids()}, cache {cache}, k={args.k}; {what}",
             flush=True,
         )
-        if args.warmup:
-            run_wrk(url, script, 16, args.warmup)
-        for c in [int(x) for x in args.connections.split(",")]:
-            r = run_wrk(url, script, c, args.duration)
-            results.append(r)
-            print(
-                f"{c:3d} conn: {r['req_s']:8.1f} req/s  p50 {r['p50_ms']:.2f} ms  "
-                f"p90 {r['p90_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
-                f"errors {int(r['errors'])} of {int(r['requests'])}",
-                flush=True,
-            )
+        if scenario in ("uniform", "realistic"):
+            result |= connection_runs(args, srv, script, users)
+        elif scenario == "soak":
+            result |= soak(args, srv, script)
+        elif scenario == "kill-worker":
+            result |= kill_worker(args, srv, script)
+        else:
+            result |= reload_under_load(args, srv, script, token)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    sys.exit(0 if all(r["errors"] == 0 for r in results) else 1)
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    sys.exit(0 if result.get("ok") else 1)
 
 
 if __name__ == "__main__":

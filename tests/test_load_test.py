@@ -1,0 +1,130 @@
+"""The load test's realistic mix is the traffic it claims to be: the generated wrk
+script sends the intended shares of reads, events and unknown users, with bodies the
+server's request models accept, users drawn Zipf-like by activity; wrk's report is
+parsed with non-2xx answers and socket errors counted as errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import polars as pl
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from loadmix import mix_lua, parse_wrk, users_by_activity, zipf_cdf
+
+WRK_OUT = """Running 10s test @ http://127.0.0.1:8000
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     3.10ms    2.00ms  41.20ms   90.00%
+  Latency Distribution
+     50%    2.50ms
+     75%    3.00ms
+     90%    5.10ms
+     99%    1.20s
+  12345 requests in 10.00s, 5.00MB read
+  Socket errors: connect 0, read 3, write 1, timeout 2
+  Non-2xx or 3xx responses: 7
+Requests/sec:   1234.50
+Transfer/sec:    500.00KB
+"""
+
+
+def test_wrk_report_counts_non_2xx_and_socket_errors() -> None:
+    r = parse_wrk(WRK_OUT, 16)
+    assert r["requests"] == 12345 and r["req_s"] == 1234.5
+    assert (r["p50_ms"], r["p90_ms"], r["p99_ms"]) == (2.5, 5.1, 1200.0)
+    assert r["non_2xx"] == 7 and r["socket_errors"] == 6 and r["errors"] == 13
+    lines = [x for x in WRK_OUT.splitlines() if "errors" not in x and "Non-2xx" not in x]
+    clean = parse_wrk("\n".join(lines), 16)
+    assert clean["errors"] == 0
+
+
+def test_users_are_ordered_by_their_events(tmp_path: Path) -> None:
+    pl.DataFrame({"user_id": ["a", "b", "c", "d"]}).write_parquet(tmp_path / "users.parquet")
+    u = [1, 1, 1, 3, 0, 3, 3, 3]  # b 3 events, d 4, a 1, c none
+    hist = pl.DataFrame({"u": u, "i": [0] * 8, "t": [0] * 8})
+    hist.cast({"u": pl.Int32, "i": pl.Int32}).write_parquet(tmp_path / "history.parquet")
+    assert users_by_activity(tmp_path) == ["d", "b", "a", "c"]
+    cdf = zipf_cdf(4, 1.0)
+    assert cdf[-1] == 1.0 and np.allclose(np.diff(cdf, prepend=0), np.array([12, 6, 4, 3]) / 25)
+
+
+class _Counting(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else each answer waits for a delayed ACK
+    seen: ClassVar[list[tuple[str, str, bytes]]] = []
+    lock = threading.Lock()
+
+    def _answer(self, body: bytes = b"") -> None:
+        with self.lock:
+            self.seen.append((self.command, self.path, body))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def do_GET(self) -> None:
+        self._answer()
+
+    def do_POST(self) -> None:
+        self._answer(self.rfile.read(int(self.headers["Content-Length"])))
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_realistic_mix_sends_the_intended_traffic(tmp_path: Path) -> None:
+    from serving.app import EventsIn, RecommendationIn
+
+    users = [f"u{j}" for j in range(50)] + [7, "a b/é"]  # an integer id, one to quote
+    items = [f"i{j}" for j in range(30)] + [99]
+    script = tmp_path / "mix.lua"
+    script.write_text(mix_lua(users, items, k=10, event_share=0.05, unknown_share=0.15))
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        cmd = ["wrk", "-t1", "-c2", "-d2s", "-s", str(script), url]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+    finally:
+        srv.shutdown()
+    seen = _Counting.seen
+    n = len(seen)
+    assert n > 1000
+    kinds = Counter()
+    read_users: Counter[str] = Counter()
+    for method, path, body in seen:
+        if method == "GET":
+            p = urlsplit(path)
+            assert p.path.startswith("/v1/recommendations/") and p.query == "k=10"
+            read_users[unquote(p.path.rsplit("/", 1)[1])] += 1
+            kinds["read"] += 1
+        elif path == "/v1/events":
+            ev = EventsIn.model_validate_json(body).events
+            assert len(ev) == 1 and ev[0].user_id in users and ev[0].item_id in items
+            kinds["event"] += 1
+        else:
+            assert path == "/v1/recommendations"
+            req = RecommendationIn.model_validate_json(body)
+            assert req.user_id not in users and req.history and 1 <= len(req.history) <= 10
+            assert set(req.history) <= set(items) and req.k == 10
+            kinds["unknown"] += 1
+    for kind, share in (("read", 0.80), ("event", 0.05), ("unknown", 0.15)):
+        assert abs(kinds[kind] / n - share) < 4 * (share * (1 - share) / n) ** 0.5 + 0.005, kinds
+    # Zipf, exponent 1: the most active user is read about twice as often as the second
+    assert read_users["u0"] > 1.5 * read_users["u1"]
+    assert read_users["u1"] > 1.5 * read_users["u3"]
+    assert set(read_users) <= {str(u) for u in users} and "a b/é" in read_users

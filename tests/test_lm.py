@@ -247,6 +247,8 @@ def test_bundle_round_trip_and_encode_items(lm_pipeline, synth_data, tmp_path) -
     np.testing.assert_allclose(loaded.lm.item_vectors_, lm_pipeline.lm.item_vectors_)
     np.testing.assert_allclose(loaded.lm.text_vectors_, lm_pipeline.lm.text_vectors_)
     a, b = loaded.recommend(users, k=10), lm_pipeline.recommend(users, k=10)
+    # recommending never reads the item tower (the encoder): it loads on first encode
+    assert "_tower" not in loaded.lm.__dict__
     # polars' parallel float sums may differ in the last bit between runs: near-equal
     same = a.join(b, on=["user_id", "rank"]).filter(pl.col("item_id") == pl.col("item_id_right"))
     assert len(same) >= 0.9 * len(a)

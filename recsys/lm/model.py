@@ -460,28 +460,16 @@ class LanguageModel:
 
         lm = cls(config, seed)
         files = section["files"]
-        tokenizer, encoder = load_pretrained(section["model"])
-        tower = ItemTower(encoder, section["dim"], 0, int(section.get("id_items", 0)))
-        tower.start = int(section["trained_layers_from"])
-        st = load_file(str(d / files["item_tower"]))
-        enc_state = {k[len("encoder.") :]: v for k, v in st.items() if k.startswith("encoder.")}
-        if enc_state:
-            missing = set(enc_state) - set(tower.encoder.state_dict())
-            if missing:
-                raise RuntimeError(
-                    f"fine-tuned weights do not fit the encoder: {sorted(missing)[:3]}"
-                )
-            tower.encoder.load_state_dict(enc_state, strict=False)
-        tower.head.load_state_dict(
-            {k[len("head.") :]: v for k, v in st.items() if k.startswith("head.")}
-        )
+        # the item tower (tokenizer and encoder: seconds to load) only encodes new
+        # texts; recommending needs the vectors and the user tower alone, so the tower
+        # is read from these files when first used (`_load_item_tower`), if unchanged
+        # since the bundle's checksums were verified
+        st = (d / files["item_tower"]).stat()
+        lm.__dict__["_item_tower_source"] = (d, dict(section), (st.st_size, st.st_mtime_ns))
         ut = UserTower(section["dim"], section["history_len"])
         ut.load_state_dict(load_file(str(d / files["user_tower"])))
-        lm.tower_ = tower.eval()
         lm.user_tower_ = ut.eval()
         lm.user_state_ = ut.numpy_state()
-        lm.tokenizer_ = tokenizer
-        lm.pad_id_ = int(getattr(tokenizer, "pad_token_id", 0) or 0)
         lm.dim_ = int(section["dim"])
         vecs = load_file(str(d / files["item_vectors"]))
         lm.item_vectors_ = vecs["item_vectors"].numpy()
@@ -496,6 +484,74 @@ class LanguageModel:
         if lm.similarity_space_ not in ("item", "text"):
             raise ValueError(f"unknown LM similarity space {lm.similarity_space_!r}")
         return lm
+
+    # the item tower of a loaded model is read on first use (`_load_item_tower`)
+    @property
+    def tower_(self) -> ItemTower:
+        tower: ItemTower = self._item_tower_part("_tower")
+        return tower
+
+    @tower_.setter
+    def tower_(self, tower: ItemTower) -> None:
+        self.__dict__["_tower"] = tower
+
+    @property
+    def tokenizer_(self) -> Any:
+        return self._item_tower_part("_tokenizer")
+
+    @tokenizer_.setter
+    def tokenizer_(self, tokenizer: Any) -> None:
+        self.__dict__["_tokenizer"] = tokenizer
+
+    @property
+    def pad_id_(self) -> int:
+        return int(self._item_tower_part("_pad_id"))
+
+    @pad_id_.setter
+    def pad_id_(self, pad_id: int) -> None:
+        self.__dict__["_pad_id"] = pad_id
+
+    def _item_tower_part(self, key: str) -> Any:
+        self._load_item_tower()
+        try:
+            return self.__dict__[key]
+        except KeyError:
+            raise AttributeError(
+                f"LanguageModel has no item tower ({key[1:]}): not fitted"
+            ) from None
+
+    def _load_item_tower(self) -> None:
+        """The tokenizer, the base encoder (offline) and the fine-tuned weights of
+        `save`'s files, for a model that `load` read without them (else nothing)."""
+        src = self.__dict__.get("_item_tower_source")
+        if src is None:
+            return
+        from safetensors.torch import load_file
+
+        d, section, stamp = src
+        path = d / section["files"]["item_tower"]
+        st = path.stat() if path.exists() else None
+        if st is None or (st.st_size, st.st_mtime_ns) != stamp:
+            raise RuntimeError(f"{path} changed since the bundle was loaded: load it again")
+        tokenizer, encoder = load_pretrained(section["model"])
+        tower = ItemTower(encoder, section["dim"], 0, int(section.get("id_items", 0)))
+        tower.start = int(section["trained_layers_from"])
+        state = load_file(str(path))
+        enc_state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+        if enc_state:
+            missing = set(enc_state) - set(tower.encoder.state_dict())
+            if missing:
+                raise RuntimeError(
+                    f"fine-tuned weights do not fit the encoder: {sorted(missing)[:3]}"
+                )
+            tower.encoder.load_state_dict(enc_state, strict=False)
+        tower.head.load_state_dict(
+            {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
+        )
+        self.tower_ = tower.eval()
+        self.tokenizer_ = tokenizer
+        self.pad_id_ = int(getattr(tokenizer, "pad_token_id", 0) or 0)
+        del self.__dict__["_item_tower_source"]
 
 
 def _layer_of(key: str) -> int | None:

@@ -185,13 +185,16 @@ def _token_matches(given: str, token: str) -> bool:
 
 
 def _recommendation(rec: Any) -> Response:
+    # Age: seconds since the list was ranked, when it was served from the list cache
+    headers = {"Age": str(int(rec.age_s))} if rec.age_s > 0 else None
     return _json(
         {
             "user_id": rec.user_id,
             "items": [{"item_id": i, "score": s} for i, s in rec.items],
             "model_version": rec.model_version,
             "fallback": rec.fallback,
-        }
+        },
+        headers=headers,
     )
 
 
@@ -211,7 +214,8 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, e: ServiceError) -> Response:
-        return _json({"detail": str(e)}, e.status)
+        retry = {"Retry-After": "1"} if e.status == 503 else None
+        return _json({"detail": str(e)}, e.status, headers=retry)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> Response:
@@ -441,6 +445,19 @@ def app_from_env() -> Guard:
         check_bundle(settings.bundle)
     except PseudonymKeyError as e:
         raise SystemExit(f"error: {e}") from None
+    state = None
+    if settings.redis_url is not None:  # a fleet: events, lists and reloads in Redis
+        from recsys.redis_state import RedisState, RedisStateError
+
+        try:
+            state = RedisState(
+                settings.redis_url.get_secret_value(),
+                settings.max_events_per_user,
+                settings.max_fresh_users,
+                list_ttl_s=settings.list_ttl_s,
+            )
+        except RedisStateError as e:
+            raise SystemExit(f"error: {e}") from None
     service = RecService(
         None,
         limits=ServiceLimits(
@@ -450,11 +467,16 @@ def app_from_env() -> Guard:
             prefill=settings.prefill,
             max_k=settings.max_k,
             new_item_every=settings.new_item_every,
+            list_ttl_s=settings.list_ttl_s,
+            refresh=settings.refresh,
+            compact_bytes=settings.events_log_max_bytes,
         ),
         state_dir=settings.state_dir,
         tree_cache=settings.tree_cache,
         cache=settings.cache and settings.cache_users > 0,
         freeze_gc=True,
+        state=state,
+        seed_lists=settings.lists,
     )
     bundle = settings.bundle
 

@@ -31,9 +31,30 @@ class Settings(BaseSettings):
     state_dir: Path | None = Field(
         None, description="shared by the workers: fresh events and the bundle to serve"
     )
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Redis shared by a fleet of servers (fresh events, lists, reloads) "
+        "instead of state_dir; never logged with its password",
+    )
     tree_cache: Path | None = Field(None, description="compiled ranker models")
     cache: bool = Field(True, description="keep ranked lists per user until their next event")
     cache_users: int = Field(50_000, ge=0)
+    list_ttl_s: float = Field(
+        3600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="a cached list older than this is not served; lists read in the last "
+        "quarter of it are recomputed in the background",
+    )
+    refresh: bool = Field(
+        True, description="recompute lists in the background after events and near their TTL"
+    )
+    lists: Path | None = Field(
+        None, description="a `recsys recommend` output whose lists seed the cache at start"
+    )
+    events_log_max_bytes: int = Field(
+        64 << 20, ge=4096, description="the state folder's events log is compacted past this"
+    )
     prefill: bool = Field(False, description="rank the bundle's users into the cache before ready")
     max_k: int = Field(1000, ge=1)
     max_body_bytes: int = Field(256_000, ge=1024)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,27 @@ def serve(
     prefill: bool = typer.Option(
         False, "--prefill", help="Rank every bundle user into the cache before ready."
     ),
+    lists: Path | None = typer.Option(
+        None,
+        "--lists",
+        help="A `recsys recommend` output (user_id, item_id, rank, score) from this bundle: "
+        "its lists are served from the start, each for requests of up to its k, until its "
+        "time-to-live ends or the user posts an event.",
+    ),
+    list_ttl: float = typer.Option(
+        float(os.environ.get("RECSYS_LIST_TTL_S", "3600")),
+        "--list-ttl",
+        min=1.0,
+        help="Seconds a cached list may be served; lists read in their last quarter are "
+        "recomputed in the background, as are lists whose user posted an event.",
+    ),
+    redis_url: str | None = typer.Option(
+        os.environ.get("RECSYS_REDIS_URL"),
+        "--redis-url",
+        show_default=False,
+        help="Redis shared by a fleet of servers (fresh events, ranked lists, reloads), "
+        "e.g. redis://host:6379/0; replaces the state folder. Default: RECSYS_REDIS_URL.",
+    ),
     log_level: str = typer.Option("warning", "--log-level"),
 ) -> None:
     """Serve top-k lists over HTTP (GET/POST /v1/recommendations, POST /v1/events, ...).
@@ -47,14 +69,28 @@ def serve(
     # clear errors now rather than a worker that never gets ready: a damaged bundle, or
     # one fitted on pseudonymized ids without the key they were hashed with
     for_manifest(read_manifest(bundle), str(bundle))
+    if lists is not None:
+        check_lists(lists, bundle)
+        os.environ["RECSYS_LISTS"] = str(lists.resolve())
+    os.environ["RECSYS_LIST_TTL_S"] = str(list_ttl)
     os.environ["RECSYS_BUNDLE"] = str(bundle.resolve())
     os.environ["RECSYS_CACHE"] = "true" if cache else "false"
     os.environ["RECSYS_PREFILL"] = "true" if prefill else "false"
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")  # workers are the parallelism
+    if redis_url:  # checked now: a clear error rather than workers that exit
+        from recsys.redis_state import RedisState, RedisStateError
+
+        try:
+            RedisState(redis_url).close()
+        except RedisStateError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        os.environ["RECSYS_REDIS_URL"] = redis_url
     if workers > 1:
         run_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-"))
-        state_dir = state_dir or run_dir / "state"
+        if not redis_url:
+            state_dir = state_dir or run_dir / "state"
         metrics_dir = run_dir / "metrics"
         metrics_dir.mkdir()
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
@@ -69,3 +105,38 @@ def serve(
         log_level=log_level,
         access_log=False,
     )
+
+
+def check_lists(path: Path, bundle: Path) -> None:
+    """A seed file for the list cache: readable, `recommend`'s columns, only the bundle's
+    items. Raises DataError (exit 2) naming what is wrong."""
+    import polars as pl
+
+    from recsys.schema import DataError
+
+    try:
+        lf = pl.scan_parquet(path)
+        names = set(lf.collect_schema().names())
+    except Exception as e:
+        raise DataError(f"--lists {path}: not a readable Parquet file ({e})") from None
+    missing = {"user_id", "item_id", "rank", "score"} - names
+    if missing:
+        raise DataError(
+            f"--lists {path}: missing column(s) {sorted(missing)}; expected the output of "
+            "`recsys recommend` (user_id, item_id, rank, score)"
+        )
+    items = pl.read_parquet(bundle / "items.parquet", columns=["item_id"])
+    dtype = items.schema["item_id"]
+    ids = lf.select(pl.col("item_id").unique())
+    try:
+        as_bundle = ids.with_columns(pl.col("item_id").cast(dtype, strict=False).alias("b"))
+        unknown = as_bundle.join(
+            items.lazy().rename({"item_id": "b"}), on="b", how="anti", nulls_equal=False
+        ).collect()
+    except Exception as e:
+        raise DataError(f"--lists {path}: could not read item_id ({e})") from None
+    if len(unknown):
+        raise DataError(
+            f"--lists {path}: {len(unknown)} item id(s) the bundle {bundle} does not know "
+            f"(e.g. {unknown['item_id'][0]!r}): lists from another bundle?"
+        )

@@ -1,0 +1,219 @@
+"""Lists kept fresh off the read path, their time-to-live, lists seeded from a batch job,
+and the state folder's events log: bounded, whole or not at all on a full disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from recsys.service import Model, RecService, ServiceLimits, StorageError
+from recsys.state import FileState
+
+
+@pytest.fixture(scope="module")
+def tree_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("trees")
+
+
+@pytest.fixture(scope="module")
+def model(bundle_dir: Path, tree_cache: Path) -> Model:
+    m = Model.load(bundle_dir, tree_cache)
+    m.warm()
+    return m
+
+
+def _ids(rec) -> list:  # type: ignore[no-untyped-def]
+    return [i for i, _ in rec.items]
+
+
+def test_an_event_is_in_the_next_read_and_its_list_is_recomputed_off_the_read_path(
+    model: Model,
+) -> None:
+    svc = RecService(model)
+    uid = model.user_ids[2]
+    before = svc.recommend(uid, k=10)
+    assert before.age_s == 0.0  # ranked for this request
+    svc.add_events([(uid, before.items[0][0], None)])
+    assert svc.refresher is not None and svc.refresher.wait_idle(60)
+    entry = svc.lists.get(str(uid))
+    assert entry is not None and entry.fresh_version == svc.state.version(uid) > 0
+    after = svc.recommend(uid, k=10)
+    assert after.age_s > 0  # the refreshed list, not a rank on read
+    assert before.items[0][0] not in _ids(after)
+
+
+def test_refreshed_list_equals_a_synchronous_rank(model: Model) -> None:
+    uid = model.user_ids[4]
+    item = model.item_ids[7]
+    bg = RecService(model)
+    bg.recommend(uid, k=10)
+    bg.add_events([(uid, item, 1_700_000_000)])
+    assert bg.refresher is not None and bg.refresher.wait_idle(60)
+    sync = RecService(model, limits=ServiceLimits(refresh=False))
+    sync.add_events([(uid, item, 1_700_000_000)])
+    assert bg.recommend(uid, k=10).items == sync.recommend(uid, k=10).items
+
+
+def test_a_list_older_than_its_ttl_is_ranked_again(model: Model) -> None:
+    svc = RecService(model, limits=ServiceLimits(list_ttl_s=100, refresh=False))
+    uid = model.user_ids[1]
+    svc.recommend(uid, k=5)
+    e = svc.lists.get(str(uid))
+    assert e is not None
+    assert svc.recommend(uid, k=5).age_s > 0  # served from the cache
+    e.at -= 101  # as if ranked 101 s ago
+    assert svc.recommend(uid, k=5).age_s == 0.0  # expired: ranked again
+    assert svc.lists.get(str(uid)).at > e.at  # type: ignore[union-attr]
+
+
+def test_a_list_in_the_last_quarter_of_its_ttl_is_refreshed_in_the_background(
+    model: Model,
+) -> None:
+    svc = RecService(model, limits=ServiceLimits(list_ttl_s=100))
+    uid = model.user_ids[1]
+    svc.recommend(uid, k=5)
+    e = svc.lists.get(str(uid))
+    assert e is not None
+    e.at -= 80
+    old_at = e.at
+    assert svc.recommend(uid, k=5).age_s >= 80  # served now: still within its TTL
+    assert svc.refresher is not None and svc.refresher.wait_idle(60)
+    assert svc.lists.get(str(uid)).at > old_at + 79  # type: ignore[union-attr]
+
+
+# -- lists seeded from a batch job -------------------------------------------------------
+def _batch_lists(model: Model, users: list, k: int, out: Path) -> Path:  # type: ignore[type-arg]
+    svc = RecService(model, cache=False)
+    rows = []
+    for u in users:
+        for r, (i, s) in enumerate(svc.recommend(u, k=k).items, 1):
+            rows.append({"user_id": u, "item_id": i, "rank": r, "score": s})
+    pl.DataFrame(rows).write_parquet(out)
+    return out
+
+
+def test_lists_seeded_from_a_batch_file_are_served_until_an_event(
+    model: Model, tmp_path: Path
+) -> None:
+    users = model.user_ids[:5]
+    path = _batch_lists(model, users, 5, tmp_path / "recs.parquet")
+    # a seed file whose scores differ from a fresh rank tells a seeded list apart
+    df = pl.read_parquet(path).with_columns(pl.col("score") + 1000.0)
+    df.write_parquet(path)
+    svc = RecService(model, seed_lists=path, limits=ServiceLimits(refresh=False))
+    assert len(svc.lists) == 5
+    rec = svc.recommend(users[0], k=5)
+    assert rec.age_s >= 0 and all(s is not None and s > 900 for _, s in rec.items)
+    assert svc.recommend(users[0], k=3).items == rec.items[:3]
+    # a longer list than the file holds is ranked
+    longer = svc.recommend(users[0], k=8)
+    assert len(longer.items) == 8 and all(s is not None and s < 900 for _, s in longer.items)
+    # an event replaces the seeded list
+    svc.add_events([(users[1], model.item_ids[3], None)])
+    assert all(s is None or s < 900 for _, s in svc.recommend(users[1], k=5).items)
+
+
+def test_seed_file_with_unknown_items_or_columns_is_refused(
+    model: Model, bundle_dir: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.parquet"
+    pl.DataFrame({"user_id": [1], "item_id": [10**9], "rank": [1], "score": [0.5]}).write_parquet(
+        bad
+    )
+    cols = tmp_path / "cols.parquet"
+    pl.DataFrame({"user": [1], "item_id": [1]}).write_parquet(cols)
+    from recsys.service import ServiceError
+
+    with pytest.raises(ServiceError, match="items the bundle does not know"):
+        RecService(model, seed_lists=bad)
+    recsys = Path(sys.executable).parent / "recsys"
+    for f, msg in ((bad, "does not know"), (cols, "missing column")):
+        r = subprocess.run(
+            [recsys, "serve", "--bundle", str(bundle_dir), "--lists", str(f), "--port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 2, r.stderr
+        assert msg in r.stderr and "Traceback" not in r.stderr
+
+
+# -- the state folder's events log ---------------------------------------------------------
+def test_events_log_is_compacted_and_workers_keep_the_fresh_events(
+    model: Model, tmp_path: Path
+) -> None:
+    lim = ServiceLimits(max_events_per_user=3, compact_bytes=4096, refresh=False)
+    a = RecService(model, limits=lim, state_dir=tmp_path / "s")
+    b = RecService(model, limits=lim, state_dir=tmp_path / "s")
+    uid = model.user_ids[0]
+    items = model.item_ids[:20]
+    for i in range(200):  # far more than the log may keep
+        a.add_events([(uid, items[i % 20], 1_700_000_000 + i), (f"new{i % 7}", items[0], None)])
+    log = tmp_path / "s" / "events.jsonl"
+    assert log.stat().st_size <= 4096 + 200
+    # 400 events were taken; the log keeps what was appended since its last compaction
+    # beside three events for each of the eight users
+    assert len(log.read_text().splitlines()) < 4096 // 40
+    b.sync()
+    fa, fb = a.state.fresh(uid), b.state.fresh(uid)
+    assert fa is not None and fb is not None
+    assert fb.items == fa.items == [items[197 % 20], items[198 % 20], items[199 % 20]]
+    assert b.recommend(uid, k=10).items == a.recommend(uid, k=10).items
+
+
+def test_a_full_disk_refuses_events_and_leaves_the_log_whole(
+    model: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = RecService(model, state_dir=tmp_path / "s", limits=ServiceLimits(refresh=False))
+    uid = model.user_ids[0]
+    svc.add_events([(uid, model.item_ids[1], 1_700_000_000)])
+    log = tmp_path / "s" / "events.jsonl"
+    before = log.read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes) -> int:  # the disk fills mid-write
+        if len(data) > 20:
+            return real_write(fd, data[:20])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(StorageError, match="disk is full"):
+        svc.add_events([(uid, model.item_ids[2], None), ("someone", model.item_ids[3], None)])
+    monkeypatch.undo()
+    assert log.read_bytes() == before  # no torn line
+    fresh = svc.state.fresh(uid)
+    assert fresh is not None and fresh.items == [model.item_ids[1]]
+    svc.add_events([(uid, model.item_ids[4], 1_700_000_001)])  # the next one is whole
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["i"] for r in rows] == [model.item_ids[1], model.item_ids[4]]
+
+
+def test_a_failed_compaction_keeps_the_old_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = FileState(tmp_path / "s", max_events_per_user=2, compact_bytes=10**9)
+    st.add([("u", 1, 1), ("u", 2, 2), ("u", 3, 3)])
+    log = tmp_path / "s" / "events.jsonl"
+    before = log.read_bytes()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)  # the compacted copy cannot be made durable
+    with st._locked():
+        st._compact_locked()
+    monkeypatch.undo()
+    assert log.read_bytes() == before
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")]
+    fresh = st.fresh("u")
+    assert fresh is not None and fresh.items == [2, 3]
+    st.compact_bytes = 1  # and the next append compacts
+    st.add([("u", 4, 4)])
+    assert [json.loads(x)["i"] for x in log.read_text().splitlines()] == [3, 4]

@@ -418,6 +418,7 @@ class Refresher:
         self._thread: threading.Thread | None = None
         self.done = 0
         self.failed = 0
+        self.on_done: Callable[[bool], None] | None = None  # told True/False per user
 
     def add(self, users: Iterable[Id]) -> None:
         with self._cv:
@@ -455,9 +456,13 @@ class Refresher:
                     self._cv.wait()
                 user, _ = self._queue.popitem(last=False)
                 self._busy = True
+            ok = True
             try:
                 self.work(user)
                 self.done += 1
             except Exception as e:  # a list that cannot be refreshed is ranked on read
+                ok = False
                 self.failed += 1
                 log.warning("could not refresh the list of %r: %s", user, e)
+            if self.on_done is not None:
+                self.on_done(ok)

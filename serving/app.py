@@ -211,6 +211,14 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
     app.state.metrics = metrics
     limiter = FailureLimiter(settings.admin_max_failures, settings.admin_failure_window_s)
     app.state.admin_limiter = limiter
+    if service.refresher is not None:
+        service.refresher.on_done = lambda ok: metrics.refreshes.labels(
+            "done" if ok else "failed"
+        ).inc()
+
+    def _served(rec: Any) -> Response:
+        metrics.list_age.observe(rec.age_s)
+        return _recommendation(rec)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, e: ServiceError) -> Response:
@@ -235,7 +243,7 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
         user_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN)],
         k: Annotated[int, Query(ge=1, le=1000)] = 10,
     ) -> Response:
-        return _recommendation(service.recommend(user_id, k=min(k, settings.max_k)))
+        return _served(service.recommend(user_id, k=min(k, settings.max_k)))
 
     @app.post(
         "/v1/recommendations",
@@ -249,7 +257,7 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
         rec = service.recommend(
             req.user_id, k=min(req.k, settings.max_k), history=req.history, exclude=req.exclude
         )
-        return _recommendation(rec)
+        return _served(rec)
 
     @app.post(
         "/v1/events",

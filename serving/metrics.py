@@ -16,6 +16,7 @@ from prometheus_client import (
 )
 
 BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5, 2.0)
+AGE_BUCKETS = (0.0, 1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 2700.0, 3600.0, 7200.0)
 
 
 class Metrics:
@@ -51,6 +52,18 @@ class Metrics:
             ["version"],
             registry=self.registry,
             multiprocess_mode="liveall" if self.multiprocess else "all",
+        )
+        self.list_age = Histogram(
+            "recsys_list_age_seconds",
+            "seconds since a served list was ranked (0: ranked for the request)",
+            buckets=AGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.refreshes = Counter(
+            "recsys_list_refreshes",
+            "lists recomputed in the background (after events, near their time-to-live)",
+            ["outcome"],
+            registry=self.registry,
         )
         self._version: str | None = None
         self._children: dict[tuple[str, str, int], tuple[object, object, object | None]] = {}

@@ -217,3 +217,24 @@ def test_a_failed_compaction_keeps_the_old_log(
     st.compact_bytes = 1  # and the next append compacts
     st.add([("u", 4, 4)])
     assert [json.loads(x)["i"] for x in log.read_text().splitlines()] == [3, 4]
+
+
+def test_cached_lists_say_their_age_and_metrics_count_refreshes(model: Model) -> None:
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+
+    svc = RecService(model)
+    c = TestClient(create_app(svc), raise_server_exceptions=False)
+    uid = model.user_ids[5]
+    first = c.get(f"/v1/recommendations/{uid}")
+    assert first.status_code == 200 and "age" not in first.headers
+    svc.lists.get(str(uid)).at -= 30  # type: ignore[union-attr]
+    again = c.get(f"/v1/recommendations/{uid}")
+    assert again.json() == first.json() and int(again.headers["age"]) >= 30
+    r = c.post("/v1/events", json={"events": [{"user_id": uid, "item_id": model.item_ids[9]}]})
+    assert r.status_code == 200
+    assert svc.refresher is not None and svc.refresher.wait_idle(60)
+    text = c.get("/metrics").text
+    assert 'recsys_list_refreshes_total{outcome="done"} 1.0' in text
+    assert 'recsys_list_age_seconds_bucket{le="60.0"} 2.0' in text

@@ -250,12 +250,42 @@ def test_a_dead_redis_refuses_events_with_503_and_lists_still_serve(
     assert g.status_code == 200 and len(g.json()["items"]) == 5
 
 
+def test_a_full_redis_takes_no_event_of_a_batch(redis_server: RedisServer, prefix: str) -> None:
+    s = RedisState(redis_server.url, prefix=prefix)
+    s.add([("u", "i0", 1)])
+    v = s.version("u")
+    s.r.config_set("maxmemory-policy", "noeviction")
+    s.r.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(StateWriteError, match="refused the events"):
+            s.add([("u", "i1", 2), ("w", "i2", 3)])
+    finally:
+        s.r.config_set("maxmemory", "0")
+    assert s.version("u") == v and s.version("w") == 0
+    f = s.fresh("u")
+    assert f is not None and f.items == ["i0"]
+
+
 def test_no_server_is_a_clear_error_without_the_password() -> None:
     url = f"redis://:hunter2@127.0.0.1:{_free_port()}/0"
     with pytest.raises(RedisStateError) as e:
         RedisState(url, timeout_s=0.5)
     assert "127.0.0.1" in str(e.value) and "***" in str(e.value)
     assert "hunter2" not in str(e.value)
+
+
+def test_serve_refuses_an_unreachable_redis_before_starting(bundle_dir: Path) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{_free_port()}/0"
+    recsys = Path(sys.executable).parent / "recsys"
+    r = subprocess.run(
+        [recsys, "serve", "--bundle", str(bundle_dir), "--redis-url", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "cannot use Redis at redis://:***@127.0.0.1" in r.stderr
+    assert "hunter2" not in r.stderr + r.stdout
 
 
 # -- two `recsys serve` processes ------------------------------------------------------

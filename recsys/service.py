@@ -429,8 +429,9 @@ class RecService:
         try:
             changed = self.state.add(rows)
         except StateWriteError as e:
-            log.error("%s", e.strerror)
-            raise StorageError(f"events not taken: {e.strerror}; retry later") from None
+            reason = e.strerror or str(e)
+            log.error("%s", reason)
+            raise StorageError(f"events not taken: {reason}; retry later") from None
         if self.refresher is not None:
             mine = {r[0] for r in rows}
             self.refresher.add([*mine, *self._cached(changed - mine)])
@@ -482,9 +483,16 @@ class RecService:
         users = np.argsort(-n_events, kind="stable")[: self.limits.cache_users]
         for u in users[n_events[users] > 0].tolist():
             key = m.user_ids[u]
-            if self.state.fresh(key) is None:
+            if self.state.fresh(key) is None and not self._has_list(m, key):
                 r = m.ranker.rank(m.ranker.user_state(u))
                 self.lists.put(str(key), CachedList(m.version, 0, time.time(), r.items, r.scores))
+
+    def _has_list(self, m: Model, key: Id) -> bool:
+        """A complete list of the bundle's is already shared (another server made it)."""
+        if not self.lists.shared:
+            return False
+        e = self.lists.get(str(key))
+        return e is not None and e.complete and e.model_version == m.version
 
     def seed_lists(self, path: str | Path, m: Model | None = None) -> int:
         """Cache the lists of a batch job's output (`recsys recommend --out`: user_id,
@@ -503,7 +511,7 @@ class RecService:
         now = time.time()
         n = 0
         for key, (items, scores) in lists.items():
-            if self.state.version(key) == 0:
+            if self.state.version(key) == 0 and not self._has_list(m, key):
                 e = CachedList(m.version, 0, now, items, scores, complete=False)
                 self.lists.put(str(key), e)
                 n += 1
@@ -521,7 +529,7 @@ class RecService:
             self.state.announce_bundle(path, new)
         except StateWriteError as e:
             raise StorageError(
-                f"this worker serves {new}, but the other workers were not told: {e.strerror}"
+                f"this worker serves {new}, but the other workers were not told: {e.strerror or e}"
             ) from None
         return old, new
 

@@ -633,8 +633,10 @@ def top_lists(
     finite score: by score descending, ties by item index ascending, as (ptr, items).
     `S` is modified in place (seen and non-finite entries become -inf).
 
-    The rows are partitioned together; a row whose n-th score is tied beyond the
-    partition takes the tied items in index order."""
+    No full sort or selection of a row: a lower bound of each row's n-th score (the
+    n-th largest of the maxima of disjoint groups of its items) leaves the items above
+    it (about n), which are sorted; a row with fewer than n items above the bound
+    takes the items at the bound (its n-th score then) in index order."""
     if not finite:  # (`finite`: the caller knows there is nothing to replace)
         S[~np.isfinite(S)] = -np.inf
     r = segment_index(seen.indptr.astype(np.int64))
@@ -642,25 +644,63 @@ def top_lists(
     n = min(n, S.shape[1])
     if n == 0 or len(S) == 0:
         return np.zeros(len(S) + 1, np.int64), np.zeros(0, np.int64)
-    m = S.shape[1]
-    part = np.argpartition(S, m - n, axis=1)[:, m - n :]  # the n largest, in any order
-    ps = np.take_along_axis(S, part, axis=1)
-    kth = ps.min(axis=1)
-    at_kth = kth[:, None]
-    tied = np.count_nonzero(at_kth == S, axis=1) > np.count_nonzero(ps == at_kth, axis=1)
-    for j in np.flatnonzero(tied & (kth > -np.inf)).tolist():
-        m = S[j]
-        above = np.flatnonzero(m > kth[j])
-        part[j] = np.concatenate([above, np.flatnonzero(m == kth[j])[: n - len(above)]])
-    # by score descending, then index: sort by index, then a stable sort by score
-    part.sort(axis=1)
-    ps = np.take_along_axis(S, part, axis=1)
-    o = np.argsort(-ps, axis=1, kind="stable")
-    part = np.take_along_axis(part, o, axis=1)
-    ps = np.take_along_axis(ps, o, axis=1)
-    ok = ps > -np.inf
-    ptr = np.concatenate([[0], np.cumsum(ok.sum(axis=1))]).astype(np.int64)
-    return ptr, part[ok].astype(np.int64)
+    B, m = S.shape
+    # group maxima: halve the row while at least 2n groups stay (the halves' maxima
+    # are maxima of disjoint groups; a dropped odd column only loosens the bound)
+    M = S
+    while M.shape[1] // 2 >= 2 * n:
+        h = M.shape[1] // 2
+        M = np.maximum(M[:, :h], M[:, h : 2 * h])
+    w = M.shape[1]
+    bound = np.partition(M, w - n, axis=1)[:, w - n]  # <= each row's n-th score
+    flat = np.flatnonzero(np.greater(S, bound[:, None]))
+    rows, cols = flat // m, flat % m
+    above = np.bincount(rows, minlength=B)
+    # fewer than n above the bound: the n-th score is the bound; its first items by index
+    short = np.flatnonzero((above < n) & (bound > -np.inf)).tolist()
+    if short:
+        tie_cols = [np.flatnonzero(S[j] == bound[j])[: n - above[j]] for j in short]
+        tie_rows = np.repeat(np.array(short, dtype=np.int64), [len(t) for t in tie_cols])
+        rows = np.concatenate([rows, tie_rows])
+        cols = np.concatenate([cols, *tie_cols])
+    o = _by_row_then_score(rows, S[rows, cols])  # (rows, cols) come ascending
+    rows, cols = rows[o], cols[o]
+    counts = np.bincount(rows, minlength=B)
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    keep = segment_offsets(ptr) < n
+    counts = np.minimum(counts, n)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), cols[keep].astype(np.int64)
+
+
+def _by_row_then_score(rows: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """The stable order by row, then value descending (pairs given in (row, item)
+    order keep it among equal values); values finite."""
+    if vals.dtype == np.float32 and len(rows) and rows[-1] < 2**31:
+        # one sort of 64-bit keys: the row, then the value's order-preserving bits
+        # inverted (+0.0 for -0.0 first: they are equal scores)
+        v = (vals + np.float32(0)).view(np.uint32)
+        asc = np.where(v >> 31 == 1, ~v, v | np.uint32(1 << 31))
+        key = (rows.astype(np.uint64) << np.uint64(32)) | (~asc).astype(np.uint64)
+        return np.argsort(key, kind="stable")
+    o = np.argsort(-vals, kind="stable")
+    return o[np.argsort(rows[o], kind="stable")]
+
+
+def segment_top(vals: np.ndarray, ptr: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each segment's (a chunk row's pairs) best k positions into `vals`, by value
+    descending, ties by position ascending, as (ptr, positions): `top_lists` of the
+    segments laid out as dense rows (the order of a full sort, without one)."""
+    lens = np.diff(ptr)
+    B = len(lens)
+    if not len(vals) or not np.isfinite(vals).all():  # a full sort keeps every value
+        o = np.lexsort((np.arange(len(vals)), -vals, segment_index(ptr)))
+        keep = segment_offsets(ptr) < k
+        ptr_k = np.concatenate([[0], np.cumsum(np.minimum(lens, k))]).astype(np.int64)
+        return ptr_k, o[keep]
+    D = np.full((B, int(lens.max())), -np.inf, dtype=vals.dtype)
+    D[segment_index(ptr), segment_offsets(ptr)] = vals
+    tptr, pos = top_lists(D, sp.csr_matrix(D.shape, dtype=np.float32), k, finite=True)
+    return tptr, pos + np.repeat(ptr[:-1], np.diff(tptr))
 
 
 def top_n(scores: np.ndarray, seen: sp.csr_matrix, n: int) -> tuple[np.ndarray, np.ndarray]:

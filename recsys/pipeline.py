@@ -24,7 +24,7 @@ import polars as pl
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from features.batch import Candidates, Histories, segment_offsets
+from features.batch import Candidates, Histories, segment_index, segment_offsets
 from features.builder import FeatureBuilder
 from recsys import bundle
 from recsys.candidates import (
@@ -37,6 +37,7 @@ from recsys.candidates import (
     RecentPopular,
     Source,
     candidates,
+    segment_top,
 )
 from recsys.config import PipelineConfig
 from recsys.data import I, IdIndex, T, U, to_internal
@@ -488,18 +489,17 @@ class Pipeline:
         c, s = self.rank_chunk(b, predict)
         items = np.full((len(b), k), -1, dtype=np.int64)
         scores = np.full((len(b), k), np.nan, dtype=np.float64)
-        rows = c.rows
-        o = np.lexsort((c.items, -s, rows))
-        pos = segment_offsets(c.ptr)  # positions after the sort: rows stay in place
+        # each row's best k pairs, by score descending, then item (pairs are ascending)
+        tptr, top = segment_top(s, c.ptr, k)
         cold = self._cold_lists(b, k)
         if cold is None:
-            top = o[pos < k]
-            items[rows[top], pos[pos < k]] = c.items[top]
-            scores[rows[top], pos[pos < k]] = s[top]
+            rows, pos = segment_index(tptr), segment_offsets(tptr)
+            items[rows, pos] = c.items[top]
+            scores[rows, pos] = s[top]
             return items, scores
         for r in range(len(b)):
-            seg = o[c.ptr[r] : c.ptr[r + 1]]
-            its, scs = merge(c.items[seg[:k]], s[seg[:k]], cold[r], self.new_item_every, k)
+            seg = top[tptr[r] : tptr[r + 1]]
+            its, scs = merge(c.items[seg], s[seg], cold[r], self.new_item_every, k)
             items[r, : len(its)] = its
             scores[r, : len(its)] = scs
         return items, scores

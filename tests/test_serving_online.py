@@ -87,6 +87,54 @@ def test_top_lists_take_the_best_unseen_items_ties_by_index() -> None:
             np.testing.assert_array_equal(items[ptr[j] : ptr[j + 1]], want, err_msg=f"{trial}")
 
 
+def test_top_lists_of_long_rows_equal_a_plain_sort() -> None:
+    """Rows of thousands of items (the bound from group maxima leaves a few to sort):
+    ties at the n-th score, rows mostly -inf or seen, all equal, fewer than n left."""
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        n_items, n = int(rng.integers(300, 5000)), int(rng.integers(1, 150))
+        kinds = [
+            rng.standard_normal(n_items),
+            rng.integers(0, 3, n_items).astype(np.float64),  # many ties
+            np.where(rng.random(n_items) < 0.99, -np.inf, rng.random(n_items)),
+            np.zeros(n_items),
+            np.where(rng.random(n_items) < 0.5, np.nan, rng.standard_normal(n_items)),
+        ]
+        S = np.stack([kinds[int(k)] for k in rng.integers(0, len(kinds), 6)])
+        S = S.astype(np.float32 if trial % 2 else np.float64)
+        seen = sp.csr_matrix((rng.random(S.shape) < rng.random() * 0.9).astype(np.float32))
+        ptr, items = top_lists(S.copy(), seen, n)
+        for j in range(len(S)):
+            ok = np.isfinite(S[j]) & (seen[j].toarray()[0] == 0)
+            cand = np.flatnonzero(ok)
+            want = cand[np.lexsort((cand, -S[j][cand]))][:n]
+            np.testing.assert_array_equal(items[ptr[j] : ptr[j + 1]], want, err_msg=f"{trial}")
+
+
+def test_segment_top_is_the_head_of_a_full_sort() -> None:
+    """The ranker's top-k of each user's candidates: a full sort's first k (score
+    descending, ties by position), with ties, empty rows and non-finite scores."""
+    from recsys.candidates import segment_top
+
+    rng = np.random.default_rng(4)
+    for trial in range(60):
+        lens = rng.integers(0, 400, int(rng.integers(1, 30)))
+        ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        vals = rng.integers(-5, 5, int(ptr[-1])).astype(np.float64)
+        if trial % 3 == 0:
+            vals = rng.standard_normal(int(ptr[-1]))
+        if trial % 7 == 0 and len(vals):
+            vals[rng.random(len(vals)) < 0.1] = -np.inf
+        k = int(rng.integers(1, 30))
+        got_ptr, got = segment_top(vals, ptr, k)
+        for r in range(len(lens)):
+            seg = np.arange(ptr[r], ptr[r + 1])
+            want = seg[np.lexsort((seg, -vals[seg]))][:k]
+            np.testing.assert_array_equal(
+                got[got_ptr[r] : got_ptr[r + 1]], want, err_msg=f"{trial}"
+            )
+
+
 def test_source_lists_with_fresh_events(loaded: Pipeline, online: OnlineRanker) -> None:
     """Each source's list (its ranks among the candidates) is `top_n` of the source's
     row, for bundle users and for users with fresh events (new end times, new items)."""

@@ -37,6 +37,7 @@ import http.client
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import sys
@@ -144,7 +145,8 @@ def connection_runs(
             fresh = probe.summary()
             print(
                 f"freshness beside {c} conn: {fresh['probes']} probes "
-                f"({fresh['cross_worker']} read on the other worker), event to a read "
+                f"({fresh['cross_worker']} read on the other worker, "
+                f"{fresh['first_read_fresh']} fresh at the first read), event to a read "
                 f"without the item: p50 {fresh['p50_ms']:.1f} ms  p99 {fresh['p99_ms']:.1f} ms"
                 f"  max {fresh['max_ms']:.1f} ms; {fresh['stale']} still listed after "
                 f"{probe.give_up:.0f} s, {fresh['errors']} errors",
@@ -290,30 +292,34 @@ def reload_under_load(
     answer = resp.read().decode()
     took = time.perf_counter() - t0
     conn.close()
+    # the other worker follows through the shared state: every worker ready again?
+    follow = srv.wait_ready(120)
     r = run.result()
     sampler.stop()
     print(fmt_wrk(r), flush=True)
-    print(f"POST /admin/reload: {resp.status} in {took:.2f} s: {answer[:300]}", flush=True)
-    # the other worker follows through the state folder; every worker ready again?
-    t1 = time.perf_counter()
-    follow = srv.wait_ready(120)
-    versions = {srv.ask("/readyz")[0] for _ in range(4)}
-    rss = [s[1] for s in sampler.samples]
     print(
-        f"all workers ready {follow:.2f} s after the load ended ({time.perf_counter() - t1:.1f}"
-        f" s to check; /readyz statuses {sorted(versions)}); RSS of the server's processes "
-        f"{gib(rss[0])} before, max {gib(max(rss))} during, {gib(rss[-1])} at the end",
+        f"POST /admin/reload: {resp.status} in {took:.2f} s: {answer[:300]}; every worker "
+        f"answered /readyz 200 within {follow:.2f} s after it",
         flush=True,
     )
+    rss = [s[1] for s in sampler.samples]
+    print(
+        f"RSS of the server's processes {gib(rss[0])} before, max {gib(max(rss))} during, "
+        f"{gib(rss[-1])} at the end",
+        flush=True,
+    )
+    after = run_wrk(srv.url, script, 16, 5)  # what the reloaded server does (its caches)
+    print("after the reload, 5 s: " + fmt_wrk(after), flush=True)
     return {
         "wrk": r,
+        "after": after,
         "reload_status": resp.status,
         "reload_s": took,
         "reload_answer": answer,
         "rss_before": rss[0],
         "rss_max": max(rss),
         "rss_end": rss[-1],
-        "ok": resp.status == 200 and r["errors"] == 0,
+        "ok": resp.status == 200 and r["errors"] == 0 and after["errors"] == 0,
     }
 
 
@@ -361,6 +367,19 @@ def main() -> None:
     ap.add_argument("--kill-at", type=float, default=5.0, help="seconds into the run")
     ap.add_argument("--reload-under-load", action="store_true")
     ap.add_argument("--fault-duration", type=int, default=20, help="seconds of load around a fault")
+    ap.add_argument(
+        "--serve-args",
+        default="",
+        metavar="ARGS",
+        help="more arguments of `recsys serve`, e.g. '--lists recs.parquet'",
+    )
+    ap.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of the server (RECSYS_* settings), repeatable",
+    )
     ap.add_argument("--warmup", type=int, default=3, help="seconds of unmeasured load first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -394,11 +413,12 @@ def main() -> None:
             f"realistic mix over {len(users)} users (Zipf {args.zipf}): "
             f"{1 - ev - unk:.0%} GET, {ev:.0%} events, {unk:.0%} unknown users with a history"
         )
-    env = {}
+    env = dict(kv.split("=", 1) for kv in args.server_env)
     token = secrets.token_hex(16)
     if scenario == "reload":
         env["RECSYS_ADMIN_TOKEN"] = token
     srv = Server(args.bundle, args.workers, not args.no_cache, args.prefill, env)
+    srv.extra = shlex.split(args.serve_args)
     srv.start()
     result: dict[str, Any] = {"scenario": scenario}
     try:

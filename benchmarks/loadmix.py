@@ -278,6 +278,7 @@ class Server:
     cache: bool = True
     prefill: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)  # more arguments of `recsys serve`
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -286,19 +287,23 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        cmd = [
-            str(ROOT / ".venv" / "bin" / "recsys"),
-            "serve",
-            "--bundle",
-            str(self.bundle),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            str(self.workers),
-            "--cache" if self.cache else "--no-cache",
-        ] + (["--prefill"] if self.prefill else [])
+        cmd = (
+            [
+                str(ROOT / ".venv" / "bin" / "recsys"),
+                "serve",
+                "--bundle",
+                str(self.bundle),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(self.workers),
+                "--cache" if self.cache else "--no-cache",
+            ]
+            + (["--prefill"] if self.prefill else [])
+            + self.extra
+        )
         self.proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **self.env})
 
     def stop(self) -> None:
@@ -451,6 +456,7 @@ class FreshnessProbe(threading.Thread):
         self.rng = np.random.default_rng(seed)
         self.delays_ms: list[float] = []
         self.cross_worker = 0
+        self.first_read_fresh = 0  # probes whose first read after the event lacked the item
         self.stale = 0  # gave up: the item still listed after `give_up` seconds
         self.errors: list[str] = []
         self._halt = threading.Event()
@@ -504,12 +510,15 @@ class FreshnessProbe(threading.Thread):
                 r.read()
                 if r.status != 200:
                     raise RuntimeError(f"POST event for {user}: {r.status}")
+                reads = 0
                 while True:
                     listed = self._get(reader, user)
+                    reads += 1
                     dt = time.perf_counter() - t0
                     if top not in listed:
                         self.delays_ms.append(dt * 1000)
                         self.cross_worker += writer is not reader
+                        self.first_read_fresh += reads == 1
                         break
                     if dt > self.give_up:
                         self.stale += 1
@@ -531,6 +540,7 @@ class FreshnessProbe(threading.Thread):
         return {
             "probes": len(d),
             "cross_worker": self.cross_worker,
+            "first_read_fresh": self.first_read_fresh,
             "stale": self.stale,
             "errors": len(self.errors),
             "p50_ms": _pct(d, 50),

@@ -740,6 +740,13 @@ class SparseRows:
 
     def __init__(self, S: sp.csr_matrix, eligible: np.ndarray | None = None) -> None:
         S = S.tocsr()
+        if not S.has_sorted_indices:
+            # a product's rows come unsorted: through CSC and back sorts them in two
+            # linear passes (no arithmetic), where sorting each row costs four times
+            # more; with duplicates to sum, `sum_duplicates` below does it all
+            T = S.tocsc().tocsr()
+            if T.has_canonical_format:
+                S = T
         S.sum_duplicates()  # also sorts the indices
         self.S = S
         self.eligible = eligible

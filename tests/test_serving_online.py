@@ -135,6 +135,30 @@ def test_segment_top_is_the_head_of_a_full_sort() -> None:
             )
 
 
+def test_sparse_rows_sort_a_product_and_sum_duplicates() -> None:
+    """SparseRows keeps a matrix canonical (sorted, duplicates summed) whether it comes
+    sorted, unsorted (a product) or with duplicates: the same entries as scipy's."""
+    from recsys.candidates import SparseRows
+
+    rng = np.random.default_rng(5)
+    A = sp.random(30, 200, density=0.05, format="csr", random_state=1, dtype=np.float32)
+    B = sp.random(200, 300, density=0.05, format="csr", random_state=2, dtype=np.float32)
+    lens = rng.integers(0, 12, 30)  # unsorted rows with repeated columns
+    dup = sp.csr_matrix(
+        (rng.random(lens.sum()).astype(np.float32), rng.integers(0, 20, lens.sum()),
+         np.r_[0, np.cumsum(lens)]),
+        shape=(30, 300),
+    )  # fmt: skip
+    for M in (A @ B, dup, sp.csr_matrix(A.toarray())):
+        want = M.copy()
+        want.sum_duplicates()
+        got = SparseRows(M.copy()).S
+        assert got.has_canonical_format
+        np.testing.assert_array_equal(got.indptr, want.indptr)
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.data, want.data)
+
+
 def test_source_lists_with_fresh_events(loaded: Pipeline, online: OnlineRanker) -> None:
     """Each source's list (its ranks among the candidates) is `top_n` of the source's
     row, for bundle users and for users with fresh events (new end times, new items)."""

@@ -540,13 +540,14 @@ class RecService:
             t0 = time.perf_counter()
             model = Model.load(path, self.tree_cache, self.limits.new_item_every)
             model.warm()
-            self._model = model
-            if not self.lists.shared:
-                self.lists.clear()  # the old bundle's lists: never served again
+            # lists made before the swap: ready before the first request sees the bundle
+            # (the old bundle's lists are never served again, and leave the bounded
+            # cache as new ones come; a reload of the same bundle keeps them)
             if self.use_cache and self.limits.prefill:
                 self._prefill(model)
             if self.use_cache and self.seed_path is not None and only_first:
                 self.seed_lists(self.seed_path, model)
+            self._model = model
             if self.freeze_gc:
                 _settle_gc()
             log.info(

@@ -444,8 +444,10 @@ class Guard:
 
 
 def app_from_env() -> Guard:
-    """The uvicorn factory: settings from the environment; the bundle loads and warms
-    in the background while /healthz answers and /readyz says 503."""
+    """The uvicorn factory: settings from the environment. With one worker the bundle
+    loads and warms in the background while /healthz answers and /readyz says 503; with
+    several (or RECSYS_LOAD_BEFORE_SERVING=true) each worker loads it before it takes a
+    connection, so the others serve meanwhile."""
     settings = Settings()
     if settings.bundle is None:
         raise SystemExit("RECSYS_BUNDLE is not set: the bundle directory to serve")
@@ -498,5 +500,16 @@ def app_from_env() -> Guard:
             log.exception("could not load the bundle %s", bundle)
 
     app = create_app(service, settings)
-    threading.Thread(target=load, name="bundle-loader", daemon=True).start()
+    if settings.load_before_serving is None:
+        before = settings.workers > 1
+    else:
+        before = settings.load_before_serving
+    if before:
+        # this worker takes no connection until its bundle is ready: a restarted worker
+        # leaves every request to the others meanwhile instead of answering 503
+        load()
+        if not service.ready:
+            raise SystemExit(f"error: could not load the bundle {bundle}")
+    else:
+        threading.Thread(target=load, name="bundle-loader", daemon=True).start()
     return app

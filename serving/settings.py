@@ -15,6 +15,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, description="server processes")
+    load_before_serving: bool | None = Field(
+        None,
+        description="a worker loads its bundle before it takes connections (unset: when "
+        "workers > 1); else it answers 503 until loaded",
+    )
     admin_token: SecretStr | None = Field(
         None, description="bearer token of POST /admin/reload; unset disables it"
     )

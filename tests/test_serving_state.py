@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -238,3 +239,33 @@ def test_cached_lists_say_their_age_and_metrics_count_refreshes(model: Model) ->
     text = c.get("/metrics").text
     assert 'recsys_list_refreshes_total{outcome="done"} 1.0' in text
     assert 'recsys_list_age_seconds_bucket{le="60.0"} 2.0' in text
+
+
+def test_prefilled_lists_are_all_there_once_ready(bundle_dir: Path, tree_cache: Path) -> None:
+    import threading
+
+    svc = RecService(None, tree_cache=tree_cache, limits=ServiceLimits(prefill=True))
+    seen: list[int] = []
+
+    def watch() -> None:
+        while not svc.ready:
+            pass
+        seen.append(len(svc.lists))
+
+    t = threading.Thread(target=watch)
+    t.start()
+    svc.start(bundle_dir)
+    t.join(60)
+    n_users = int((np.diff(svc.model.ranker._hist_ptr) > 0).sum())
+    assert seen == [n_users]
+
+
+def test_a_reload_of_the_same_bundle_keeps_the_cached_lists(model: Model, bundle_dir: Path) -> None:
+    svc = RecService(model, tree_cache=None)
+    uid = model.user_ids[6]
+    first = svc.recommend(uid, k=5)
+    svc.lists.get(str(uid)).at -= 5  # type: ignore[union-attr]
+    old, new = svc.reload(bundle_dir)
+    assert old == new
+    again = svc.recommend(uid, k=5)
+    assert again.age_s >= 5 and again.items == first.items

@@ -74,6 +74,7 @@ def serve(
         os.environ["RECSYS_LISTS"] = str(lists.resolve())
     os.environ["RECSYS_LIST_TTL_S"] = str(list_ttl)
     os.environ["RECSYS_BUNDLE"] = str(bundle.resolve())
+    os.environ["RECSYS_WORKERS"] = str(workers)
     os.environ["RECSYS_CACHE"] = "true" if cache else "false"
     os.environ["RECSYS_PREFILL"] = "true" if prefill else "false"
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -103,7 +103,9 @@ def uniform_script(args: argparse.Namespace, path: Path) -> int:
     return len(ids)
 
 
-def realistic_script(args: argparse.Namespace, path: Path, users: list[Any]) -> None:
+def realistic_script(
+    args: argparse.Namespace, path: Path, users: list[Any], pace_ms: float = 0.0
+) -> None:
     items = pl.read_parquet(args.bundle / "items.parquet")["item_id"].to_list()
     path.write_text(
         mix_lua(
@@ -115,6 +117,7 @@ def realistic_script(args: argparse.Namespace, path: Path, users: list[Any]) -> 
             unknown_share=0.05 if args.unknown_share is None else args.unknown_share,
             seed=args.seed,
             tag=secrets.token_hex(4),
+            pace_ms=pace_ms,
         )
     )
 
@@ -140,6 +143,14 @@ def connection_runs(
         r = run_wrk(srv.url, script, c, args.duration)
         runs.append(r)
         print(fmt_wrk(r), flush=True)
+        if users is not None and getattr(args, "rate", None) and c > 1:
+            # the same mix offered at --rate req/s: latency at that load, not at saturation
+            paced = script.with_name(f"paced{c}.lua")
+            realistic_script(args, paced, users, pace_ms=c * 1000.0 / args.rate)
+            pr = run_wrk(srv.url, paced, c, args.duration)
+            pr["offered_rate"] = args.rate
+            runs.append(pr)
+            print(f"offered {args.rate:g} req/s: " + fmt_wrk(pr), flush=True)
         if probe is not None:
             probe.stop()
             fresh = probe.summary()
@@ -354,6 +365,14 @@ def main() -> None:
         "POSTs for unknown users with a history (default 0.05)",
     )
     ap.add_argument("--zipf", type=float, default=1.0, help="exponent of the user draw")
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="realistic mix: after each saturating run with more than one connection, "
+        "run the mix again offered at this many req/s (Poisson-like arrivals per "
+        "connection), for the latency at that load",
+    )
     ap.add_argument(
         "--freshness",
         type=int,

@@ -128,6 +128,16 @@ request = function()
 end
 """
 
+# an offered load instead of a saturating one: each connection waits a random time
+# (exponential, mean `pace_ms`) before each request, so arrivals are Poisson-like and a
+# latency is measured at that load rather than at the server's saturation
+PACE_LUA = """
+local pace_ms = %(pace_ms).6f
+delay = function()
+  return -math.log(1 - math.random()) * pace_ms
+end
+"""
+
 
 def mix_lua(
     users: list[Any],
@@ -141,13 +151,15 @@ def mix_lua(
     hist_max: int = 10,
     seed: int = 0,
     tag: str = "x",
+    pace_ms: float = 0.0,
 ) -> str:
     """The wrk script of the realistic mix: `1 - event_share - unknown_share` of the
     requests GET a known user's list, users drawn Zipf-like over `users` in the given
     order (rank r has weight 1 / r**exponent); `event_share` POST an event for a user
     drawn the same way and a uniformly random item; `unknown_share` POST
     /v1/recommendations for a new user id with a history of hist_min..hist_max random
-    items."""
+    items. `pace_ms` > 0: each connection waits that long on average before each
+    request (an offered load of about connections * 1000 / pace_ms requests/s)."""
     if not 0 <= event_share + unknown_share <= 1:
         raise ValueError("event_share + unknown_share must lie in [0, 1]")
     if not 1 <= hist_min <= hist_max:
@@ -155,7 +167,8 @@ def mix_lua(
     if not re.fullmatch(r"[A-Za-z0-9_-]+", tag):
         raise ValueError("tag: letters, digits, '-' and '_' only")
     cdf = zipf_cdf(len(users), exponent)
-    return MIX_LUA % {
+    pace = PACE_LUA % {"pace_ms": pace_ms} if pace_ms > 0 else ""
+    return pace + MIX_LUA % {
         "users_path": ",".join(lua_str(path_id(u)) for u in users),
         "users_json": ",".join(lua_str(json_id(u)) for u in users),
         "cdf": ",".join(f"{p:.10g}" for p in cdf),

@@ -231,7 +231,7 @@ def recommend_file(
     users_path: Path,
     out: Path,
     k: int = 10,
-    batch_size: int = 2000,
+    batch_size: int = 1000,
     new_item_every: int | None = None,
     engine: str = "local",
     workers: int = 1,

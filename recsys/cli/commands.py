@@ -135,10 +135,11 @@ def recommend(
         ..., "--out", help="Parquet to write: user_id, item_id, rank (1..k), score."
     ),
     batch_size: int = typer.Option(
-        2000,
+        1000,
         "--batch-size",
         min=1,
-        help="Users per chunk; finished chunks survive an interruption and a rerun resumes.",
+        help="Users per part; finished parts survive an interruption and a rerun resumes. "
+        "Smaller parts even out the workers' last parts.",
     ),
     new_item_every: int | None = typer.Option(
         None,

@@ -56,6 +56,35 @@ def bundle_dir(fitted, tmp_path_factory: pytest.TempPathFactory) -> Path:  # typ
     return d
 
 
+@pytest.fixture(scope="module")
+def tree_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the serving tests keep the bundle's compiled trees."""
+    return tmp_path_factory.mktemp("trees")
+
+
+@pytest.fixture(scope="module")
+def model(bundle_dir: Path, tree_cache: Path):  # type: ignore[no-untyped-def]
+    """The small bundle loaded and warmed as a server holds it."""
+    from recsys.service import Model
+
+    m = Model.load(bundle_dir, tree_cache)
+    m.warm()
+    return m
+
+
+def another_version(bundle_dir: Path, dst: Path) -> Path:
+    """A copy of the bundle that is another version of the same model (its manifest's
+    time differs), for reload tests."""
+    import json
+    import shutil
+
+    shutil.copytree(bundle_dir, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["created_at"] = "2000-01-01T00:00:00Z"
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
 def movielens_dir() -> Path:
     d = SHARED / "ml-latest-small"
     if not (d / "ratings.csv").exists():

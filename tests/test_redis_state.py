@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import another_version
 
 from recsys.service import Model, RecService, ServiceLimits
 from recsys.state import CachedList, StateWriteError
@@ -88,18 +89,6 @@ _prefixes = itertools.count()
 def prefix() -> str:
     """Each test its own keys in the shared server."""
     return f"t{os.getpid()}-{next(_prefixes)}:"
-
-
-@pytest.fixture(scope="module")
-def tree_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("trees")
-
-
-@pytest.fixture(scope="module")
-def model(bundle_dir: Path, tree_cache: Path) -> Model:
-    m = Model.load(bundle_dir, tree_cache)
-    m.warm()
-    return m
 
 
 def _service(model: Model, url: str, prefix: str, tree_cache: Path, **kw: float) -> RecService:
@@ -204,12 +193,7 @@ def test_a_reload_announced_by_one_is_followed_by_the_other(
     uid = model.user_ids[4]
     before = b.recommend(uid, k=10).items
     a.add_events([(uid, before[0][0], None)])
-    copy = tmp_path / "b2"
-    shutil.copytree(bundle_dir, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["created_at"] = "2000-01-01T00:00:00Z"  # another version of the same model
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    _, new = a.reload(copy)
+    _, new = a.reload(another_version(bundle_dir, tmp_path / "b2"))
     assert new != model.version
     b.sync()
     assert b._bg_reload is not None

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import another_version
 from fastapi.testclient import TestClient
 
 from recsys.service import Model, RecService
@@ -15,18 +16,6 @@ from serving.app import create_app
 from serving.settings import Settings
 
 TOKEN = "s3cret"
-
-
-@pytest.fixture(scope="module")
-def tree_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("trees")
-
-
-@pytest.fixture(scope="module")
-def model(bundle_dir: Path, tree_cache: Path) -> Model:
-    m = Model.load(bundle_dir, tree_cache)
-    m.warm()
-    return m
 
 
 @pytest.fixture()
@@ -313,12 +302,7 @@ def test_workers_share_fresh_events_and_reloads(
     a.add_events([(uid, before[0][0], None)])
     after = b.recommend(uid, k=10).items
     assert after != before and before[0][0] not in [i for i, _ in after]
-    copy = tmp_path / "b2"
-    shutil.copytree(bundle_dir, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["created_at"] = "2000-01-01T00:00:00Z"  # another version of the same model
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    _, new = a.reload(copy)
+    _, new = a.reload(another_version(bundle_dir, tmp_path / "b2"))
     assert new != model.version
     b.sync()
     assert b._bg_reload is not None

@@ -18,18 +18,6 @@ from recsys.service import Model, RecService, ServiceLimits, StorageError
 from recsys.state import FileState
 
 
-@pytest.fixture(scope="module")
-def tree_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("trees")
-
-
-@pytest.fixture(scope="module")
-def model(bundle_dir: Path, tree_cache: Path) -> Model:
-    m = Model.load(bundle_dir, tree_cache)
-    m.warm()
-    return m
-
-
 def _ids(rec) -> list:  # type: ignore[no-untyped-def]
     return [i for i, _ in rec.items]
 

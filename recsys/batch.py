@@ -195,9 +195,15 @@ def run_local(job: PartJob, todo: list[int], workers: int, on_done: Callable[[in
                 on_done(f.result())
 
 
-def merge_parts(files: list[Path], out: Path, users_dtype: pl.DataType) -> int:
-    """Stream the parts into `out` (temporary name, then rename); returns its rows."""
+def merge_parts(
+    files: list[Path], out: Path, users_dtype: pl.DataType, version: str | None = None
+) -> int:
+    """Stream the parts into `out` (temporary name, then rename); returns its rows.
+    `version`: the bundle's, kept in the file's metadata (`recsys serve --lists` checks
+    it)."""
     import pyarrow.parquet as pq
+
+    from recsys.bundle import VERSION_KEY
 
     schema = pl.DataFrame(
         schema={USER: users_dtype, ITEM: pl.String, "rank": pl.Int32, "score": pl.Float64}
@@ -209,11 +215,17 @@ def merge_parts(files: list[Path], out: Path, users_dtype: pl.DataType) -> int:
         for f in files:
             table = pq.read_table(f, schema=None)
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
+                meta = dict(table.schema.metadata or {})
+                if version is not None:
+                    meta[VERSION_KEY] = version.encode()
+                writer = pq.ParquetWriter(tmp, table.schema.with_metadata(meta))
             writer.write_table(table)
             rows += table.num_rows
         if writer is None:  # no users: an empty file with the columns
-            schema.write_parquet(tmp)
+            empty = schema.to_arrow()
+            if version is not None:
+                empty = empty.replace_schema_metadata({VERSION_KEY: version.encode()})
+            pq.write_table(empty, tmp)
         else:
             writer.close()
             writer = None
@@ -239,7 +251,7 @@ def recommend_file(
 ) -> tuple[int, int]:
     """Write (user_id, item_id, rank, score) for every user; returns (users, rows).
     `new_item_every` overrides the bundle's setting of the new-item slots."""
-    from recsys.bundle import read_manifest
+    from recsys.bundle import bundle_version, read_manifest
 
     users = read_users(users_path)
     manifest = read_manifest(bundle_dir)  # refuses a damaged bundle before any work
@@ -273,6 +285,8 @@ def recommend_file(
         else:
             raise ValueError(f"unknown engine {engine!r}: 'local' or 'ray'")
     bar.close()
-    rows = merge_parts([part_path(parts, i) for i in range(n_parts)], out, users.dtype)
+    rows = merge_parts(
+        [part_path(parts, i) for i in range(n_parts)], out, users.dtype, bundle_version(manifest)
+    )
     shutil.rmtree(parts, ignore_errors=True)
     return len(users), rows

@@ -136,6 +136,28 @@ def _named_files(manifest: dict[str, Any]) -> list[object]:
     return names
 
 
+def bundle_version(manifest: dict[str, Any]) -> str:
+    """The version a bundle is served and known by: its creation time and a digest of
+    its manifest (which lists every file's checksum)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    return f"{manifest.get('created_at', 'unsaved')}-{digest[:12]}"
+
+
+VERSION_KEY = b"recsys.bundle_version"  # in the key-value metadata of `recommend`'s output
+
+
+def lists_version(path: str | Path) -> str | None:
+    """The bundle version `recsys recommend` wrote into a lists file; None for a file
+    without it (written by something else)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    v = meta.get(VERSION_KEY)
+    return v.decode() if v is not None else None
+
+
 def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """Read and verify: every listed file present with its checksum, format known.
 

@@ -22,8 +22,6 @@ under the pseudonym, and a list names the user by the id the client sent.
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -34,6 +32,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from recsys.bundle import bundle_version, lists_version
 from recsys.candidates import ItemKNN
 from recsys.online import OnlineRanker, Ranked, UserState
 from recsys.pipeline import Pipeline
@@ -111,9 +110,7 @@ class Model:
         self.item_ids: list[Id] = pipeline.item_index_.ids.to_list()
         self.user_ids: list[Id] = pipeline.user_index_.ids.to_list()
         self.fallback = np.asarray(pipeline.fallback_, dtype=np.int64)
-        manifest = pipeline.manifest_
-        digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-        self.version = f"{manifest.get('created_at', 'unsaved')}-{digest[:12]}"
+        self.version = bundle_version(pipeline.manifest_)
         self.now = self.ranker.now
         knn = [s for s in pipeline.sources_ if isinstance(s, ItemKNN)]
         self._sim = knn[0].sim_.tocsr() if knn else None
@@ -573,6 +570,11 @@ def read_lists(path: str | Path, m: Model) -> dict[Id, tuple[np.ndarray, np.ndar
         raise ServiceError(
             f"{path}: missing column(s) {sorted(missing)}; expected `recsys recommend` "
             "output (user_id, item_id, rank, score)"
+        )
+    made_by = lists_version(path)
+    if made_by is not None and made_by != m.version:
+        raise ServiceError(
+            f"{path}: lists of bundle {made_by}, but the server's bundle is {m.version}"
         )
     df = df.sort(["user_id", "rank"])
     items = [m.item_index(x) for x in df["item_id"].to_list()]

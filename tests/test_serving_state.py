@@ -257,3 +257,33 @@ def test_a_reload_of_the_same_bundle_keeps_the_cached_lists(model: Model, bundle
     assert old == new
     again = svc.recommend(uid, k=5)
     assert again.age_s >= 5 and again.items == first.items
+
+
+def test_lists_from_recommend_carry_the_bundle_version_and_another_bundle_refuses_them(
+    model: Model, bundle_dir: Path, tmp_path: Path
+) -> None:
+    from conftest import another_version
+
+    from recsys.batch import recommend_file
+    from recsys.bundle import lists_version
+    from recsys.service import ServiceError
+
+    users = tmp_path / "users.parquet"
+    pl.DataFrame({"user_id": model.user_ids[:30]}).write_parquet(users)
+    out = tmp_path / "recs.parquet"
+    recommend_file(bundle_dir, users, out, k=5)
+    assert lists_version(out) == model.version
+    svc = RecService(model, seed_lists=out, limits=ServiceLimits(refresh=False))
+    assert len(svc.lists) == 30
+    other = another_version(bundle_dir, tmp_path / "other")
+    other_model = Model.load(other, None)
+    with pytest.raises(ServiceError, match="lists of bundle"):
+        RecService(other_model, seed_lists=out)
+    recsys = Path(sys.executable).parent / "recsys"
+    r = subprocess.run(
+        [recsys, "serve", "--bundle", str(other), "--lists", str(out), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "rerun recommend with this bundle" in r.stderr, r.stderr

@@ -126,6 +126,16 @@ def check_lists(path: Path, bundle: Path) -> None:
             f"--lists {path}: missing column(s) {sorted(missing)}; expected the output of "
             "`recsys recommend` (user_id, item_id, rank, score)"
         )
+    from recsys.bundle import bundle_version, lists_version, read_manifest
+
+    made_by = lists_version(path)
+    if made_by is not None:
+        serving = bundle_version(read_manifest(bundle, verify=False))
+        if made_by != serving:
+            raise DataError(
+                f"--lists {path}: written by `recsys recommend` with bundle {made_by}, "
+                f"but {bundle} is {serving}; rerun recommend with this bundle"
+            )
     items = pl.read_parquet(bundle / "items.parquet", columns=["item_id"])
     dtype = items.schema["item_id"]
     ids = lf.select(pl.col("item_id").unique())

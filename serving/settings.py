@@ -42,7 +42,9 @@ class Settings(BaseSettings):
         "instead of state_dir; never logged with its password",
     )
     tree_cache: Path | None = Field(None, description="compiled ranker models")
-    cache: bool = Field(True, description="keep ranked lists per user until their next event")
+    cache: bool = Field(
+        True, description="keep ranked lists per user until their next event or TTL"
+    )
     cache_users: int = Field(50_000, ge=0)
     list_ttl_s: float = Field(
         3600.0,

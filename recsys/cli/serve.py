@@ -27,7 +27,9 @@ def serve(
         "when --workers > 1).",
     ),
     cache: bool = typer.Option(
-        True, "--cache/--no-cache", help="Keep each user's ranked list until their next event."
+        True,
+        "--cache/--no-cache",
+        help="Keep each user's ranked list until their next event or --list-ttl.",
     ),
     prefill: bool = typer.Option(
         False, "--prefill", help="Rank every bundle user into the cache before ready."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
 from polars.testing import assert_frame_equal
 
 from features.batch import Candidates, Histories
@@ -99,3 +100,17 @@ def test_time_aware_popularity_uses_the_users_own_time() -> None:
             index, b.take(np.array([r])), _chunk(ev, [r], [[7, 8]])[1]
         )
         assert one["upop_7d"].tolist() == f["upop_7d"][2 * r : 2 * r + 2].tolist()
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 1_000, 200_003])
+def test_two_level_search_gives_numpys_positions(n: int) -> None:
+    from features.time_aware import BLOCK, TWO_LEVEL_MIN, searchsorted_right
+
+    rng = np.random.default_rng(n)
+    a = np.sort(rng.integers(0, 3 * n + 1, n)).astype(np.int64)  # with repeated keys
+    v = np.concatenate(
+        [rng.integers(-5, 3 * n + 6, 3 * TWO_LEVEL_MIN), a[:100], a[-100:], a[::BLOCK]]
+    )
+    for q in (np.sort(v), v, v[:10]):  # sorted, in any order, and few queries
+        got = searchsorted_right(a, a[::BLOCK].copy(), q)
+        assert np.array_equal(got, np.searchsorted(a, q, side="right"))

@@ -103,8 +103,11 @@ def test_time_aware_popularity_uses_the_users_own_time() -> None:
 
 
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 1_000, 200_003])
-def test_two_level_search_gives_numpys_positions(n: int) -> None:
+def test_two_level_search_gives_numpys_positions(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import features.time_aware as ta
     from features.time_aware import BLOCK, TWO_LEVEL_MIN, searchsorted_right
+
+    monkeypatch.setattr(ta, "TWO_LEVEL_MIN_KEYS", 0)  # the two levels for any size here
 
     rng = np.random.default_rng(n)
     a = np.sort(rng.integers(0, 3 * n + 1, n)).astype(np.int64)  # with repeated keys

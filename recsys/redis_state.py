@@ -45,7 +45,6 @@ import json
 import logging
 import math
 import struct
-import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -157,7 +156,6 @@ class RedisState(SharedState):
             )
         self._add = self.r.register_script(_ADD)
         self._down_until = 0.0
-        self._local = threading.local()  # a version read with a list (see `version`)
         self._bundle_n = self._get_bundle()[0]  # announcements before now are not followed
         self._bundle_checked = time.monotonic()
         log.info("shared state in Redis at %s (prefix %r)", self.url, prefix)
@@ -198,7 +196,6 @@ class RedisState(SharedState):
         for u, i, t in rows:
             keys += [self._fresh_key(u), self._ver_key(u)]
             args += [json.dumps(u), json.dumps(i), int(t)]
-        self._local.noted = None
         try:
             self._add(keys=keys, args=args)
         except self._errors as e:
@@ -234,12 +231,6 @@ class RedisState(SharedState):
         return Fresh(items, times, int(ver))
 
     def version(self, user: Id) -> int:
-        # `RedisLists.get` read the version with the list, in the same round trip: the
-        # service asks for it right after, on the same thread
-        noted = getattr(self._local, "noted", None)
-        self._local.noted = None
-        if noted is not None and noted[0] == _text(user) and time.monotonic() - noted[2] < 0.1:
-            return int(noted[1])
         if self._down():
             return 0
         try:
@@ -248,9 +239,6 @@ class RedisState(SharedState):
             self._lost(e, "reading a version")
             return 0
         return 0 if v is None else int(v)
-
-    def _note(self, key: str, version: int) -> None:
-        self._local.noted = (key, version, time.monotonic())
 
     def sync(self) -> set[Id]:
         return set()  # lists are shared and carry versions: nothing to invalidate here
@@ -333,10 +321,14 @@ class RedisLists(ListCache):
         self.state = state
 
     def get(self, key: str) -> CachedList | None:
+        return self.get_checked(key, self.state)[0]
+
+    def get_checked(self, user: Id, state: SharedState) -> tuple[CachedList | None, int]:
+        """The list and the user's version in one round trip."""
         s = self.state
-        s._local.noted = None
+        key = _text(user)
         if self.capacity <= 0 or s._down():
-            return None
+            return None, 0
         p = s.r.pipeline(transaction=True)
         p.get(s._list_key(key))
         p.get(s._ver_key(key))
@@ -344,16 +336,15 @@ class RedisLists(ListCache):
             raw, ver = p.execute()
         except s._errors as e:
             s._lost(e, "reading a list")
-            return None
+            return None, 0
+        version = 0 if ver is None else int(ver)
         if raw is None:
-            return None
+            return None, version
         try:
-            entry = _unpack(raw)
+            return _unpack(raw), version
         except (ValueError, KeyError, struct.error):
             log.warning("skipping a malformed list in Redis under %r", s._list_key(key))
-            return None
-        s._note(key, 0 if ver is None else int(ver))
-        return entry
+            return None, version
 
     def put(self, key: str, entry: CachedList) -> None:
         s = self.state

@@ -323,13 +323,13 @@ class RecService:
         now (and cached)."""
         now = time.time()
         if self.use_cache:
-            e = self.lists.get(str(key))
+            e, version = self.lists.get_checked(key, self.state)
             if (
                 e is not None
                 and e.model_version == m.version
                 and 0 <= now - e.at <= self.limits.list_ttl_s
                 and (e.complete or k <= len(e.items))
-                and e.fresh_version == self.state.version(key)
+                and e.fresh_version == version
             ):
                 if self.refresher is not None and now - e.at > 0.75 * self.limits.list_ttl_s:
                     self.refresher.add([key])  # refreshed before it expires

@@ -160,6 +160,11 @@ class ListCache:
     def get(self, key: str) -> CachedList | None:
         return self._lists.get(key)
 
+    def get_checked(self, user: Id, state: SharedState) -> tuple[CachedList | None, int]:
+        """The list of `user` and their current fresh-events version, which a list must
+        match to be served."""
+        return self._lists.get(str(user)), state.version(user)
+
     def put(self, key: str, entry: CachedList) -> None:
         if self.capacity <= 0:
             return

@@ -416,12 +416,15 @@ class RecService:
         m = self.model
         m.item_indices([e[1] for e in events], "events")
         rows = []
+        now_of: dict[Id, int] = {}  # a user's clock: read once per request, not per event
         for client_id, item_id, t in events:
             user_id = m.bundle_user_id(client_id)
-            u = m.user_index(user_id)
             key = _user_key(m, user_id)
             if t is None:
-                t = max(m.now, self._last_t(m, u, self._fresh_arrays(m, key)))
+                if key not in now_of:
+                    u = m.user_index(user_id)
+                    now_of[key] = max(m.now, self._last_t(m, u, self._fresh_arrays(m, key)))
+                t = now_of[key]
             rows.append((key, m.item_ids[m.item_index(item_id)], int(t)))
         try:
             changed = self.state.add(rows)

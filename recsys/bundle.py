@@ -158,6 +158,48 @@ def lists_version(path: str | Path) -> str | None:
     return v.decode() if v is not None else None
 
 
+LIST_COLUMNS = ("user_id", "item_id", "rank", "score")
+
+
+def lists_problem(path: str | Path, version: str, item_ids: Any) -> str | None:
+    """What keeps a lists file from serving a bundle (its version, its item ids as a
+    polars Series): not Parquet, `recommend`'s columns missing, written with another
+    bundle, or items the bundle does not know. None when it can serve."""
+    import polars as pl
+
+    try:
+        lf = pl.scan_parquet(path)
+        names = set(lf.collect_schema().names())
+        made_by = lists_version(path)
+    except Exception as e:
+        return f"{path}: not a readable Parquet file ({e})"
+    missing = set(LIST_COLUMNS) - names
+    if missing:
+        return (
+            f"{path}: missing column(s) {sorted(missing)}; expected the output of "
+            "`recsys recommend` (user_id, item_id, rank, score)"
+        )
+    if made_by is not None and made_by != version:
+        return (
+            f"{path}: lists of bundle {made_by}, but the bundle is {version}; rerun "
+            "recommend with this bundle"
+        )
+    known = pl.DataFrame({"b": item_ids})
+    try:
+        ids = lf.select(pl.col("item_id").unique())
+        dtype = known["b"].dtype
+        as_bundle = ids.with_columns(pl.col("item_id").cast(dtype, strict=False).alias("b"))
+        unknown = as_bundle.join(known.lazy(), on="b", how="anti", nulls_equal=False).collect()
+    except Exception as e:
+        return f"{path}: could not read item_id ({e})"
+    if len(unknown):
+        return (
+            f"{path}: {len(unknown)} items the bundle does not know (e.g. "
+            f"{unknown['item_id'][0]!r}): lists from another bundle?"
+        )
+    return None
+
+
 def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """Read and verify: every listed file present with its checksum, format known.
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from recsys.bundle import bundle_version, lists_version
+from recsys.bundle import bundle_version, lists_problem
 from recsys.candidates import ItemKNN
 from recsys.online import OnlineRanker, Ranked, UserState
 from recsys.pipeline import Pipeline
@@ -562,31 +562,11 @@ class RecService:
 def read_lists(path: str | Path, m: Model) -> dict[Id, tuple[np.ndarray, np.ndarray]]:
     """A batch job's lists by the bundle's user id: (item indices, scores) best first.
     Raises ServiceError naming the file and what is wrong with it."""
-    path = Path(path)
-    need = {"user_id", "item_id", "rank", "score"}
-    try:
-        df = pl.read_parquet(path)
-    except Exception as e:
-        raise ServiceError(f"{path}: not a readable Parquet file of lists ({e})") from None
-    missing = need - set(df.columns)
-    if missing:
-        raise ServiceError(
-            f"{path}: missing column(s) {sorted(missing)}; expected `recsys recommend` "
-            "output (user_id, item_id, rank, score)"
-        )
-    made_by = lists_version(path)
-    if made_by is not None and made_by != m.version:
-        raise ServiceError(
-            f"{path}: lists of bundle {made_by}, but the server's bundle is {m.version}"
-        )
-    df = df.sort(["user_id", "rank"])
+    problem = lists_problem(path, m.version, m.pipeline.item_index_.ids)
+    if problem is not None:
+        raise ServiceError(problem)
+    df = pl.read_parquet(path).sort(["user_id", "rank"])
     items = [m.item_index(x) for x in df["item_id"].to_list()]
-    unknown = sum(1 for j in items if j < 0)
-    if unknown:
-        raise ServiceError(
-            f"{path}: {unknown} row(s) name items the bundle does not know: lists from "
-            "another bundle?"
-        )
     idx = np.asarray(items, dtype=np.int64)
     scores = df["score"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
     users = df["user_id"].to_list()

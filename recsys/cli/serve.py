@@ -111,45 +111,15 @@ def serve(
 
 
 def check_lists(path: Path, bundle: Path) -> None:
-    """A seed file for the list cache: readable, `recommend`'s columns, only the bundle's
-    items. Raises DataError (exit 2) naming what is wrong."""
+    """A seed file for the list cache: readable, `recommend`'s columns, written with
+    this bundle, only its items. Raises DataError (exit 2) naming what is wrong."""
     import polars as pl
 
+    from recsys.bundle import bundle_version, lists_problem, read_manifest
     from recsys.schema import DataError
 
-    try:
-        lf = pl.scan_parquet(path)
-        names = set(lf.collect_schema().names())
-    except Exception as e:
-        raise DataError(f"--lists {path}: not a readable Parquet file ({e})") from None
-    missing = {"user_id", "item_id", "rank", "score"} - names
-    if missing:
-        raise DataError(
-            f"--lists {path}: missing column(s) {sorted(missing)}; expected the output of "
-            "`recsys recommend` (user_id, item_id, rank, score)"
-        )
-    from recsys.bundle import bundle_version, lists_version, read_manifest
-
-    made_by = lists_version(path)
-    if made_by is not None:
-        serving = bundle_version(read_manifest(bundle, verify=False))
-        if made_by != serving:
-            raise DataError(
-                f"--lists {path}: written by `recsys recommend` with bundle {made_by}, "
-                f"but {bundle} is {serving}; rerun recommend with this bundle"
-            )
-    items = pl.read_parquet(bundle / "items.parquet", columns=["item_id"])
-    dtype = items.schema["item_id"]
-    ids = lf.select(pl.col("item_id").unique())
-    try:
-        as_bundle = ids.with_columns(pl.col("item_id").cast(dtype, strict=False).alias("b"))
-        unknown = as_bundle.join(
-            items.lazy().rename({"item_id": "b"}), on="b", how="anti", nulls_equal=False
-        ).collect()
-    except Exception as e:
-        raise DataError(f"--lists {path}: could not read item_id ({e})") from None
-    if len(unknown):
-        raise DataError(
-            f"--lists {path}: {len(unknown)} item id(s) the bundle {bundle} does not know "
-            f"(e.g. {unknown['item_id'][0]!r}): lists from another bundle?"
-        )
+    version = bundle_version(read_manifest(bundle, verify=False))
+    items = pl.read_parquet(bundle / "items.parquet", columns=["item_id"])["item_id"]
+    problem = lists_problem(path, version, items)
+    if problem is not None:
+        raise DataError(f"--lists {problem}")

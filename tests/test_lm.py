@@ -63,6 +63,27 @@ def test_next_item_examples_and_logq_loss() -> None:
     assert torch.isfinite(val)
 
 
+def test_a_sparse_log_keeps_most_examples_for_training() -> None:
+    from recsys.candidates import History
+    from recsys.lm.config import LMConfig
+    from recsys.lm.train import next_item_examples, split_validation, validation_users
+
+    # 5,000 users with two events each: one example per user, so holding out 2,000
+    # users' last examples would leave 3,000 of 5,000 to train on
+    n = 5000
+    ev = pl.DataFrame(
+        {"u": np.repeat(np.arange(n), 2), "i": np.arange(2 * n) % 97, "t": np.tile([1, 2], n)}
+    ).cast({"u": pl.Int32, "i": pl.Int32})
+    ex = next_item_examples(History(ev, n, 97), history_len=4)
+    cfg = LMConfig()
+    n_valid = validation_users(len(ex), cfg.valid_users, cfg.valid_share)
+    train, valid = split_validation(ex, n_valid, np.random.default_rng(0))
+    assert len(valid) == 500 and len(train) == 4500
+    assert not set(valid.users.tolist()) & set(train.users.tolist())
+    # a dense log (ml-latest-small: 610 users, ~80,000 examples) keeps every user's last
+    assert validation_users(80_000, cfg.valid_users, cfg.valid_share) == 2000
+
+
 def test_frozen_pass_keeps_the_same_hidden_states_on_every_worker_count(tiny_bert: Path) -> None:
     """The fit's frozen pass (pooled outputs and the hidden states entering the first
     trained layer) takes every torch thread as batch workers: the same arrays as one

@@ -72,6 +72,17 @@ class LMConfig(BaseModel):
     encoder_epochs: int = Field(3, ge=0, description="most epochs of encoder fine-tuning")
     patience: int = Field(3, ge=1, description="epochs without better validation recall")
     recall_at: int = Field(50, ge=1, description="N of the validation recall@N")
+    valid_users: int = Field(
+        2000, ge=1, description="most users whose last example is held out for validation"
+    )
+    valid_share: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="most share of the examples held out for validation: on a sparse log "
+        "(most users with one or two events) the users' last examples are most of the "
+        "examples, and holding 2,000 of them out left too few to train on",
+    )
     max_examples: int = Field(
         400_000, ge=1, description="training examples per epoch (latest kept)"
     )

@@ -57,6 +57,7 @@ from recsys.lm.train import (
     next_item_examples,
     recall_at,
     split_validation,
+    validation_users,
 )
 from recsys.lm.user_tower import UserTower, history_matrix, user_vectors_numpy
 from recsys.memory import mapped_large_blocks, release_free_memory, rss_gib
@@ -177,7 +178,9 @@ class LanguageModel:
         ex = next_item_examples(
             h, cfg.history_len, cfg.target_window, self.seed, max_examples=cfg.max_examples
         )
-        train_ex, valid_ex = split_validation(ex, 2000, rng)
+        n_valid = validation_users(len(ex), cfg.valid_users, cfg.valid_share)
+        train_ex, valid_ex = split_validation(ex, n_valid, rng)
+        log.info("lm: %d training examples, %d for validation", len(train_ex), len(valid_ex))
         user_tower = UserTower(self.dim_, cfg.history_len)
         scale = nn.Parameter(torch.tensor(np.log(20.0), dtype=torch.float32))
         counts = np.bincount(train_ex.target, minlength=h.n_items).astype(np.float64)

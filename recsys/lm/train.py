@@ -71,6 +71,13 @@ def next_item_examples(
     return Examples(u[keep], hist, i[target])
 
 
+def validation_users(n_examples: int, most: int, share: float) -> int:
+    """How many users' last examples to hold out: at most `most`, and at most `share`
+    of the examples, so that a sparse log (most users with one or two events, where
+    the users' last examples are most of the examples) keeps most for training."""
+    return max(1, min(most, int(share * n_examples)))
+
+
 def split_validation(
     ex: Examples, n_valid_users: int, rng: np.random.Generator
 ) -> tuple[Examples, Examples]:

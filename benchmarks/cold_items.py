@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--every", type=int, nargs="*", default=[5, 4],
                     help="new_item_every values to list (from the one fit)")  # fmt: skip
+    ap.add_argument("--after", type=int, nargs="*", default=None,
+                    help="new_item_after values (default: the settings' and 0)")  # fmt: skip
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     cfg = PipelineConfig.from_toml(args.config) if args.config else PipelineConfig()
@@ -91,14 +93,18 @@ def main() -> None:
     is_pool[pool] = True
     print(f"{len(pool)} items have no training interaction (the {len(cold)} made cold and "
           f"{len(pool) - len(cold)} met only in the test part)")  # fmt: skip
-    # model -> (cold share, cold-pool items per list, NDCG@10 over every test interaction)
-    rows: dict[str, tuple[float, float, float]] = {}
+    # model -> (cold share, cold-pool items per list, NDCG@10 over every test
+    # interaction, warm share: test interactions on the other items in the top-k)
+    rows: dict[str, tuple[float, float, float, float]] = {}
+    warm = set(test_items.tolist()) - cold
 
     def add(name: str, recs: np.ndarray) -> None:
         top = recs[:, : args.k]
         per_list = float(is_pool[top.clip(0)][top >= 0].sum() / max(len(top), 1))
         ndcg = summarize(recs, users, test, 10, h.n_items)["ndcg@10"]
-        rows[name] = (cold_share(top, users, test, cold), per_list, ndcg)
+        rows[name] = (
+            cold_share(top, users, test, cold), per_list, ndcg, cold_share(top, users, test, warm)
+        )  # fmt: skip
 
     for name, model in baselines(cfg.seed).items():
         model.fit(h)
@@ -130,20 +136,25 @@ def main() -> None:
         add(f"recsys LM (user . text), items without interactions only, top {m}",
             cold_order(uv, pipe.lm.text_vectors_, pool, m)[0])  # fmt: skip
     everies = sorted({0, *args.every, cfg.new_item_every})
+    afters = sorted(set(args.after if args.after is not None else [0, cfg.new_item_after]))
     for every in everies:
         if every and pipe.lm is None:
             continue
-        pipe.new_item_every = every
-        recs, _ = pipe.recommend_indices(uidx.astype(np.int32), args.k)
-        name = "recsys pipeline" + ("" if pipe.lm is not None else " (no LM)")
-        add(name + (f", new_item_every = {every}" if every else ""), recs)
+        for after in afters if every else [0]:
+            pipe.new_item_every, pipe.new_item_after = every, after
+            recs, _ = pipe.recommend_indices(uidx.astype(np.int32), args.k)
+            name = "recsys pipeline" + ("" if pipe.lm is not None else " (no LM)")
+            default = (every, after) == (cfg.new_item_every, cfg.new_item_after)
+            slots = f", new_item_every = {every}, after {after}" if every else ", no slots"
+            add(name + slots + (" (the settings')" if default else ""), recs)
 
     zs = rows["zero-shot MiniLM (mean of history)"][0]
     print(f"\n| model | cold share in top-{args.k} | × zero-shot | items without interactions "
-          f"per list | NDCG@10 |\n|---|---:|---:|---:|---:|")  # fmt: skip
-    for name, (v, per_list, ndcg) in rows.items():
+          f"per list | NDCG@10 | warm share in top-{args.k} |\n"
+          "|---|---:|---:|---:|---:|---:|")  # fmt: skip
+    for name, (v, per_list, ndcg, w) in rows.items():
         ratio = v / zs if zs else float("nan")
-        print(f"| {name} | {v:.4f} | {ratio:.2f} | {per_list:.1f} | {ndcg:.4f} |")
+        print(f"| {name} | {v:.4f} | {ratio:.2f} | {per_list:.1f} | {ndcg:.4f} | {w:.4f} |")
 
 
 if __name__ == "__main__":

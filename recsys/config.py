@@ -100,11 +100,17 @@ class PipelineConfig(BaseModel):
     )
     use_lm: bool = Field(True, description="use the language model when one is available")
     new_item_every: int = Field(
-        0,
+        5,
         ge=0,
-        description="every n-th place of each list (n, 2n, ...) goes to the user's best item "
-        "without interactions, by the language model's score of the user against the item's "
-        "text (0: off; needs the language model)",
+        description="new-item slots: places after+n, after+2n, ... of each list go to the "
+        "user's best items without interactions, by the language model's score of the user "
+        "against the item's text (0: off; needs the language model)",
+    )
+    new_item_after: int = Field(
+        10,
+        ge=0,
+        description="places at the head of each list left to the ranker alone (the default "
+        "5 after 10 keeps every top-10 and gives new items places 15, 20, ..., 50)",
     )
     lm: LMConfig = Field(default_factory=LMConfig, description="the language model")
     seed: int = 0

@@ -74,6 +74,7 @@ class OnlineRanker:
         self.lm = p.lm  # the language model, when the bundle has one
         # new-item slots (recsys.lm.cold): items without interactions in the bundle
         self.new_item_every = p.new_item_every if self.lm is not None else 0
+        self.new_item_after = p.new_item_after
         self._cold_pool = cold_pool(h.X) if self.new_item_every else np.zeros(0, np.int64)
         self._hist_ptr, self._hist_items, self._hist_times = h.ptr, h.items, h.times
         p.features  # noqa: B018 - the item-side state, built now rather than in a request
@@ -123,6 +124,6 @@ class OnlineRanker:
             uvec = lm.user_vectors_for(state.chunk)[0]
             items, scores = merge_ranked(
                 items, scores, uvec, lm.text_vectors_, self._cold_pool,
-                self.new_item_every, seen=state.items,
+                self.new_item_every, seen=state.items, after=self.new_item_after,
             )  # fmt: skip
         return Ranked(items, scores)

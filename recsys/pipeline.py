@@ -41,7 +41,7 @@ from recsys.candidates import (
 )
 from recsys.config import PipelineConfig
 from recsys.data import I, IdIndex, T, U, to_internal
-from recsys.lm.cold import cold_order, cold_pool, merge
+from recsys.lm.cold import cold_needed, cold_order, cold_pool, merge, n_slots
 from recsys.memory import release_free_memory, rss_gib
 from recsys.ranker import Ranker
 from recsys.schema import ITEM, USER, DataError
@@ -215,7 +215,7 @@ class Pipeline:
 
             with stage("language model", self.timings_):
                 self.lm_ = LanguageModel(cfg.lm, cfg.seed).fit(h_in, items)
-        if cfg.new_item_every and self.lm_ is None:
+        if cfg.new_item_every and self.lm_ is None and "new_item_every" in cfg.model_fields_set:
             log.warning("new_item_every is set but there is no language model: no new-item slots")
         with stage("sources (targets)", self.timings_):
             sources_in = [s.fit(h_in) for s in make_sources(cfg, self.lm_)]
@@ -492,6 +492,7 @@ class Pipeline:
         # each row's best k pairs, by score descending, then item (pairs are ascending)
         tptr, top = segment_top(s, c.ptr, k)
         cold = self._cold_lists(b, k)
+        after = self.new_item_after
         if cold is None:
             rows, pos = segment_index(tptr), segment_offsets(tptr)
             items[rows, pos] = c.items[top]
@@ -499,7 +500,7 @@ class Pipeline:
             return items, scores
         for r in range(len(b)):
             seg = top[tptr[r] : tptr[r + 1]]
-            its, scs = merge(c.items[seg], s[seg], cold[r], self.new_item_every, k)
+            its, scs = merge(c.items[seg], s[seg], cold[r], self.new_item_every, k, after)
             items[r, : len(its)] = its
             scores[r, : len(its)] = scs
         return items, scores
@@ -514,11 +515,21 @@ class Pipeline:
     def new_item_every(self, n: int) -> None:
         self.new_item_every_ = n
 
+    @property
+    def new_item_after(self) -> int:
+        """Places at the head of a list that new-item slots leave to the ranker."""
+        n = getattr(self, "new_item_after_", None)
+        return int(self.config.new_item_after if n is None else n)
+
+    @new_item_after.setter
+    def new_item_after(self, n: int) -> None:
+        self.new_item_after_ = n
+
     def _cold_lists(self, b: Histories, k: int) -> list[np.ndarray] | None:
         """Each user's best items without interactions for the new-item slots of a
         k-long list, by the language model (None: slots off, or nothing to place)."""
-        every = self.new_item_every
-        if every < 1 or self.lm is None or k < every:
+        every, after = self.new_item_every, self.new_item_after
+        if n_slots(k, every, after) < 1 or self.lm is None:
             return None
         X = self.history_.X
         cached = getattr(self, "_cold_pool_", None)
@@ -528,7 +539,7 @@ class Pipeline:
         if len(pool) == 0:
             return None
         uv = self.lm.user_vectors_for(b)
-        items, _ = cold_order(uv, self.lm.text_vectors_, pool, k // every)
+        items, _ = cold_order(uv, self.lm.text_vectors_, pool, cold_needed(k, every, after))
         return list(items)
 
     def recommend(
@@ -633,7 +644,10 @@ class Pipeline:
         for a missing, damaged or foreign one)."""
         d = Path(path)
         manifest = bundle.read_manifest(d)
-        cfg = PipelineConfig.model_validate(manifest["config"])
+        stored = dict(manifest["config"])
+        # bundles from before `new_item_after` placed their slots from the list's head
+        stored.setdefault("new_item_after", 0)
+        cfg = PipelineConfig.model_validate(stored)
         p = Pipeline(cfg)
         p.user_index_ = IdIndex(pl.read_parquet(d / "users.parquet")[USER])
         p.items_ = pl.read_parquet(d / "items.parquet")

@@ -617,21 +617,32 @@ def test_new_item_slots_place_items_without_interactions(lm_pipeline) -> None:  
     pool = cold_pool(p.history_.X)
     assert len(pool) >= 3  # the synthetic catalogue has items nobody met
     users = np.flatnonzero(p.history_.user_last_t >= 0)[:20]
-    base, _ = p.recommend_indices(users, 10)
-    p.new_item_every = 3
+    want, _ = cold_order(p.lm.user_vectors(users, p.history_), p.lm.text_vectors_, pool, 3)
+    p.new_item_every = 0
+    try:
+        ranker, _ = p.recommend_indices(users, 20)
+    finally:
+        p.new_item_every_ = None
+    # the defaults: every top-10 is the ranker's; places 15 and 20 hold each user's best
+    # items without interactions, by the language model
+    got, scores = p.recommend_indices(users, 20)
+    np.testing.assert_array_equal(got[:, :14], ranker[:, :14])
+    np.testing.assert_array_equal(got[:, [14, 19]], want[:, :2])
+    np.testing.assert_array_equal(got[:, 15:19], ranker[:, 14:18])
+    assert np.isnan(scores[:, [14, 19]]).all() and np.isfinite(scores[:, :14]).all()
+    p.new_item_every, p.new_item_after = 3, 0
     try:
         got, scores = p.recommend_indices(users, 10)
     finally:
-        p.new_item_every_ = None
+        p.new_item_every_ = p.new_item_after_ = None
     slots, rest = [2, 5, 8], [0, 1, 3, 4, 6, 7, 9]
-    # places 3, 6, 9: each user's best items without interactions, by the language model
-    want, _ = cold_order(p.lm.user_vectors(users, p.history_), p.lm.text_vectors_, pool, 3)
+    # places 3, 6, 9 from the head of the list
     np.testing.assert_array_equal(got[:, slots], want)
     assert np.isnan(scores[:, slots]).all()
     # the other places keep the ranker's order and scores
-    np.testing.assert_array_equal(got[:, rest], base[:, :7])
+    np.testing.assert_array_equal(got[:, rest], ranker[:, :7])
     assert np.isfinite(scores[:, rest]).all()
-    assert p.recommend_indices(users, 10)[0].tolist() == base.tolist()  # off again
+    assert p.recommend_indices(users, 10)[0].tolist() == ranker[:, :10].tolist()  # defaults
 
 
 def test_cold_order_breaks_ties_by_index_for_one_user_as_for_many() -> None:
@@ -670,6 +681,15 @@ def test_interleave_keeps_prefixes_and_skips_duplicates() -> None:
         101,
     ]
     assert interleave(ranked, cold, 0)[0].tolist() == ranked.tolist()
+    # a cold item the ranker placed before its slot keeps the ranker's place (and its
+    # score); the slot takes the next cold item
+    got, is_cold = interleave(np.array([100, 1, 2, 3]), np.array([100, 101]), 2)
+    assert got.tolist() == [100, 101, 1, 2, 3] and is_cold.tolist() == [0, 1, 0, 0, 0]
+    # after 4 places of the ranker's alone: places 7 and 10, then the rest at the end
+    full, _ = interleave(ranked, cold, 3, after=4)
+    assert full.tolist() == [1, 2, 3, 4, 5, 6, 100, 7, 8, 101, 9, 10, 102]
+    for k in (4, 7, 9, 10):
+        assert interleave(ranked, cold, 3, k, after=4)[0].tolist() == full[:k].tolist()
 
 
 def test_new_item_slots_are_the_same_online(lm_pipeline, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -677,18 +697,20 @@ def test_new_item_slots_are_the_same_online(lm_pipeline, tmp_path) -> None:  # t
 
     p = lm_pipeline
     users = np.flatnonzero(p.history_.user_last_t >= 0)[:10]
-    p.new_item_every = 3
-    try:
-        offline, scores = p.recommend_indices(users, 10)
-        online = OnlineRanker(p, tree_cache=tmp_path / "trees")
-    finally:
-        p.new_item_every_ = None
-    for r, u in enumerate(users.tolist()):
-        got = online.rank(online.user_state(u))
-        # the same items without interactions at places 3, 6, 9, with no ranker score
-        assert got.items[[2, 5, 8]].tolist() == offline[r, [2, 5, 8]].tolist()
-        assert np.isnan(got.scores[[2, 5, 8]]).all() and np.isnan(scores[r, [2, 5, 8]]).all()
-        assert np.isfinite(got.scores[[0, 1, 3, 4, 6, 7, 9]]).all()
+    for every, after, slots in ((5, 10, [14, 19]), (3, 0, [2, 5, 8, 11, 14, 17])):
+        p.new_item_every, p.new_item_after = every, after
+        try:
+            offline, scores = p.recommend_indices(users, 20)
+            online = OnlineRanker(p, tree_cache=tmp_path / "trees")
+        finally:
+            p.new_item_every_ = p.new_item_after_ = None
+        rest = [j for j in range(20) if j not in slots]
+        for r, u in enumerate(users.tolist()):
+            got = online.rank(online.user_state(u))
+            # the same items without interactions in the same places, with no ranker score
+            assert got.items[:20].tolist() == offline[r].tolist()
+            assert np.isnan(got.scores[slots]).all() and np.isnan(scores[r, slots]).all()
+            assert np.isfinite(got.scores[rest]).all()
 
 
 def test_endpoint_serves_new_item_slots_when_set(lm_pipeline, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -705,11 +727,12 @@ def test_endpoint_serves_new_item_slots_when_set(lm_pipeline, tmp_path) -> None:
     user = lm_pipeline.user_index_.ids[
         int(np.flatnonzero(lm_pipeline.history_.user_last_t >= 0)[0])
     ]
-    for every, slots in ((None, []), (3, [2, 5, 8])):
+    # the bundle's default (5 after 10), the server's setting (3, after the bundle's 10), off
+    for every, slots in ((None, [14, 19]), (3, [12, 15, 18]), (0, [])):
         service = RecService.from_bundle(
             d, limits=ServiceLimits(new_item_every=every), tree_cache=tmp_path / "trees"
         )
-        r = TestClient(create_app(service, Settings())).get(f"/v1/recommendations/{user}?k=10")
+        r = TestClient(create_app(service, Settings())).get(f"/v1/recommendations/{user}?k=20")
         assert r.status_code == 200
         items = r.json()["items"]
         assert [j for j, it in enumerate(items) if it["score"] is None] == slots

@@ -145,8 +145,9 @@ def recommend(
         None,
         "--new-item-every",
         min=0,
-        help="Every n-th place of a list goes to the user's best item without interactions "
-        "(by the language model; score empty). 0 turns it off; default: the bundle's setting.",
+        help="Every n-th place after the bundle's new_item_after (default 10) goes to the "
+        "user's best item without interactions (by the language model; score empty). 0 turns "
+        "it off; default: the bundle's setting (5).",
     ),
     engine: str = typer.Option(
         "local",

@@ -2,12 +2,15 @@
 
 A ranker trained on behaviour has no reason to put an item nobody has met into a
 top-k: its other features are empty, and on merit such an item rarely wins a place.
-Catalogues still need new items shown. With `new_item_every = n`, every n-th place of
-a list (places n, 2n, ...) goes to the user's best item without interactions, ranked
-by the language model: the user vector against the item's text-only vector (the same
-score as the `lm` source, without per-item offsets, which new items do not have). The
-other places keep the ranker's order. A list's first k places are the same whatever
-length is asked for, so the online path can merge once and cut to any k.
+Catalogues still need new items shown. With `new_item_every = n` and `new_item_after = a`,
+places a + n, a + 2n, ... of a list go to the user's best items without interactions,
+ranked by the language model: the user vector against the item's text-only vector (the
+same score as the `lm` source, without per-item offsets, which new items do not have).
+The first `a` places and the others keep the ranker's order. The default (n = 5 after
+a = 10: places 15, 20, ..., 50) leaves every top-10 as the ranker made it, so the
+lists' NDCG@10 on items with behaviour does not move, and gives new items 8 of a
+top-50's places. A list's first k places are the same whatever length is asked for, so
+the online path can merge once and cut to any k.
 
 The offline path (`Pipeline.recommend_indices`) and the online path
 (`recsys.online.OnlineRanker.rank`) both `merge` a ranked list with `cold_order`'s.
@@ -47,44 +50,85 @@ def cold_order(
     return items, scores
 
 
-def interleave(
-    ranked: np.ndarray, cold: np.ndarray, every: int, length: int | None = None
+def n_slots(length: int, every: int, after: int = 0) -> int:
+    """New-item places in the first `length` places of a list."""
+    return max(0, length - after) // every if every >= 1 else 0
+
+
+def _walk(
+    ranked: np.ndarray, cold: np.ndarray, every: int, length: int | None, after: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Merge one user's ranked items with their cold items: places (1-based) divisible
-    by `every` take the next cold item while any remain, the others the next ranked
-    item. Returns (items, is_cold), at most `length` long (default: everything).
-    Cold items already in `ranked` are skipped there."""
+    """The merged list and, per place, the index into `ranked` it came from (-1: from
+    `cold`). Places are filled in order, so a list of k is the first k places of a
+    longer one; an item already placed is skipped where it comes again, so a cold item
+    the ranker put in the list keeps the ranker's place and no slot repeats it."""
+    total = len(ranked) + len(cold) if length is None else length
+    out: list[int] = []
+    src: list[int] = []
+    placed: set[int] = set()
+    ri = ci = 0
+    ranked_l, cold_l = ranked.tolist(), cold.tolist()
+    while len(out) < total:
+        while ri < len(ranked_l) and ranked_l[ri] in placed:
+            ri += 1
+        while ci < len(cold_l) and cold_l[ci] in placed:
+            ci += 1
+        has_r, has_c = ri < len(ranked_l), ci < len(cold_l)
+        if not (has_r or has_c):
+            break
+        p = len(out) + 1
+        # a slot takes the next cold item while any remain; past the last ranked
+        # item, every place does
+        if has_c and (not has_r or (p > after and (p - after) % every == 0)):
+            out.append(cold_l[ci])
+            src.append(-1)
+            ci += 1
+        else:
+            out.append(ranked_l[ri])
+            src.append(ri)
+            ri += 1
+        placed.add(out[-1])
+    return np.asarray(out, dtype=np.int64), np.asarray(src, dtype=np.int64)
+
+
+def interleave(
+    ranked: np.ndarray, cold: np.ndarray, every: int, length: int | None = None, after: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge one user's ranked items with their cold items: places (1-based) p > `after`
+    with (p - after) divisible by `every` take the next cold item while any remain, the
+    others the next ranked item. Returns (items, is_cold), at most `length` long
+    (default: everything). An item is placed once, at its first place: a cold item the
+    ranker ranked before its slot stays where the ranker put it."""
     if every < 1 or len(cold) == 0:
         out = ranked if length is None else ranked[:length]
         return out, np.zeros(len(out), dtype=bool)
-    ranked = ranked[~np.isin(ranked, cold)]
-    total = len(ranked) + len(cold) if length is None else length
-    # how many cold places fit before the ranked items run out
-    n_cold = min(len(cold), total // every)
-    n_warm = min(len(ranked), total - n_cold)
-    # places beyond the last ranked item hold the remaining cold items in order
-    is_cold = np.zeros(n_warm + n_cold, dtype=bool)
-    pos = np.arange(1, len(is_cold) + 1)
-    slots = np.flatnonzero(pos % every == 0)[:n_cold]
-    extra = n_cold - len(slots)
-    is_cold[slots] = True
-    if extra > 0:
-        is_cold[len(is_cold) - extra :] = True
-    out = np.empty(len(is_cold), dtype=np.int64)
-    out[is_cold] = cold[:n_cold]
-    out[~is_cold] = ranked[:n_warm]
-    return out, is_cold
+    out, src = _walk(ranked, cold, every, length, after)
+    return out, src < 0
 
 
 def merge(
-    items: np.ndarray, scores: np.ndarray, cold: np.ndarray, every: int, length: int | None = None
+    items: np.ndarray,
+    scores: np.ndarray,
+    cold: np.ndarray,
+    every: int,
+    length: int | None = None,
+    after: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`interleave` with the scores carried along: the ranked items keep theirs, the
-    cold items get NaN (the ranker did not place them)."""
-    merged, is_cold = interleave(items, cold, every, length)
-    out = np.full(len(merged), np.nan)
-    out[~is_cold] = scores[~np.isin(items, cold)][: int((~is_cold).sum())]
-    return merged, out
+    cold items in slots get NaN (the ranker did not place them)."""
+    if every < 1 or len(cold) == 0:
+        n = len(items) if length is None else min(length, len(items))
+        return items[:n], scores[:n].astype(np.float64)
+    out, src = _walk(items, cold, every, length, after)
+    sc = np.full(len(out), np.nan)
+    sc[src >= 0] = scores[src[src >= 0]]
+    return out, sc
+
+
+def cold_needed(length: int, every: int, after: int = 0) -> int:
+    """Cold items to rank for the slots of a list of `length` places: one per slot,
+    and as many again as places, for those the ranker already placed (skipped)."""
+    return n_slots(length, every, after) + length if n_slots(length, every, after) else 0
 
 
 def merge_ranked(
@@ -95,6 +139,7 @@ def merge_ranked(
     pool: np.ndarray,
     every: int,
     seen: np.ndarray | None = None,
+    after: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One user's whole ranked list (items, scores) with the new-item slots merged in:
     the online form of what `Pipeline.recommend_indices` does for a k-long list (its
@@ -103,6 +148,10 @@ def merge_ranked(
         return items, scores
     if seen is not None and len(seen):
         pool = pool[~np.isin(pool, seen)]
-    n = len(items) // max(every - 1, 1) + 1  # enough for every slot of the whole list
-    cold, _ = cold_order(user_vector.reshape(1, -1), text_vectors, pool, n)
-    return merge(items, scores, cold[0], every)
+    # as long as the ranked list with its slots, and a few cold items after it where
+    # it is short; each of its first k places is that of a k-long list offline
+    length = len(items) + len(items) // max(every - 1, 1) + 1
+    cold, _ = cold_order(
+        user_vector.reshape(1, -1), text_vectors, pool, max(cold_needed(length, every, after), 1)
+    )
+    return merge(items, scores, cold[0], every, length, after)

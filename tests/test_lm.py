@@ -27,11 +27,12 @@ def test_item_text_default_and_template() -> None:
     assert item_texts(pl.DataFrame({"item_id": [1]})) == [""]
 
 
-def test_user_tower_numpy_equals_torch() -> None:
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_user_tower_numpy_equals_torch(layers: int) -> None:
     from recsys.lm.user_tower import UserTower, user_vectors_numpy
 
     torch.manual_seed(1)
-    ut = UserTower(8, 5)
+    ut = UserTower(8, 5, layers).eval()
     with torch.no_grad():  # non-trivial weights everywhere
         for p in ut.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -42,6 +43,27 @@ def test_user_tower_numpy_equals_torch() -> None:
     got = user_vectors_numpy(ut.numpy_state(), x.numpy(), mask.numpy())
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_user_tower_block_reads_the_history_in_order() -> None:
+    """Each place attends to itself and older places only: changing the most recent
+    item leaves the older places' outputs as they were, while changing the oldest
+    changes every place's."""
+    from recsys.lm.user_tower import Block
+
+    torch.manual_seed(0)
+    block = Block(8)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    h = torch.randn(1, 4, 8)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    base = block(h, mask)
+    newer, older = h.clone(), h.clone()
+    newer[0, 0] += torch.randn(8)  # (a constant shift is what layer norm removes)
+    older[0, 3] += torch.randn(8)
+    torch.testing.assert_close(block(newer, mask)[0, 1:], base[0, 1:])
+    assert not torch.allclose(block(older, mask)[0, 0], base[0, 0])
 
 
 def test_next_item_examples_and_logq_loss() -> None:
@@ -149,7 +171,9 @@ def test_checkpoint_resumes(synth_data, lm_config, tmp_path, monkeypatch) -> Non
     assert b.timings_["train"] < a.timings_["train"]
 
 
-def test_time_budget_ends_training_between_whole_epochs(synth_data, lm_config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_time_budget_ends_training_between_whole_epochs(
+    synth_data, lm_config, monkeypatch, caplog
+) -> None:  # type: ignore[no-untyped-def]
     """A budget that runs out inside an epoch ends the fit before that epoch: the model
     is the one the same number of whole epochs gives without a budget (so a fit does
     not depend on where in an epoch the machine's speed put the deadline)."""
@@ -178,9 +202,14 @@ def test_time_budget_ends_training_between_whole_epochs(synth_data, lm_config, m
     whole = two.history_["heads"][0]["examples"]
     # up to five epochs under a budget that ends half-way through the third
     budgeted = cfg.model_copy(update={"epochs": 5, "cpu_time_budget_s": 2.5 * epoch_s})
-    b = M.LanguageModel(budgeted).fit(h, items)
+    with caplog.at_level("WARNING", logger="recsys"):
+        b = M.LanguageModel(budgeted).fit(h, items)
     assert [e["examples"] for e in b.history_["heads"]] == [whole, whole]
     np.testing.assert_array_equal(b.item_vectors_, two.item_vectors_)
+    # the user is told that the machine's speed, not validation, ended training
+    assert len(b.budget_bound_) == 1 and b.budget_bound_[0].startswith("no heads epoch 3:")
+    assert any("depends on this machine's speed" in r.message for r in caplog.records)
+    assert not two.budget_bound_
 
 
 def test_encoder_epoch_starts_only_where_half_of_it_fits() -> None:

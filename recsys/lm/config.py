@@ -63,6 +63,12 @@ class LMConfig(BaseModel):
         "the lists",
     )
     history_len: int = Field(20, ge=1, description="recent items the user tower attends to")
+    user_layers: int = Field(
+        0,
+        ge=0,
+        description="transformer blocks over the history, in order, before the user tower's "
+        "pooling (0: attention pooling with positions alone)",
+    )
     batch_size: int = Field(256, ge=8, description="CPU batch; CUDA uses 4x")
     negatives: int = Field(1024, ge=0, description="uniformly sampled negatives per batch")
     lr: float = Field(2e-3, gt=0, description="heads (projection, user tower)")

@@ -181,7 +181,7 @@ class LanguageModel:
         n_valid = validation_users(len(ex), cfg.valid_users, cfg.valid_share)
         train_ex, valid_ex = split_validation(ex, n_valid, rng)
         log.info("lm: %d training examples, %d for validation", len(train_ex), len(valid_ex))
-        user_tower = UserTower(self.dim_, cfg.history_len)
+        user_tower = UserTower(self.dim_, cfg.history_len, cfg.user_layers)
         scale = nn.Parameter(torch.tensor(np.log(20.0), dtype=torch.float32))
         counts = np.bincount(train_ex.target, minlength=h.n_items).astype(np.float64)
         bs = cfg.batch_size * (4 if cuda else 1)
@@ -239,6 +239,7 @@ class LanguageModel:
             state.finish(ckdir)
         self.timings_["train"] = time.perf_counter() - t0
         self.history_: dict[str, list[dict[str, float]]] = state.history
+        self.budget_bound_ = state.budget_bound
         self.best_recall_ = state.best
         self.encoder_tuned_ = state.best_uses_encoder
         self.recall_at_ = cfg.recall_at
@@ -438,6 +439,7 @@ class LanguageModel:
             "max_length": self.config.max_length,
             "dim": self.dim_,
             "history_len": self.config.history_len,
+            "user_layers": len(self.user_tower_.blocks),
             "id_items": int(tower.head.n_items),
             "encoder_fine_tuned": bool(self.encoder_tuned_),
             "fine_tuning": self.config.finetune,
@@ -469,7 +471,7 @@ class LanguageModel:
         # since the bundle's checksums were verified
         st = (d / files["item_tower"]).stat()
         lm.__dict__["_item_tower_source"] = (d, dict(section), (st.st_size, st.st_mtime_ns))
-        ut = UserTower(section["dim"], section["history_len"])
+        ut = UserTower(section["dim"], section["history_len"], section.get("user_layers", 0))
         ut.load_state_dict(load_file(str(d / files["user_tower"])))
         lm.user_tower_ = ut.eval()
         lm.user_state_ = ut.numpy_state()
@@ -586,6 +588,7 @@ class _TrainState:
         self.best_state: dict[str, torch.Tensor] = {}
         self.best_uses_encoder = False
         self.history: dict[str, list[dict[str, float]]] = {"heads": [], "encoder": []}
+        self.budget_bound: list[str] = []  # what the time budget cut short
         # threads of the passes without gradients (the item table); training keeps its own
         self.encode_threads = torch.get_num_threads()
 
@@ -785,11 +788,9 @@ class _TrainState:
             t_epoch = time.perf_counter()
             if deadline is not None and t_epoch + last_s > deadline:
                 if last_s:
-                    log.info(
-                        "lm %s: no epoch %d, it would end past the time budget (%.0f s each)",
-                        phase,
-                        epoch + 1,
-                        last_s,
+                    self.budget_warning(
+                        f"no {phase} epoch {epoch + 1}: it would end past the time budget "
+                        f"({last_s:.0f} s each) while validation recall was still improving"
                     )
                 break
             erng = np.random.default_rng([seed, 0 if phase == "heads" else 1, epoch])
@@ -865,6 +866,7 @@ class _TrainState:
             if skipped:
                 rate = seen_ex / max(time.perf_counter() - t0, 1e-9)
                 left = max(0.0, deadline - time.perf_counter()) if deadline else 0.0
+                self.budget_warning("the encoder is not fine-tuned: under half an epoch fits")
                 log.info(
                     "lm encoder: not fine-tuned, about %.0f of an epoch's %d examples would fit "
                     "in the %.0f s left of the time budget (%.0f ex/s); the heads are kept",
@@ -910,11 +912,24 @@ class _TrainState:
                 ckdir,
                 {"phase": phase, "epoch": epoch, "bad": bad, "where": f"{phase} epoch {epoch + 1}"},
             )
+            if stopped and bad < cfg.patience:
+                self.budget_warning(f"{phase} epoch {epoch + 1} was cut short")
             if bad >= cfg.patience or stopped:
                 break
             last_s = time.perf_counter() - t_epoch
         for p in self.encoder_params().values():
             p.requires_grad_(False)
+
+    def budget_warning(self, what: str) -> None:
+        """The CPU time budget, not the validation recall, ended training: the model then
+        depends on the machine's speed (a slower CPU trains fewer epochs)."""
+        self.budget_bound.append(what)
+        log.warning(
+            "lm: %s. The CPU time budget ended training, so this model depends on this "
+            "machine's speed; set lm.cpu_time_budget_s higher (or None) for the model that "
+            "validation recall alone would choose",
+            what,
+        )
 
     def validate(
         self,

@@ -1,7 +1,19 @@
-"""The user tower: recency-aware attention pooling over the user's recent item vectors.
+"""The user tower: recency-aware attention pooling over the user's recent item vectors,
+optionally after `layers` transformer blocks over the history in order.
 
 A handful of small matrices, so a user vector costs microseconds: `user_vectors_numpy`
 computes exactly what `UserTower.forward` computes, for serving without torch.
+
+With blocks, each history item first reads the others (pre-norm, one head, causal in
+time: an item attends to itself and to what came before it), so the history is read
+as a sequence (SASRec's block, over text vectors):
+
+    h   = x + p                              (p: learned position of each place)
+    h  += W_v' softmax(causal((W_q' n(h)) (W_k' n(h))^T / sqrt(d))) W_v n(h)
+    h  += W_2 gelu(W_1 n(h))                 (n: layer norm)
+
+and the pooling below runs over h (the blocks' residual branches start at zero, so an
+untrained block passes the history through). Without blocks (the default):
 
     q   = w_q + W_q x_0                      (x_0: the most recent item)
     a_j = softmax_j((W_k x_j + p_j) . q / sqrt(d) + b_j)   over the valid positions
@@ -16,11 +28,39 @@ import torch
 from torch import nn
 
 
+class Block(nn.Module):
+    """One pre-norm transformer block over the history, one attention head, causal in
+    time (position 0 is the most recent item, so place j sees places j, j+1, ...)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        for m in (self.proj, self.fc2):  # residual branches start at zero
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        d = h.shape[-1]
+        L = h.shape[1]
+        q, k, v = self.qkv(self.ln1(h)).split(d, dim=-1)
+        logits = q @ k.transpose(1, 2) / d**0.5  # [B, L(query), L(key)]
+        later = torch.ones(L, L, dtype=torch.bool, device=h.device).tril(-1)  # key more recent
+        logits = logits.masked_fill(later.unsqueeze(0) | ~mask.unsqueeze(1), -1e9)
+        h = h + self.proj(torch.softmax(logits, dim=-1) @ v)
+        return h + self.fc2(nn.functional.gelu(self.fc1(self.ln2(h))))
+
+
 class UserTower(nn.Module):
-    def __init__(self, dim: int, history_len: int) -> None:
+    def __init__(self, dim: int, history_len: int, layers: int = 0) -> None:
         super().__init__()
         self.dim = dim
         self.history_len = history_len
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(layers))
         self.query = nn.Parameter(torch.zeros(dim))
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
@@ -36,6 +76,11 @@ class UserTower(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: [B, L, d] item vectors, position 0 the most recent; mask: [B, L] bool."""
         L = x.shape[1]
+        if len(self.blocks):
+            h = x + self.pos[:L]
+            for block in self.blocks:
+                h = block(h, mask)
+            x = h * mask.unsqueeze(-1)
         q = self.query + self.q_proj(x[:, 0])
         k = self.k_proj(x) + self.pos[:L]
         logits = (k @ q.unsqueeze(-1)).squeeze(-1) / self.dim**0.5 + self.recency[:L]
@@ -59,6 +104,13 @@ def user_vectors_numpy(state: dict[str, np.ndarray], x: np.ndarray, mask: np.nda
     x = x.astype(np.float64)
     d = x.shape[-1]
     L = x.shape[1]
+    n_blocks = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    if n_blocks:
+        h = x + state["pos"][:L]
+        for b in range(n_blocks):
+            h = _block_numpy({k[len(f"blocks.{b}.") :]: v for k, v in state.items()
+                              if k.startswith(f"blocks.{b}.")}, h, mask)  # fmt: skip
+        x = h * mask[..., None]
     q = state["query"] + x[:, 0] @ state["q_proj.weight"].T
     k = x @ state["k_proj.weight"].T + state["pos"][:L]
     logits = np.einsum("bld,bd->bl", k, q) / np.sqrt(d) + state["recency"][:L]
@@ -70,6 +122,31 @@ def user_vectors_numpy(state: dict[str, np.ndarray], x: np.ndarray, mask: np.nda
     u = s + s @ state["out.weight"].T + state["out.bias"] + state["last_mix"] * x[:, 0]
     n = np.linalg.norm(u, axis=1, keepdims=True)
     return (u / np.maximum(n, 1e-12)).astype(np.float32)
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def _block_numpy(s: dict[str, np.ndarray], h: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`Block.forward` in numpy (float64)."""
+    from scipy.special import erf
+
+    d, L = h.shape[-1], h.shape[1]
+    qkv = _layer_norm(h, s["ln1.weight"], s["ln1.bias"]) @ s["qkv.weight"].T + s["qkv.bias"]
+    q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
+    logits = np.einsum("bid,bjd->bij", q, k) / np.sqrt(d)
+    later = np.tril(np.ones((L, L), dtype=bool), -1)
+    logits = np.where(later[None] | ~mask[:, None, :], -1e9, logits)
+    logits = logits - logits.max(-1, keepdims=True)
+    e = np.exp(logits)
+    a = e / e.sum(-1, keepdims=True)
+    h = h + np.einsum("bij,bjd->bid", a, v) @ s["proj.weight"].T + s["proj.bias"]
+    f = _layer_norm(h, s["ln2.weight"], s["ln2.bias"]) @ s["fc1.weight"].T + s["fc1.bias"]
+    f = 0.5 * f * (1.0 + erf(f / np.sqrt(2.0)))
+    return h + f @ s["fc2.weight"].T + s["fc2.bias"]
 
 
 def history_matrix(

@@ -116,7 +116,8 @@ class LMConfig(BaseModel):
     cpu_threads: int | None = Field(
         1,
         ge=1,
-        description="torch threads while fitting on CPU; None = torch's default. One thread "
-        "is the fastest on a shared machine (small ops spin-wait when cores are busy)",
+        description="torch threads while fine-tuning the encoder on CPU; None = torch's "
+        "default. One thread is the fastest on a shared machine (small ops spin-wait when "
+        "cores are busy); encoding and the heads' epochs use every core",
     )
     device: str | None = Field(None, description="'cpu', 'cuda', ...; None = CUDA if available")

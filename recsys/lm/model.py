@@ -18,12 +18,14 @@ Each epoch writes a checkpoint; a rerun with the same data and settings resumes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,17 @@ log = logging.getLogger("recsys")
 
 # encoder steps timed before deciding whether a first encoder epoch can be half done
 PROBE_STEPS = 10
+
+
+@contextlib.contextmanager
+def deterministic(on: bool = True) -> Iterator[None]:
+    """torch's deterministic algorithms inside the block (where `on`), as before after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on or before)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def half_epoch_fits(seen: int, elapsed: float, left: float, epoch: int) -> bool:
@@ -205,8 +218,13 @@ class LanguageModel:
                 now = time.perf_counter()
                 heads_deadline = now + max(0.0, deadline - now) * cfg.heads_budget_share
             # the heads' steps are a few large products: every core pays here (15.6
-            # against 21.5 s an epoch on ml-latest-small, two cores, the same losses)
-            with ops_threads(state.encode_threads if not cuda else torch.get_num_threads()):
+            # against 21.5 s an epoch on ml-latest-small, two cores). Deterministic
+            # kernels: on several threads the gradients' scatter-adds otherwise sum in
+            # whatever order the threads finish, and two fits of a seed would differ
+            with (
+                ops_threads(state.encode_threads if not cuda else torch.get_num_threads()),
+                deterministic(not cuda),
+            ):
                 state.run_phase(
                     "heads",
                     cfg,

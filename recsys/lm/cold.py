@@ -128,7 +128,8 @@ def merge(
 def cold_needed(length: int, every: int, after: int = 0) -> int:
     """Cold items to rank for the slots of a list of `length` places: one per slot,
     and as many again as places, for those the ranker already placed (skipped)."""
-    return n_slots(length, every, after) + length if n_slots(length, every, after) else 0
+    slots = n_slots(length, every, after)
+    return slots + length if slots else 0
 
 
 def merge_ranked(

@@ -433,16 +433,13 @@ class ALS:
                 out[r] = np.linalg.solve(A, rhs).astype(np.float32)
         return out
 
+    def rows(self, b: Histories, n_items: int) -> ProductRows:
+        """User factors against item factors, the same for one user as in a chunk."""
+        Y = ItemMatrix.cached(self, self.item_factors_)
+        return ProductRows(self.user_factors(b, n_items), Y, n_items)
+
     def scores(self, b: Histories, n_items: int) -> np.ndarray:
-        # float64 products rounded to float32: the same values for one user as for a
-        # chunk (a float32 product's last bit depends on the BLAS kernel the chunk's
-        # size picks, which would reorder near-equal scores between the two)
-        cache = getattr(self, "_yt", None)
-        if cache is None or cache[0] is not self.item_factors_:
-            Yt = np.ascontiguousarray(self.item_factors_.T, dtype=np.float64)
-            cache = self._yt = (self.item_factors_, Yt)
-        U64 = self.user_factors(b, n_items).astype(np.float64)
-        return (U64 @ cache[1][:, :n_items]).astype(np.float32)
+        return self.rows(b, n_items).dense()
 
     def state(self) -> dict[str, np.ndarray]:
         return {"user_factors": self.user_factors_, "item_factors": self.item_factors_}
@@ -645,14 +642,7 @@ def top_lists(
     if n == 0 or len(S) == 0:
         return np.zeros(len(S) + 1, np.int64), np.zeros(0, np.int64)
     B, m = S.shape
-    # group maxima: halve the row while at least 2n groups stay (the halves' maxima
-    # are maxima of disjoint groups; a dropped odd column only loosens the bound)
-    M = S
-    while M.shape[1] // 2 >= 2 * n:
-        h = M.shape[1] // 2
-        M = np.maximum(M[:, :h], M[:, h : 2 * h])
-    w = M.shape[1]
-    bound = np.partition(M, w - n, axis=1)[:, w - n]  # <= each row's n-th score
+    bound = _nth_lower_bound(S, n)
     flat = np.flatnonzero(np.greater(S, bound[:, None]))
     rows, cols = flat // m, flat % m
     above = np.bincount(rows, minlength=B)
@@ -670,6 +660,19 @@ def top_lists(
     keep = segment_offsets(ptr) < n
     counts = np.minimum(counts, n)
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), cols[keep].astype(np.int64)
+
+
+def _nth_lower_bound(S: np.ndarray, n: int) -> np.ndarray:
+    """A lower bound of each row's n-th largest value (1 <= n <= columns): the n-th
+    largest of the maxima of disjoint groups of the row's columns. The row is halved
+    while at least 2n groups stay (the halves' maxima are maxima of disjoint groups; a
+    dropped odd column only loosens the bound), so no full row is selected or sorted."""
+    M = S
+    while M.shape[1] // 2 >= 2 * n:
+        h = M.shape[1] // 2
+        M = np.maximum(M[:, :h], M[:, h : 2 * h])
+    w = M.shape[1]
+    return np.partition(M, w - n, axis=1)[:, w - n]
 
 
 def _by_row_then_score(rows: np.ndarray, vals: np.ndarray) -> np.ndarray:
@@ -731,6 +734,99 @@ class DenseRows:
 
     def at(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         return self.S[rows, items]
+
+
+class ItemMatrix:
+    """Item vectors [items, d] (float32) as a product source multiplies them: their
+    transpose in float32 (for BLAS), the rows in float64 (for exact scores), and the
+    largest norm (for `ProductRows`' error bound)."""
+
+    def __init__(self, V: np.ndarray) -> None:
+        self.source = V
+        V32 = np.ascontiguousarray(V, dtype=np.float32)
+        self.V64 = V32.astype(np.float64)
+        self.Vt = np.ascontiguousarray(V32.T)
+        norms = np.sqrt((self.V64**2).sum(axis=1))
+        self.max_norm = float(norms.max(initial=0.0))
+        self.finite = bool(np.isfinite(V32).all())
+
+    @classmethod
+    def cached(cls, owner: object, V: np.ndarray) -> ItemMatrix:
+        """The matrix of `V`, kept on `owner` until it holds other vectors."""
+        m = getattr(owner, "_item_matrix", None)
+        if m is None or m.source is not V:
+            m = cls(V)
+            owner._item_matrix = m  # type: ignore[attr-defined]
+        return m
+
+
+def exact_products(U: np.ndarray, V: np.ndarray, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """float32 [len(rows)]: U[rows] . V[items] (float64 arrays), each pair summed on its
+    own (numpy's einsum loop over the d products, whose order depends on d alone), so a
+    pair's score has the same bits whatever else is computed with it: a user alone as
+    in a chunk. (A BLAS product's last bits depend on the kernel its shape picks, which
+    would reorder near-equal scores.) Blocks of 1,024 pairs stay in the cache."""
+    out = np.empty(len(rows), dtype=np.float32)
+    for a in range(0, len(rows), 1024):
+        out[a : a + 1024] = np.einsum("ij,ij->i", U[rows[a : a + 1024]], V[items[a : a + 1024]])
+    return out
+
+
+class ProductRows:
+    """Scores that are products of user and item vectors, `exact_products` of U and V.
+
+    The top of each row comes from a float32 product with BLAS (a float64 one costs
+    twice the time and memory traffic): it differs from the exact score by at most
+    `err` = (d + 2) 2^-24 |u| max|v| (the bound of any summation order, with the final
+    rounding), so every item of the exact top-n scores at least the row's n-th float32
+    score less 2 err. Only those are scored exactly and ordered, so the top is the one
+    `top_lists` gives on the exact scores, ties by item index included."""
+
+    def __init__(self, U: np.ndarray, items: ItemMatrix, n_items: int) -> None:
+        self.U = np.ascontiguousarray(U, dtype=np.float32)
+        self.U64 = self.U.astype(np.float64)
+        self.items = items
+        self.n_items = n_items
+
+    def exact(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return exact_products(self.U64, self.items.V64, rows, items)
+
+    def at(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return self.exact(rows, items)
+
+    def dense(self, block: int = 1 << 18) -> np.ndarray:
+        """Every exact score [users, n_items], in blocks of about `block` pairs."""
+        B, m = len(self.U), self.n_items
+        out = np.empty((B, m), dtype=np.float32)
+        step = max(1, block // max(B, 1))
+        for a in range(0, m, step):
+            cols = np.arange(a, min(m, a + step))
+            r = np.repeat(np.arange(B), len(cols))
+            out[:, a : a + len(cols)] = self.exact(r, np.tile(cols, B)).reshape(B, len(cols))
+        return out
+
+    def top(self, seen: sp.csr_matrix, n: int) -> tuple[np.ndarray, np.ndarray]:
+        B, m = len(self.U), self.n_items
+        n = min(n, m)
+        if n == 0 or B == 0:
+            return np.zeros(B + 1, np.int64), np.zeros(0, np.int64)
+        S = self.U @ self.items.Vt[:, :m]
+        if not (self.items.finite and np.isfinite(S).all()):
+            return top_lists(self.dense(), seen, n)  # the exact scores decide alone
+        S[segment_index(seen.indptr.astype(np.int64)), seen.indices] = -np.inf
+        unorm = np.sqrt((self.U64**2).sum(axis=1))
+        err = (self.U.shape[1] + 2) * 2.0**-24 * unorm * self.items.max_norm
+        bound = _nth_lower_bound(S, n).astype(np.float64)
+        # twice the margin the proof needs, against the rounding of the threshold itself
+        thr = np.where(np.isfinite(bound), bound - 4 * err, np.finfo(np.float32).min)
+        flat = np.flatnonzero(np.greater_equal(S, thr.astype(np.float32)[:, None]))
+        rows, cols = flat // m, flat % m
+        o = _by_row_then_score(rows, self.exact(rows, cols))  # (rows, cols) ascending
+        rows, cols = rows[o], cols[o]
+        counts = np.bincount(rows, minlength=B)
+        keep = segment_offsets(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)) < n
+        counts = np.minimum(counts, n)
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), cols[keep]
 
 
 class SparseRows:
@@ -823,7 +919,9 @@ class OrderRows:
         return self.counts[items]
 
 
-def source_rows(s: Source, b: Histories, n_items: int) -> DenseRows | SparseRows | OrderRows:
+def source_rows(
+    s: Source, b: Histories, n_items: int
+) -> DenseRows | SparseRows | OrderRows | ProductRows:
     """A source's scores for a chunk in the form it computes them cheapest."""
     rows = getattr(s, "rows", None)
     if rows is not None:

@@ -282,3 +282,39 @@ def test_sparse_rows_take_the_same_lists_as_dense_rows() -> None:
         want = top_lists(full.copy(), seen, n)
         np.testing.assert_array_equal(got[0], want[0], err_msg=f"{trial}")
         np.testing.assert_array_equal(got[1], want[1], err_msg=f"{trial}")
+
+
+def test_product_rows_list_the_exact_scores_top_and_one_user_alone_the_same() -> None:
+    """A product source's top comes from a float32 BLAS product and its error bound:
+    it must be the top of the exact scores (ties by index, never a seen item), and a
+    user's scores must have the same bits alone as in a chunk."""
+    from recsys.candidates import ItemMatrix, ProductRows
+
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        n_rows, n_items, d = (
+            int(rng.integers(1, 9)),
+            int(rng.integers(1, 400)),
+            int(rng.integers(1, 70)),
+        )
+        U = rng.standard_normal((n_rows, d)).astype(np.float32)
+        V = rng.standard_normal((n_items, d)).astype(np.float32)
+        if trial % 3 == 0:  # near-equal and equal scores: few distinct, nearly parallel items
+            base = rng.standard_normal(d).astype(np.float32)
+            V = (base + 1e-6 * rng.integers(-2, 3, (n_items, 1))).astype(np.float32)
+        if trial % 5 == 0:
+            V[rng.random(n_items) < 0.3] = 0.0  # exact ties at zero
+        rows = ProductRows(U, ItemMatrix(V), n_items)
+        exact = rows.dense()
+        seen = sp.csr_matrix((rng.random((n_rows, n_items)) < 0.2).astype(np.float32))
+        n = int(rng.integers(1, n_items + 5))
+        got = rows.top(seen, n)
+        want = top_lists(exact.copy(), seen, n)
+        np.testing.assert_array_equal(got[0], want[0], err_msg=f"{trial}")
+        np.testing.assert_array_equal(got[1], want[1], err_msg=f"{trial}")
+        for r in range(n_rows):
+            alone = ProductRows(U[r : r + 1], ItemMatrix(V), n_items).dense()[0]
+            assert alone.tobytes() == exact[r].tobytes(), f"{trial}, row {r}"
+        # the exact scores are the float64 product rounded once to float32
+        ref = (U.astype(np.float64) @ V.T.astype(np.float64)).astype(np.float32)
+        np.testing.assert_allclose(exact, ref, rtol=0, atol=1e-6 * np.abs(ref).max(initial=1))

@@ -384,17 +384,6 @@ class LanguageModel:
         hist = h.last_items(np.asarray(users), self.config.history_len)
         return self.user_vectors_from(hist)
 
-    @property
-    def item_vectors_t64(self) -> np.ndarray:
-        """The item vectors' transpose in float64 (what the LM source multiplies by)."""
-        c = getattr(self, "_iv_t64", None)
-        if c is None or c[0] is not self.item_vectors_:
-            c = self._iv_t64 = (
-                self.item_vectors_,
-                np.ascontiguousarray(self.item_vectors_.T, np.float64),
-            )
-        return c[1]
-
     def user_vectors_for(self, b: Histories) -> np.ndarray:
         """[len(b), d] for a chunk of users' events, computed once per chunk."""
         v = b.memo.get(self)

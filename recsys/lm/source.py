@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from features.batch import Histories
-from recsys.candidates import History
+from recsys.candidates import DenseRows, History, ItemMatrix, ProductRows
 from recsys.lm.cold import cold_pool
 
 if TYPE_CHECKING:
@@ -34,16 +34,24 @@ class LMNearest:
         self.cold_ = cold_pool(h.X) if self.cold_slots > 0 else np.zeros(0, np.int64)
         return self
 
+    def rows(self, b: Histories, n_items: int) -> ProductRows | DenseRows:
+        """User vectors against item vectors (`ProductRows`: the same scores for a user
+        alone as in a chunk); with cold slots, the dense rows they rewrite."""
+        if self.cold_slots > 0:
+            return DenseRows(self.scores(b, n_items), finite=True)
+        return self._products(b, n_items)
+
+    def _products(self, b: Histories, n_items: int) -> ProductRows:
+        V = ItemMatrix.cached(self.model, self.model.item_vectors_)
+        return ProductRows(self.model.user_vectors_for(b), V, n_items)
+
     def scores(self, b: Histories, n_items: int) -> np.ndarray:
-        u = self.model.user_vectors_for(b)
-        # float64 products rounded to float32: the same scores for a user alone as in
-        # a chunk (see recsys.candidates.ALS.scores)
-        s = (u.astype(np.float64) @ self.model.item_vectors_t64[:, :n_items]).astype(np.float32)
+        s = self._products(b, n_items).dense()
         if self.cold_slots > 0:
             cold = self.cold_[self.cold_ < n_items]
             if len(cold) and len(cold) < n_items:
-                tv = self.model.text_vectors_[cold].T.astype(np.float64)
-                cs = (u.astype(np.float64) @ tv).astype(np.float32)
+                u = self.model.user_vectors_for(b)
+                cs = ProductRows(u, ItemMatrix(self.model.text_vectors_[cold]), len(cold)).dense()
                 s[:, cold] = interleave_cold(np.delete(s, cold, axis=1), cs, self.cold_slots)
         return s
 

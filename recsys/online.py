@@ -78,7 +78,7 @@ class OnlineRanker:
         self._cold_pool = cold_pool(h.X) if self.new_item_every else np.zeros(0, np.int64)
         self._hist_ptr, self._hist_items, self._hist_times = h.ptr, h.items, h.times
         p.features  # noqa: B018 - the item-side state, built now rather than in a request
-        self.trees = TreeEnsemble(p.ranker_.boosters_, cache_dir=tree_cache)
+        self.trees = TreeEnsemble(p.ranker_, cache_dir=tree_cache)
 
     # -- state -------------------------------------------------------------------
     def user_state(self, u: int, extra: tuple[np.ndarray, np.ndarray] | None = None) -> UserState:

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import lightgbm as lgb
 import numpy as np
 import polars as pl
 from safetensors.numpy import load_file, save_file
@@ -417,15 +416,15 @@ class Pipeline:
         """The ranker's trees compiled to native code (lleaves; cached on disk under
         `RECSYS_TREE_CACHE`), on `threads` threads (None: every core): about five times
         LightGBM's own predict on the same rows, and the same scores (checked on the
-        first chunk)."""
+        first chunk, once per compiled model and cache)."""
         cached = getattr(self, "_compiled", None)
         if cached is None or cached[0] is not self.ranker_:
             from recsys.trees import TreeEnsemble
 
             t0 = time.perf_counter()
-            te = TreeEnsemble(self.ranker_.boosters_)
+            te = TreeEnsemble(self.ranker_)
             log.info("ranker trees compiled in %.1f s (%s)", time.perf_counter() - t0, te.backend)
-            cached = self._compiled = (self.ranker_, te, [False])
+            cached = self._compiled = (self.ranker_, te, [te.checked])
         te, checked = cached[1], cached[2]
         te.n_jobs = threads or os.cpu_count() or 1
 
@@ -667,11 +666,10 @@ class Pipeline:
             prefix = f"{s.name}."
             state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             p.sources_.append(s.load_state(state, p.history_))
-        r = Ranker()
-        models = manifest["ranker"]["models"]
-        r.boosters_ = [lgb.Booster(model_file=str(d / name)) for name in models]
-        r.features_ = list(manifest["ranker"]["features"])
-        r.best_score_ = float(manifest["ranker"]["validation_ndcg@10"])
-        p.ranker_ = r
+        p.ranker_ = Ranker.from_texts(
+            [(d / name).read_text() for name in manifest["ranker"]["models"]],
+            manifest["ranker"]["features"],
+            float(manifest["ranker"]["validation_ndcg@10"]),
+        )
         p.manifest_ = manifest
         return p

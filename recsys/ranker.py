@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import lightgbm as lgb
 import numpy as np
 import polars as pl
 
 from recsys.schema import DataError
+
+if TYPE_CHECKING:
+    import lightgbm as lgb
 
 log = logging.getLogger("recsys")
 
@@ -61,6 +64,39 @@ class Ranker:
         # the rest keep 1
         self.feature_gain = dict(feature_gain or {})
 
+    @classmethod
+    def from_texts(cls, texts: list[str], features: list[str], best_score: float) -> Ranker:
+        """A fitted ranker from its models' LightGBM texts (a bundle's files). LightGBM
+        is imported when the boosters are first used: compiled trees whose cache was
+        checked against LightGBM need neither (a batch job's workers start faster)."""
+        r = cls()
+        r.__dict__["_model_texts"] = list(texts)
+        r.features_ = list(features)
+        r.best_score_ = best_score
+        return r
+
+    @property
+    def boosters_(self) -> list[lgb.Booster]:
+        boosters: list[lgb.Booster] | None = self.__dict__.get("_boosters")
+        if boosters is None:
+            texts = self.__dict__.get("_model_texts")
+            if texts is None:
+                raise AttributeError("the ranker is not fitted")
+            import lightgbm as lgb
+
+            boosters = self.__dict__["_boosters"] = [lgb.Booster(model_str=t) for t in texts]
+        return boosters
+
+    @boosters_.setter
+    def boosters_(self, boosters: list[lgb.Booster]) -> None:
+        self.__dict__["_boosters"] = boosters
+        self.__dict__.pop("_model_texts", None)
+
+    def model_texts(self) -> list[str]:
+        """Each model's LightGBM text (as read from the bundle, else from the boosters)."""
+        texts: list[str] | None = self.__dict__.get("_model_texts")
+        return texts if texts is not None else [b.model_to_string() for b in self.boosters_]
+
     def _params(self, features: list[str]) -> dict[str, object]:
         params: dict[str, object] = {
             "objective": "lambdarank",
@@ -86,6 +122,8 @@ class Ranker:
         self, X: np.ndarray, y: np.ndarray, group_ids: np.ndarray, features: list[str]
     ) -> Ranker:
         """X: [rows, features] float32, rows contiguous per group."""
+        import lightgbm as lgb
+
         self.features_ = list(features)
         rng = np.random.default_rng(self.seed)
         groups = rng.permutation(np.unique(group_ids))
@@ -103,7 +141,7 @@ class Ranker:
             folds = [groups[: max(1, int(len(groups) * self.valid_fraction))]]
         params = self._params(self.features_)
         Xn = np.asarray(X, dtype=np.float32)
-        self.boosters_: list[lgb.Booster] = []
+        self.boosters_ = []
         scores = []
         for f, valid_groups in enumerate(folds):
             va = np.isin(group_ids, valid_groups)

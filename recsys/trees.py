@@ -4,6 +4,10 @@ LightGBM's own `predict` costs milliseconds per call on a few hundred rows, most
 per-call overhead and thread start-up. lleaves compiles each model to native code with
 LLVM; its predictions are the same numbers (checked by `check`). When lleaves is not
 installed, LightGBM's predict runs single-threaded.
+
+Compiled models are cached on disk by their text's hash, with a note once `check` has
+held them equal to LightGBM; a process that finds both (a batch job's workers) never
+imports LightGBM.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightgbm as lgb
 import numpy as np
+
+if TYPE_CHECKING:
+    from recsys.ranker import Ranker
 
 log = logging.getLogger("recsys")
 
@@ -25,24 +32,26 @@ def default_cache_dir() -> Path:
 
 
 class TreeEnsemble:
-    """The mean of several boosters' raw scores, as `Ranker.predict`."""
+    """The mean of a ranker's models' raw scores, as `Ranker.predict`."""
 
     def __init__(
         self,
-        boosters: list[lgb.Booster],
+        ranker: Ranker,
         cache_dir: Path | None = None,
         backend: str = "auto",
         n_jobs: int = 1,
     ) -> None:
-        self.boosters = boosters
+        self.ranker = ranker
         self.backend = backend
         self.n_jobs = n_jobs
         self._compiled: list[object] | None = None
+        self._checked: list[Path] = []  # the notes `check` writes
         if backend in ("auto", "lleaves"):
             try:
-                self._compiled = [
-                    self._compile(b, cache_dir or default_cache_dir()) for b in boosters
-                ]
+                cache = cache_dir or default_cache_dir()
+                texts = ranker.model_texts()
+                self._compiled = [self._compile(t, cache) for t in texts]
+                self._checked = [cache / f"{_key(t)}.checked" for t in texts]
                 self.backend = "lleaves"
             except Exception as e:  # not installed, or an llvmlite it cannot use
                 if backend == "lleaves":
@@ -53,11 +62,10 @@ class TreeEnsemble:
             self.backend = "lightgbm"
 
     @staticmethod
-    def _compile(b: lgb.Booster, cache_dir: Path) -> object:
+    def _compile(text: str, cache_dir: Path) -> object:
         import lleaves
 
-        text = b.model_to_string()
-        key = hashlib.sha256(text.encode()).hexdigest()[:24]
+        key = _key(text)
         cache_dir.mkdir(parents=True, exist_ok=True)
         model_file = cache_dir / f"{key}.txt"
         if not model_file.exists():
@@ -76,15 +84,22 @@ class TreeEnsemble:
                 os.replace(tmp_obj, obj)
         return m
 
+    @property
+    def checked(self) -> bool:
+        """Whether `check` has held these compiled models equal to LightGBM (in this
+        process or an earlier one, through the cache's notes)."""
+        return self._compiled is None or all(p.exists() for p in self._checked)
+
     def predict(self, X: np.ndarray) -> np.ndarray:
         if self._compiled is not None:
             Xd = np.ascontiguousarray(X, dtype=np.float64)
             return np.mean([m.predict(Xd, n_jobs=self.n_jobs) for m in self._compiled], axis=0)  # type: ignore[attr-defined]
-        return np.mean([b.predict(X, num_threads=self.n_jobs) for b in self.boosters], axis=0)
+        boosters = self.ranker.boosters_
+        return np.mean([b.predict(X, num_threads=self.n_jobs) for b in boosters], axis=0)
 
     def predict_reference(self, X: np.ndarray) -> np.ndarray:
         """LightGBM's own predict: the offline scores."""
-        return np.mean([b.predict(X, num_threads=1) for b in self.boosters], axis=0)
+        return np.mean([b.predict(X, num_threads=1) for b in self.ranker.boosters_], axis=0)
 
     def check(self, X: np.ndarray, atol: float = 1e-9) -> float:
         """Largest difference to LightGBM on `X`; raises if above `atol`."""
@@ -93,4 +108,13 @@ class TreeEnsemble:
             raise ValueError(
                 f"compiled trees ({self.backend}) differ from LightGBM by {d:.3g} > {atol:g}"
             )
+        if len(X):
+            for p in self._checked:
+                tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+                tmp.write_text(f"{d:.3g} on {len(X)} rows\n")
+                os.replace(tmp, p)
         return d
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]

@@ -25,44 +25,45 @@ import json
 import logging
 import os
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from features.batch import Histories
 from recsys.candidates import History
 from recsys.lm.config import LMConfig
-from recsys.lm.encoder import (
-    ItemTower,
-    Tokens,
-    cpu_inference_copy,
-    cpu_precision,
-    encode_pooled,
-    hidden_size,
-    load_pretrained,
-    load_tokens,
-    map_batches,
-    ops_threads,
-    resolve_model,
-    save_tokens,
-)
+from recsys.lm.numpy_tower import history_matrix, user_vectors_numpy
 from recsys.lm.text import item_texts
-from recsys.lm.train import (
-    Examples,
-    SampledSoftmax,
-    next_item_examples,
-    recall_at,
-    split_validation,
-    validation_users,
-)
-from recsys.lm.user_tower import UserTower, history_matrix, user_vectors_numpy
 from recsys.memory import mapped_large_blocks, release_free_memory, rss_gib
+
+
+class _LazyModule(types.ModuleType):
+    """A module imported on its first attribute's use: torch and the modules built on
+    it load when a model is fitted or encodes, not to recommend (1.4 s of each batch
+    worker's start)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self.__name__), name)
+
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from recsys.lm import encoder as lm_encoder
+    from recsys.lm import train as lm_train
+    from recsys.lm import user_tower as lm_user_tower
+else:
+    torch, nn = _LazyModule("torch"), _LazyModule("torch.nn")
+    lm_encoder, lm_train = _LazyModule("recsys.lm.encoder"), _LazyModule("recsys.lm.train")
+    lm_user_tower = _LazyModule("recsys.lm.user_tower")
 
 log = logging.getLogger("recsys")
 
@@ -139,7 +140,7 @@ class LanguageModel:
         # encoding passes (no gradients) take every thread torch has; training `cpu_threads`
         self._encode_threads = torch.get_num_threads()
         threads = cfg.cpu_threads if cpu and cfg.cpu_threads else torch.get_num_threads()
-        with ops_threads(threads):  # torch's thread count is restored afterwards
+        with lm_encoder.ops_threads(threads):  # torch's thread count is restored afterwards
             return self._fit(h, items)
 
     def _fit(self, h: History, items: pl.DataFrame) -> LanguageModel:
@@ -151,18 +152,18 @@ class LanguageModel:
         dev = _device(cfg)
         cuda = dev.type == "cuda"
         self.texts_ = item_texts(items, cfg.template)
-        tokenizer, encoder = load_pretrained(cfg.model)
+        tokenizer, encoder = lm_encoder.load_pretrained(cfg.model)
         self.tokenizer_ = tokenizer
         self.pad_id_ = int(getattr(tokenizer, "pad_token_id", 0) or 0)
         ckdir = self._checkpoint_dir(h)
         t0 = time.perf_counter()
         tok_path = ckdir / "tokens.safetensors" if ckdir else None
         if tok_path is not None and tok_path.is_file():
-            tokens = load_tokens(tok_path)
+            tokens = lm_encoder.load_tokens(tok_path)
         else:
-            tokens = Tokens.from_texts(tokenizer, self.texts_, cfg.max_length)
+            tokens = lm_encoder.Tokens.from_texts(tokenizer, self.texts_, cfg.max_length)
             if tok_path is not None:
-                save_tokens(tok_path, tokens)
+                lm_encoder.save_tokens(tok_path, tokens)
         self.tokens_ = tokens
         self.timings_["tokenise"] = time.perf_counter() - t0
 
@@ -170,13 +171,15 @@ class LanguageModel:
         if train_layers is None:
             train_layers = 10**6 if cuda else cfg.cpu_train_layers
         encoder.requires_grad_(False)
-        tower = ItemTower(encoder, cfg.dim, train_layers, h.n_items if cfg.id_embeddings else 0)
+        tower = lm_encoder.ItemTower(
+            encoder, cfg.dim, train_layers, h.n_items if cfg.id_embeddings else 0
+        )
         self.dim_ = tower.head.dim
         finetune = train_layers > 0 and cfg.finetune != "none"
 
         # frozen pass over every item: pooled output, and hidden states entering `start`
         t0 = time.perf_counter()
-        with ops_threads(getattr(self, "_encode_threads", torch.get_num_threads())):
+        with lm_encoder.ops_threads(getattr(self, "_encode_threads", torch.get_num_threads())):
             pooled0, hidden = self._frozen_pass(tower, tokens, dev, keep_hidden=finetune)
         self.timings_["encode (frozen)"] = dt = time.perf_counter() - t0
         log.info(
@@ -188,17 +191,17 @@ class LanguageModel:
             rss_gib()[0],
         )
 
-        ex = next_item_examples(
+        ex = lm_train.next_item_examples(
             h, cfg.history_len, cfg.target_window, self.seed, max_examples=cfg.max_examples
         )
-        n_valid = validation_users(len(ex), cfg.valid_users, cfg.valid_share)
-        train_ex, valid_ex = split_validation(ex, n_valid, rng)
+        n_valid = lm_train.validation_users(len(ex), cfg.valid_users, cfg.valid_share)
+        train_ex, valid_ex = lm_train.split_validation(ex, n_valid, rng)
         log.info("lm: %d training examples, %d for validation", len(train_ex), len(valid_ex))
-        user_tower = UserTower(self.dim_, cfg.history_len, cfg.user_layers)
+        user_tower = lm_user_tower.UserTower(self.dim_, cfg.history_len, cfg.user_layers)
         scale = nn.Parameter(torch.tensor(np.log(20.0), dtype=torch.float32))
         counts = np.bincount(train_ex.target, minlength=h.n_items).astype(np.float64)
         bs = cfg.batch_size * (4 if cuda else 1)
-        loss_fn = SampledSoftmax(counts, bs, cfg.negatives)
+        loss_fn = lm_train.SampledSoftmax(counts, bs, cfg.negatives)
         seen_rows = [h.X[u].indices for u in valid_ex.users]
         budget = None if cuda else cfg.cpu_time_budget_s
         # the budget covers training; the frozen pass before it is bounded by the catalogue
@@ -222,7 +225,9 @@ class LanguageModel:
             # kernels: on several threads the gradients' scatter-adds otherwise sum in
             # whatever order the threads finish, and two fits of a seed would differ
             with (
-                ops_threads(state.encode_threads if not cuda else torch.get_num_threads()),
+                lm_encoder.ops_threads(
+                    state.encode_threads if not cuda else torch.get_num_threads()
+                ),
                 deterministic(not cuda),
             ):
                 state.run_phase(
@@ -295,19 +300,23 @@ class LanguageModel:
         return self
 
     def _frozen_pass(
-        self, tower: ItemTower, tokens: Tokens, dev: torch.device, keep_hidden: bool
+        self,
+        tower: lm_encoder.ItemTower,
+        tokens: lm_encoder.Tokens,
+        dev: torch.device,
+        keep_hidden: bool,
     ) -> tuple[np.ndarray, PackedHidden | None]:
         cfg = self.config
         enc = tower.encoder
         precision = "fp32"
         if dev.type == "cpu" and cfg.quantize_cpu:
-            precision = cpu_precision(cfg.cpu_precision)
-            enc = cpu_inference_copy(enc, precision)
+            precision = lm_encoder.cpu_precision(cfg.cpu_precision)
+            enc = lm_encoder.cpu_inference_copy(enc, precision)
         enc = enc.to(dev).eval()
         if not keep_hidden or tower.start == 0:
             # the frozen encoder's output depends only on the model and the texts: cached
             key = hashlib.sha256(
-                f"{resolve_model(cfg.model)}|{cfg.max_length}|{precision}|{dev.type}|"
+                f"{lm_encoder.resolve_model(cfg.model)}|{cfg.max_length}|{precision}|{dev.type}|"
                 f"{sorted(getattr(enc, 'recsys_fused', {}).items())}".encode()
                 + "\x1f".join(self.texts_).encode()
             ).hexdigest()[:20]
@@ -316,7 +325,7 @@ class LanguageModel:
                 from safetensors.numpy import load_file
 
                 return load_file(str(path))["pooled"], None
-            pooled = encode_pooled(enc, tokens, dev, cfg.encode_batch_size, self.pad_id_)
+            pooled = lm_encoder.encode_pooled(enc, tokens, dev, cfg.encode_batch_size, self.pad_id_)
             if cfg.checkpoints:
                 from safetensors.numpy import save_file
 
@@ -326,26 +335,26 @@ class LanguageModel:
             return pooled, None
         # hidden states entering the first trainable block, per item (ragged, fp32 on CPU;
         # bf16 where fp32 would pass HIDDEN_FP32_BYTES, e.g. 100,000 items of 48 tokens)
-        n, hid = len(tokens.lengths), hidden_size(enc)
+        n, hid = len(tokens.lengths), lm_encoder.hidden_size(enc)
         store = torch.float32
         if int(np.sum(tokens.lengths)) * hid * 4 > HIDDEN_FP32_BYTES:
             store = torch.bfloat16
             log.info("lm: hidden states of %d items kept in bf16", n)
         pooled = np.zeros((n, hid), dtype=np.float32)
         hidden = PackedHidden.empty(tokens.lengths, hid, store)
-        shadow = ItemTower.__new__(ItemTower)
+        shadow = lm_encoder.ItemTower.__new__(lm_encoder.ItemTower)
         nn.Module.__init__(shadow)
         shadow.encoder, shadow.start = enc, tower.start
 
         def one(idx: np.ndarray) -> None:
             ids, mask = tokens.pad(idx, self.pad_id_)
-            hs, po = ItemTower.bottom(shadow, ids.to(dev), mask.to(dev))
+            hs, po = lm_encoder.ItemTower.bottom(shadow, ids.to(dev), mask.to(dev))
             pooled[idx] = po.float().cpu().numpy()
             hs = hs.cpu()
             for r, j in enumerate(idx.tolist()):
                 hidden[j] = hs[r, : tokens.lengths[j]]
 
-        map_batches(tokens.batches(cfg.encode_batch_size), one, dev)
+        lm_encoder.map_batches(tokens.batches(cfg.encode_batch_size), one, dev)
         return pooled, hidden
 
     def _checkpoint_dir(self, h: History) -> Path | None:
@@ -401,13 +410,13 @@ class LanguageModel:
         self._check()
         tower = self.tower_
         dev = _device(self.config)
-        tokens = Tokens.from_texts(self.tokenizer_, texts, self.config.max_length)
+        tokens = lm_encoder.Tokens.from_texts(self.tokenizer_, texts, self.config.max_length)
         enc = tower.encoder
         if dev.type == "cpu" and self.config.quantize_cpu:
             if getattr(self, "_quantized", None) is None:
-                self._quantized = cpu_inference_copy(enc, self.config.cpu_precision)
+                self._quantized = lm_encoder.cpu_inference_copy(enc, self.config.cpu_precision)
             enc = self._quantized
-        pooled = encode_pooled(
+        pooled = lm_encoder.encode_pooled(
             enc.to(dev), tokens, dev, self.config.encode_batch_size, self.pad_id_, progress
         )
         with torch.inference_mode():
@@ -444,7 +453,7 @@ class LanguageModel:
         return {
             "model": self.config.model,
             "tokenizer": self.config.model,
-            "resolved_path": resolve_model(self.config.model),
+            "resolved_path": lm_encoder.resolve_model(self.config.model),
             "template": self.config.template,
             "max_length": self.config.max_length,
             "dim": self.dim_,
@@ -470,8 +479,9 @@ class LanguageModel:
     def load(
         cls, d: Path, section: dict[str, Any], config: LMConfig, seed: int = 0
     ) -> LanguageModel:
-        """Rebuild from `save`'s files and manifest section (base encoder loaded offline)."""
-        from safetensors.torch import load_file
+        """Rebuild from `save`'s files and manifest section, without torch: the arrays a
+        recommendation needs (the towers load on first use; the base encoder offline)."""
+        from safetensors.numpy import load_file
 
         lm = cls(config, seed)
         files = section["files"]
@@ -481,14 +491,17 @@ class LanguageModel:
         # since the bundle's checksums were verified
         st = (d / files["item_tower"]).stat()
         lm.__dict__["_item_tower_source"] = (d, dict(section), (st.st_size, st.st_mtime_ns))
-        ut = UserTower(section["dim"], section["history_len"], section.get("user_layers", 0))
-        ut.load_state_dict(load_file(str(d / files["user_tower"])))
-        lm.user_tower_ = ut.eval()
-        lm.user_state_ = ut.numpy_state()
+        user_state = load_file(str(d / files["user_tower"]))
+        lm.user_state_ = {k: v.astype(np.float32) for k, v in user_state.items()}
+        lm.__dict__["_user_tower_shape"] = (
+            int(section["dim"]),
+            int(section["history_len"]),
+            int(section.get("user_layers", 0)),
+        )
         lm.dim_ = int(section["dim"])
         vecs = load_file(str(d / files["item_vectors"]))
-        lm.item_vectors_ = vecs["item_vectors"].numpy()
-        lm.text_vectors_ = vecs.get("text_vectors", vecs["item_vectors"]).numpy()
+        lm.item_vectors_ = vecs["item_vectors"]
+        lm.text_vectors_ = vecs.get("text_vectors", vecs["item_vectors"])
         lm.encoder_tuned_ = bool(section["encoder_fine_tuned"])
         lm.best_recall_ = float(section.get("validation_recall", float("nan")))
         lm.recall_at_ = int(section.get("recall_at", config.recall_at))
@@ -500,14 +513,32 @@ class LanguageModel:
             raise ValueError(f"unknown LM similarity space {lm.similarity_space_!r}")
         return lm
 
+    @property
+    def user_tower_(self) -> lm_user_tower.UserTower:
+        """The user tower as a torch module (for training and saving); a loaded model
+        builds it from its numpy state on first use."""
+        tower: lm_user_tower.UserTower | None = self.__dict__.get("_user_tower")
+        if tower is None:
+            shape = self.__dict__.get("_user_tower_shape")
+            if shape is None:
+                raise AttributeError("LanguageModel has no user tower: not fitted")
+            tower = lm_user_tower.UserTower(*shape)
+            tower.load_state_dict({k: torch.from_numpy(v) for k, v in self.user_state_.items()})
+            self.__dict__["_user_tower"] = tower = tower.eval()
+        return tower
+
+    @user_tower_.setter
+    def user_tower_(self, tower: lm_user_tower.UserTower) -> None:
+        self.__dict__["_user_tower"] = tower
+
     # the item tower of a loaded model is read on first use (`_load_item_tower`)
     @property
-    def tower_(self) -> ItemTower:
-        tower: ItemTower = self._item_tower_part("_tower")
+    def tower_(self) -> lm_encoder.ItemTower:
+        tower: lm_encoder.ItemTower = self._item_tower_part("_tower")
         return tower
 
     @tower_.setter
-    def tower_(self, tower: ItemTower) -> None:
+    def tower_(self, tower: lm_encoder.ItemTower) -> None:
         self.__dict__["_tower"] = tower
 
     @property
@@ -548,8 +579,8 @@ class LanguageModel:
         st = path.stat() if path.exists() else None
         if st is None or (st.st_size, st.st_mtime_ns) != stamp:
             raise RuntimeError(f"{path} changed since the bundle was loaded: load it again")
-        tokenizer, encoder = load_pretrained(section["model"])
-        tower = ItemTower(encoder, section["dim"], 0, int(section.get("id_items", 0)))
+        tokenizer, encoder = lm_encoder.load_pretrained(section["model"])
+        tower = lm_encoder.ItemTower(encoder, section["dim"], 0, int(section.get("id_items", 0)))
         tower.start = int(section["trained_layers_from"])
         state = load_file(str(path))
         enc_state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
@@ -582,10 +613,10 @@ class _TrainState:
 
     def __init__(
         self,
-        tower: ItemTower,
-        user_tower: UserTower,
+        tower: lm_encoder.ItemTower,
+        user_tower: lm_user_tower.UserTower,
         scale: nn.Parameter,
-        loss_fn: SampledSoftmax,
+        loss_fn: lm_train.SampledSoftmax,
         dev: torch.device,
     ) -> None:
         self.tower = tower.to(dev)
@@ -712,7 +743,7 @@ class _TrainState:
             self.load_snapshot(self.best_state)
 
     def pooled_table(
-        self, cache: tuple[Tokens, PackedHidden | None], P0: torch.Tensor, bs: int = 256
+        self, cache: tuple[lm_encoder.Tokens, PackedHidden | None], P0: torch.Tensor, bs: int = 256
     ) -> torch.Tensor:
         """Pooled output of the current encoder for every item (no grad)."""
         tokens, _hidden = cache
@@ -725,14 +756,16 @@ class _TrainState:
 
         # batches side by side on every core (as the frozen pass), one thread each
         with (
-            ops_threads(self.encode_threads if self.dev.type == "cpu" else 1),
+            lm_encoder.ops_threads(self.encode_threads if self.dev.type == "cpu" else 1),
             mapped_large_blocks(),
         ):
-            map_batches(tokens.batches(bs), one, self.dev)
+            lm_encoder.map_batches(tokens.batches(bs), one, self.dev)
         self.tower.train(was)
         return out
 
-    def _pooled(self, idx: np.ndarray, cache: tuple[Tokens, PackedHidden | None]) -> torch.Tensor:
+    def _pooled(
+        self, idx: np.ndarray, cache: tuple[lm_encoder.Tokens, PackedHidden | None]
+    ) -> torch.Tensor:
         tokens, hidden = cache
         dev = self.dev
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -752,11 +785,11 @@ class _TrainState:
         self,
         phase: str,
         cfg: LMConfig,
-        train_ex: Examples,
-        valid_ex: Examples,
+        train_ex: lm_train.Examples,
+        valid_ex: lm_train.Examples,
         seen_rows: list[np.ndarray],
         P0: torch.Tensor,
-        cache: tuple[Tokens, PackedHidden | None] | None,
+        cache: tuple[lm_encoder.Tokens, PackedHidden | None] | None,
         bs: int,
         rng: np.random.Generator,
         deadline: float | None,
@@ -944,10 +977,10 @@ class _TrainState:
     def validate(
         self,
         cfg: LMConfig,
-        valid_ex: Examples,
+        valid_ex: lm_train.Examples,
         seen_rows: list[np.ndarray],
         P0: torch.Tensor,
-        cache: tuple[Tokens, PackedHidden | None] | None,
+        cache: tuple[lm_encoder.Tokens, PackedHidden | None] | None,
     ) -> float:
         self.tower.eval()
         self.user_tower.eval()
@@ -957,6 +990,6 @@ class _TrainState:
             hist = torch.from_numpy(valid_ex.history).to(self.dev)
             hv = V[hist.clamp(min=0)] * (hist >= 0).unsqueeze(-1)
             u = self.user_tower(hv, hist >= 0)
-        return recall_at(
+        return lm_train.recall_at(
             u.cpu().numpy(), V.cpu().numpy(), valid_ex.target, seen_rows, cfg.recall_at
         )

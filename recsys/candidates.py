@@ -786,7 +786,7 @@ class ProductRows:
         self.U = np.ascontiguousarray(U, dtype=np.float32)
         self.U64 = self.U.astype(np.float64)
         self.items = items
-        self.n_items = n_items
+        self.n_items = min(n_items, len(items.V64))  # as a dense row's [:, :n_items]
 
     def exact(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         return exact_products(self.U64, self.items.V64, rows, items)

@@ -160,3 +160,35 @@ def lm_bundle(lm_pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:  #
     d = tmp_path_factory.mktemp("lm-bundle") / "b"
     lm_pipeline.save(str(d))
     return d
+
+
+@pytest.fixture(scope="session")
+def fresh_process_lists():  # type: ignore[no-untyped-def]
+    """A function that loads a bundle in new Python processes, one after the other
+    with one tree cache, and ranks users 0..n-1 with compiled trees: per process, the
+    lists and whether torch and LightGBM were imported (what a batch worker pays)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def run(bundle: Path, tree_cache: Path, n_users: int, processes: int = 2) -> list[dict]:
+        code = (
+            "import json, sys\n"
+            "import numpy as np\n"
+            "from recsys.pipeline import Pipeline\n"
+            f"p = Pipeline.load({str(bundle)!r})\n"
+            f"items, _ = p.recommend_indices(np.arange({n_users}), 10, compiled=True, threads=1)\n"
+            "print(json.dumps({'items': items.tolist(), 'torch': 'torch' in sys.modules,\n"
+            "                  'lightgbm': 'lightgbm' in sys.modules}))\n"
+        )
+        env = {**os.environ, "RECSYS_TREE_CACHE": str(tree_cache)}
+        out = []
+        for _ in range(processes):
+            done = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            )
+            out.append(json.loads(done.stdout.splitlines()[-1]))
+        return out
+
+    return run

@@ -831,37 +831,16 @@ def test_cpu_copy_of_other_encoders_stays_close_to_fp32(arch: str, precision: st
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999
 
 
-def test_recommending_from_a_bundle_imports_neither_torch_nor_lightgbm(
-    lm_bundle: Path, tmp_path: Path
+def test_recommending_from_a_bundle_imports_neither_torch_nor_lightgbm(  # type: ignore[no-untyped-def]
+    lm_bundle: Path, tmp_path: Path, fresh_process_lists
 ) -> None:
     """A batch worker loads the bundle and ranks: the language model's part is numpy
     arrays, so torch (1.4 s of each worker's start) loads only to fit or encode; with a
     tree cache already checked, LightGBM does not load either. The lists are those of
     the same bundle loaded in this process."""
-    import os
-    import subprocess
-    import sys
-
     from recsys.pipeline import Pipeline
 
-    code = (
-        "import json, sys\n"
-        "import numpy as np\n"
-        "from recsys.pipeline import Pipeline\n"
-        f"p = Pipeline.load({str(lm_bundle)!r})\n"
-        "items, _ = p.recommend_indices(np.arange(20), 10, compiled=True, threads=1)\n"
-        "print(json.dumps({'items': items.tolist(), 'torch': 'torch' in sys.modules,\n"
-        "                  'lightgbm': 'lightgbm' in sys.modules}))\n"
-    )
-    env = {**os.environ, "RECSYS_TREE_CACHE": str(tmp_path / "trees")}
-    runs = [
-        json.loads(
-            subprocess.run(
-                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-            ).stdout.splitlines()[-1]
-        )
-        for _ in range(2)  # the first checks the compiled trees against LightGBM
-    ]
+    runs = fresh_process_lists(lm_bundle, tmp_path / "trees", 20)  # the first checks the trees
     assert not runs[0]["torch"] and not runs[1]["torch"]
     assert not runs[1]["lightgbm"]
     here, _ = Pipeline.load(str(lm_bundle)).recommend_indices(np.arange(20), 10, compiled=True)

@@ -320,33 +320,14 @@ def test_product_rows_list_the_exact_scores_top_and_one_user_alone_the_same() ->
         np.testing.assert_allclose(exact, ref, rtol=0, atol=1e-6 * np.abs(ref).max(initial=1))
 
 
-def test_a_checked_tree_cache_spares_workers_lightgbm(bundle_dir: Path, tmp_path: Path) -> None:
+def test_a_checked_tree_cache_spares_workers_lightgbm(  # type: ignore[no-untyped-def]
+    bundle_dir: Path, tmp_path: Path, fresh_process_lists
+) -> None:
     """The batch job's workers load the bundle and evaluate compiled trees; once the
     cache holds the trees and the note that they equal LightGBM's, a new process
     ranks without importing LightGBM (1-2 s of each worker's start), and the lists
     are the same as the first process's, which checked."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    code = (
-        "import json, sys\n"
-        "import numpy as np\n"
-        "from recsys.pipeline import Pipeline\n"
-        f"p = Pipeline.load({str(bundle_dir)!r})\n"
-        "items, _ = p.recommend_indices(np.arange(30), 10, compiled=True, threads=1)\n"
-        "print(json.dumps({'items': items.tolist(), 'lightgbm': 'lightgbm' in sys.modules}))\n"
-    )
-    env = {**os.environ, "RECSYS_TREE_CACHE": str(tmp_path / "trees")}
-    runs = [
-        json.loads(
-            subprocess.run(
-                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-            ).stdout.splitlines()[-1]
-        )
-        for _ in range(2)
-    ]
+    runs = fresh_process_lists(bundle_dir, tmp_path / "trees", 30)
     assert runs[0]["lightgbm"], "the first process checks the compiled trees against LightGBM"
     assert list((tmp_path / "trees").glob("*.checked"))
     assert not runs[1]["lightgbm"]

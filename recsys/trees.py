@@ -88,7 +88,7 @@ class TreeEnsemble:
     def checked(self) -> bool:
         """Whether `check` has held these compiled models equal to LightGBM (in this
         process or an earlier one, through the cache's notes)."""
-        return self._compiled is None or all(p.exists() for p in self._checked)
+        return self._compiled is None or all(p.is_file() for p in self._checked)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         if self._compiled is not None:
@@ -111,8 +111,11 @@ class TreeEnsemble:
         if len(X):
             for p in self._checked:
                 tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-                tmp.write_text(f"{d:.3g} on {len(X)} rows\n")
-                os.replace(tmp, p)
+                try:
+                    tmp.write_text(f"{d:.3g} on {len(X)} rows\n")
+                    os.replace(tmp, p)
+                except OSError as e:  # a read-only cache: the next process checks again
+                    log.debug("cannot note the check in %s: %s", p.parent, e)
         return d
 
 

@@ -332,3 +332,19 @@ def test_a_checked_tree_cache_spares_workers_lightgbm(  # type: ignore[no-untype
     assert list((tmp_path / "trees").glob("*.checked"))
     assert not runs[1]["lightgbm"]
     assert runs[1]["items"] == runs[0]["items"]
+
+
+def test_compiled_trees_where_the_check_cannot_be_noted(loaded: Pipeline, tmp_path: Path) -> None:
+    """A cache the check cannot write its note into (a read-only mount; here the
+    note's name is taken by a directory, which stops root too): the check runs and
+    passes, ranking goes on, and the next process will check again."""
+    from recsys.trees import TreeEnsemble
+
+    cache = tmp_path / "trees"
+    te = TreeEnsemble(loaded.ranker_, cache_dir=cache)
+    for note in te._checked:
+        (note / "taken").mkdir(parents=True)
+    X = np.zeros((3, len(loaded.ranker_.features_)), dtype=np.float32)
+    assert te.check(X, atol=1e-6) <= 1e-6
+    assert not te.checked
+    assert not TreeEnsemble(loaded.ranker_, cache_dir=cache).checked

@@ -8,11 +8,60 @@ which other users share the chunk: the same state gives the same values on both 
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
+
+_T = TypeVar("_T")
+
+
+class EndTimeMemo(Generic[_T]):
+    """What a chunk of one user computes from their end time alone (the counts in a
+    window before it), kept for the `size` end times asked for most recently.
+
+    Requests share end times: every user without a history of their own ends at the
+    bundle's "now", so every such request would count the same windows again. A value
+    is computed on the `after`-th request of its key (a key asked once, as most users'
+    own last event is, costs nothing extra) and is read-only from then on. Safe across
+    threads (the endpoint ranks in the background too); not pickled."""
+
+    def __init__(self, size: int = 8, after: int = 1, seen: int = 256) -> None:
+        self.size, self.after, self.n_seen = size, after, seen
+        self._lock = threading.Lock()
+        self._vals: OrderedDict[Hashable, _T] = OrderedDict()
+        self._asked: OrderedDict[Hashable, int] = OrderedDict()
+
+    def get(self, key: Hashable, compute: Callable[[], _T]) -> _T | None:
+        """The value of `key`: kept, computed now (and kept), or None while the key has
+        been asked fewer than `after` times."""
+        with self._lock:
+            if key in self._vals:
+                self._vals.move_to_end(key)
+                return self._vals[key]
+            n = self._asked.pop(key, 0) + 1
+            self._asked[key] = n
+            while len(self._asked) > self.n_seen:
+                self._asked.popitem(last=False)
+        if n < self.after:
+            return None
+        v = compute()
+        with self._lock:
+            self._vals[key] = v
+            self._asked.pop(key, None)
+            while len(self._vals) > self.size:
+                self._vals.popitem(last=False)
+        return v
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"size": self.size, "after": self.after, "seen": self.n_seen}
+
+    def __setstate__(self, st: dict[str, int]) -> None:
+        self.__init__(st["size"], st["after"], st["seen"])  # type: ignore[misc]
 
 
 def segment_index(ptr: np.ndarray) -> np.ndarray:

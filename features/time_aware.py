@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from features.batch import Candidates, Histories
+from features.batch import Candidates, EndTimeMemo, Histories
 
 DAY = 86_400
 _SHIFT = 34  # item index in the high bits, time offset or event rank in the low 34
@@ -80,6 +80,11 @@ class EventTimeIndex:
     item_ptr: np.ndarray  # item i's events are key_t[item_ptr[i]:item_ptr[i + 1]] (and key_r's)
     coarse_t: np.ndarray  # key_t[::BLOCK], for `searchsorted_right`
     coarse_r: np.ndarray  # key_r[::BLOCK]
+    # every item's upop_* columns at an end time that requests share (the bundle's "now"
+    # of every user without a history of their own): 10 float64 columns of n_items each
+    memo: EndTimeMemo[dict[str, np.ndarray]] = field(
+        default_factory=lambda: EndTimeMemo(size=4, after=2), compare=False, repr=False
+    )
 
     @classmethod
     def build(cls, items: np.ndarray, times: np.ndarray) -> EventTimeIndex:
@@ -161,26 +166,53 @@ class EventTimeIndex:
     def counts_at_one_time(self, items: np.ndarray, t_end: int) -> dict[str, np.ndarray] | None:
         """`counts` for one end time: each window is a slice of the events in time
         order, counted per item by a bincount (the same integers as the binary
-        searches). None where the windows hold too many events for that to pay."""
-        t_sorted, by_time = self.t_sorted, self.i_by_time
-        n = len(t_sorted)
+        searches). Where the windows hold too many events for that to pay, every item's
+        columns at an end time asked for before (`memo`), else None."""
         if t_end - self.t_min >= (1 << _SHIFT) - 1:  # beyond the index's time offsets
             return None
         n_items = max(self.n_items, int(items.max()) + 1 if len(items) else 0)
+        end_all, starts_d, starts_r = self._windows(t_end)
+        if end_all - min(starts_d + starts_r) <= 64 * max(len(items), 1) + n_items:
+            return self._window_counts(end_all, starts_d, starts_r, n_items, items)
+        if n_items > self.n_items:  # items beyond the index: none of their events here
+            return None
+        every = self.memo.get(
+            t_end, lambda: self._window_counts(end_all, starts_d, starts_r, self.n_items)
+        )
+        return None if every is None else {k: v[items] for k, v in every.items()}
+
+    def _windows(self, t_end: int) -> tuple[int, list[int], list[int]]:
+        """The events up to `t_end` (time order) and where each window starts."""
+        t_sorted, n = self.t_sorted, len(self.t_sorted)
         end_all = int(np.searchsorted(t_sorted, t_end, side="right"))
         starts_d = np.searchsorted(
             t_sorted, [t_end - int(w * DAY) for w in UPOP_DAYS], side="right"
         ).tolist()
         sizes = [max(1, int(np.ceil(n * s))) for s in UPOP_SHARES]
-        starts_r = [max(0, end_all - size) for size in sizes]
-        if end_all - min(starts_d + starts_r) > 64 * max(len(items), 1) + n_items:
-            return None
+        return end_all, starts_d, [max(0, end_all - size) for size in sizes]
+
+    def _window_counts(
+        self,
+        end_all: int,
+        starts_d: list[int],
+        starts_r: list[int],
+        n_items: int,
+        items: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The upop_* columns of `items` (None: every item) from the windows' slices."""
+        by_time, n = self.i_by_time, len(self.t_sorted)
+        sizes = [max(1, int(np.ceil(n * s))) for s in UPOP_SHARES]
         cols: dict[str, np.ndarray] = {}
         for w, lo in zip(UPOP_DAYS, starts_d, strict=True):
-            cnt = np.bincount(by_time[lo:end_all], minlength=n_items)[items]
+            cnt = np.bincount(by_time[lo:end_all], minlength=n_items)
+            cnt = cnt if items is None else cnt[items]
             cols[f"upop_{w:g}d"] = cnt
             cols[f"upop_share_{w:g}d"] = cnt / ((end_all - lo) + 1.0)
         for s, size, lo in zip(UPOP_SHARES, sizes, starts_r, strict=True):
-            cnt = np.bincount(by_time[lo:end_all], minlength=n_items)[items]
+            cnt = np.bincount(by_time[lo:end_all], minlength=n_items)
+            cnt = cnt if items is None else cnt[items]
             cols[f"upop_last{s:g}"] = cnt / size
+        if items is None:
+            for v in cols.values():
+                v.setflags(write=False)
         return cols

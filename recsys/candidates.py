@@ -22,7 +22,14 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from features.batch import Candidates, Histories, lookup, segment_index, segment_offsets
+from features.batch import (
+    Candidates,
+    EndTimeMemo,
+    Histories,
+    lookup,
+    segment_index,
+    segment_offsets,
+)
 from features.lm import candidate_rank
 from recsys.data import I, T, U, user_item_matrix
 
@@ -127,6 +134,7 @@ class RecentPopular:
     at most two short counts and a subtraction whatever the window holds."""
 
     name = "recent_pop"
+    _memo: EndTimeMemo[DenseRows | SparseRows]  # rows of one user by window (`rows`)
 
     def __init__(self, window_days: float = 14.0, checkpoint_bytes: int = 256 << 20) -> None:
         self.window_days = window_days
@@ -206,6 +214,18 @@ class RecentPopular:
         """Dense rows where the windows hold more events than an eighth of the items
         (most items then have a count), else sparse ones."""
         lo, hi = self._bounds(self._t_end(b))
+        if len(lo) == 1:  # a request: its window's counts are likely another's too
+            memo = self.__dict__.get("_memo")
+            if memo is None:
+                memo = self._memo = EndTimeMemo(size=8)
+            key = (int(lo[0]), int(hi[0]), n_items)
+            r = memo.get(key, lambda: self._rows(lo, hi, n_items))
+            assert r is not None  # computed at the first request
+            # top_lists marks a dense row's seen items: each request its own copy
+            return DenseRows(r.S.copy(), finite=True) if isinstance(r, DenseRows) else r
+        return self._rows(lo, hi, n_items)
+
+    def _rows(self, lo: np.ndarray, hi: np.ndarray, n_items: int) -> DenseRows | SparseRows:
         if len(lo) and (hi - lo).mean() > n_items / 8:
             return DenseRows(self._dense(lo, hi, n_items), finite=True)
         return SparseRows(self._sparse(lo, hi, n_items))

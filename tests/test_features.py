@@ -102,6 +102,38 @@ def test_time_aware_popularity_uses_the_users_own_time() -> None:
         assert one["upop_7d"].tolist() == f["upop_7d"][2 * r : 2 * r + 2].tolist()
 
 
+def test_requests_sharing_an_end_time_count_what_a_chunk_counts() -> None:
+    """Every user without a history of their own ends at the bundle's "now": from the
+    second such request on, the counts come from every item's columns kept for that
+    time, and must be the integers (and shares) the binary searches give a chunk."""
+    rng = np.random.default_rng(3)
+    day = 86_400
+    n = 6_000  # windows far larger than one user's candidates: no direct count
+    rows = list(
+        zip(
+            rng.integers(0, 300, n).tolist(),
+            rng.integers(0, 80, n).tolist(),
+            (200 * day - rng.integers(0, 200 * day, n)).tolist(),
+            strict=True,
+        )
+    )
+    ev = _ev(rows)
+    index = EventTimeIndex.build(ev["i"].to_numpy(), ev["t"].to_numpy())
+    now = int(ev["t"].max())
+    cands = [np.sort(rng.choice(80, 30, replace=False)) for _ in range(4)]
+    for r, items in enumerate(cands):
+        b = Histories.one(np.array([1, 2]), np.array([now - 5, now]))
+        c = Candidates(np.array([0, len(items)]), items.astype(np.int64), {})
+        got = popularity_before_user_time(index, b, c)
+        want = index.counts(items, np.full(len(items), now))
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k}, request {r}")
+            assert got[k].dtype == want[k].dtype
+            got[k][:] = -1  # a request's columns are its own
+    assert list(index.memo._vals) == [now]  # kept from the second request on
+
+
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 1_000, 200_003])
 def test_two_level_search_gives_numpys_positions(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     import features.time_aware as ta

@@ -348,3 +348,31 @@ def test_compiled_trees_where_the_check_cannot_be_noted(loaded: Pipeline, tmp_pa
     assert te.check(X, atol=1e-6) <= 1e-6
     assert not te.checked
     assert not TreeEnsemble(loaded.ranker_, cache_dir=cache).checked
+
+
+def test_requests_sharing_a_window_get_the_recent_counts_of_their_own(
+    loaded: Pipeline, online: OnlineRanker
+) -> None:
+    """Users without a history of their own share the bundle's "now", so recent
+    popularity keeps their window's row; each request still gets its own top (seen
+    items excluded) and scores, as if counted afresh."""
+    from recsys.candidates import RecentPopular, source_rows
+
+    src = next(s for s in loaded.sources_ if isinstance(s, RecentPopular))
+    n = online.n_items
+    rng = np.random.default_rng(5)
+    for r in range(4):
+        seen_items = rng.choice(n, 5, replace=False)
+        st = online.user_state(-1, (seen_items, np.full(5, online.now)))
+        b = st.chunk
+        got = source_rows(src, b, n)
+        lo, hi = src._bounds(src._t_end(b))
+        want = src._rows(lo, hi, n)  # counted afresh
+        gp, gi = got.top(b.seen(n), 50)
+        wp, wi = want.top(b.seen(n), 50)
+        np.testing.assert_array_equal(gi, wi, err_msg=f"request {r}")
+        assert not np.isin(gi, seen_items).any()
+        probe = np.arange(n)
+        np.testing.assert_array_equal(got.at(np.zeros(n, np.int64), probe),
+                                      want.at(np.zeros(n, np.int64), probe))  # fmt: skip
+    assert (int(lo[0]), int(hi[0]), n) in src._memo._vals  # the one window, kept

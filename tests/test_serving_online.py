@@ -370,6 +370,7 @@ def test_requests_sharing_a_window_get_the_recent_counts_of_their_own(
         want = src._rows(lo, hi, n)  # counted afresh
         gp, gi = got.top(b.seen(n), 50)
         wp, wi = want.top(b.seen(n), 50)
+        np.testing.assert_array_equal(gp, wp, err_msg=f"request {r}")
         np.testing.assert_array_equal(gi, wi, err_msg=f"request {r}")
         assert not np.isin(gi, seen_items).any()
         probe = np.arange(n)

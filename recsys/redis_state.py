@@ -49,9 +49,17 @@ import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
-
-from recsys.state import CachedList, Fresh, Id, ListCache, Row, SharedState, StateWriteError
+from recsys.state import (
+    CachedList,
+    Fresh,
+    Id,
+    ListCache,
+    Row,
+    SharedState,
+    StateWriteError,
+)
+from recsys.state import pack_list as _pack
+from recsys.state import unpack_list as _unpack
 
 log = logging.getLogger("recsys")
 
@@ -72,8 +80,6 @@ for j = 0, rows - 1 do
 end
 return rows
 """
-
-_HEAD = struct.Struct("<I")  # the length of a stored list's JSON header
 
 
 class RedisStateError(RuntimeError):
@@ -289,25 +295,6 @@ class RedisState(SharedState):
         self.r.close()
 
 
-def _pack(e: CachedList) -> bytes:
-    head = json.dumps(
-        {"m": e.model_version, "f": e.fresh_version, "a": e.at, "c": e.complete, "n": len(e.items)}
-    ).encode()
-    items = np.ascontiguousarray(e.items, dtype="<i8").tobytes()
-    scores = np.ascontiguousarray(e.scores, dtype="<f8").tobytes()
-    return _HEAD.pack(len(head)) + head + items + scores
-
-
-def _unpack(raw: bytes) -> CachedList:
-    (h,) = _HEAD.unpack_from(raw)
-    head = json.loads(raw[_HEAD.size : _HEAD.size + h])
-    n = int(head["n"])
-    at = _HEAD.size + h
-    items = np.frombuffer(raw, dtype="<i8", count=n, offset=at).astype(np.int64)
-    scores = np.frombuffer(raw, dtype="<f8", count=n, offset=at + 8 * n).astype(np.float64)
-    return CachedList(head["m"], int(head["f"]), float(head["a"]), items, scores, bool(head["c"]))
-
-
 class RedisLists(ListCache):
     """Ranked lists in Redis, shared by every server of the fleet. `capacity` only
     turns the cache off (0); Redis bounds the lists by their time-to-live and its
@@ -346,7 +333,7 @@ class RedisLists(ListCache):
             log.warning("skipping a malformed list in Redis under %r", s._list_key(key))
             return None, version
 
-    def put(self, key: str, entry: CachedList) -> None:
+    def put(self, key: str, entry: CachedList, fresh: Fresh | None = None) -> None:
         s = self.state
         if self.capacity <= 0 or s._down():
             return

@@ -349,7 +349,8 @@ class RecService:
         r = m.ranker.rank(state)
         if self.use_cache:
             version = fresh.version if fresh is not None else 0
-            self.lists.put(str(key), CachedList(m.version, version, at, r.items, r.scores))
+            e = CachedList(m.version, version, at, r.items, r.scores)
+            self.lists.put(str(key), e, fresh)
         return r
 
     def _refresh(self, key: Id) -> None:
@@ -439,7 +440,9 @@ class RecService:
 
     def _cached(self, users: set[Id]) -> list[Id]:
         """Of `users`, those with a list in this process's cache (active here)."""
-        return [] if self.lists.shared else [x for x in users if str(x) in self.lists]
+        if self.lists.shared or self.lists.shares_fresh:  # the worker that took them ranks
+            return []
+        return [x for x in users if str(x) in self.lists]
 
     def _fresh_arrays(self, m: Model, key: Id | None) -> tuple[np.ndarray, np.ndarray] | None:
         return self._as_arrays(m, self.state.fresh(key)) if key is not None else None

@@ -19,7 +19,9 @@ through a `SharedState`:
   was appended before each request; `bundle.json` names the bundle to serve. When the
   log passes `compact_bytes` it is rewritten with only what the bounds above keep
   (temporary file, then rename), so it cannot grow without bound. A full disk refuses
-  the events with `StateWriteError` and leaves the log as it was.
+  the events with `StateWriteError` and leaves the log as it was. The lists ranked
+  after fresh events go to `lists/` (`FolderLists`), one file per user with fresh
+  events (pruned with the log), so an event costs one rank whichever worker reads.
 - `RedisState(url)` (`recsys.redis_state`, `RECSYS_REDIS_URL`): a fleet. Events go to
   a stream, fresh histories and ranked lists to keys with time-to-lives, the bundle to
   serve to a key; lists computed by one server are served by every other.
@@ -29,9 +31,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import struct
 import threading
 import time
 from collections import OrderedDict, deque
@@ -150,7 +154,8 @@ class CachedList:
 class ListCache:
     """Ranked lists in this process, at most `capacity`, the oldest put first out."""
 
-    shared = False
+    shared = False  # every list is shared with the other processes (Redis)
+    shares_fresh = False  # the lists ranked after events are (a state folder)
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -165,7 +170,8 @@ class ListCache:
         match to be served."""
         return self._lists.get(str(user)), state.version(user)
 
-    def put(self, key: str, entry: CachedList) -> None:
+    def put(self, key: str, entry: CachedList, fresh: Fresh | None = None) -> None:
+        """Keep `entry`, ranked from the user's fresh events `fresh` (None: none)."""
         if self.capacity <= 0:
             return
         with self._lock:
@@ -191,6 +197,114 @@ class ListCache:
 
     def __len__(self) -> int:
         return len(self._lists)
+
+
+_HEAD = struct.Struct("<I")  # the length of a stored list's JSON header
+
+
+def pack_list(e: CachedList, **extra: object) -> bytes:
+    """A list as bytes: a length, a JSON header (with `extra`), int64 items, float64
+    scores (little-endian)."""
+    head = json.dumps(
+        {"m": e.model_version, "f": e.fresh_version, "a": e.at, "c": e.complete,
+         "n": len(e.items), **extra}
+    ).encode()  # fmt: skip
+    items = np.ascontiguousarray(e.items, dtype="<i8").tobytes()
+    scores = np.ascontiguousarray(e.scores, dtype="<f8").tobytes()
+    return _HEAD.pack(len(head)) + head + items + scores
+
+
+def unpack_list(raw: bytes) -> CachedList:
+    return unpack_list_head(raw)[0]
+
+
+def unpack_list_head(raw: bytes) -> tuple[CachedList, dict[str, object]]:
+    """The list of `pack_list`'s bytes, and its header. ValueError when malformed."""
+    try:
+        (h,) = _HEAD.unpack_from(raw)
+        head = json.loads(raw[_HEAD.size : _HEAD.size + h])
+        n = int(head["n"])
+        at = _HEAD.size + h
+        if len(raw) != at + 16 * n:
+            raise ValueError(f"{len(raw)} bytes where the header says {at + 16 * n}")
+        items = np.frombuffer(raw, dtype="<i8", count=n, offset=at).astype(np.int64)
+        scores = np.frombuffer(raw, dtype="<f8", count=n, offset=at + 8 * n).astype(np.float64)
+        e = CachedList(head["m"], int(head["f"]), float(head["a"]), items, scores, bool(head["c"]))
+    except (struct.error, KeyError, TypeError) as err:
+        raise ValueError(f"not a stored list: {err}") from None
+    return e, head
+
+
+def events_digest(f: Fresh) -> str:
+    """What identifies a user's fresh events across processes (their versions are
+    sequence numbers of one process's reading of the log)."""
+    return hashlib.sha256(json.dumps([f.items, f.times]).encode()).hexdigest()
+
+
+def list_file_name(user: Id) -> str:
+    return hashlib.sha256(str(user).encode()).hexdigest()[:40] + ".list"
+
+
+class FolderLists(ListCache):
+    """This process's lists, and the lists ranked after a user's fresh events written
+    to a folder the other workers read: a worker that finds its own list of a user
+    outdated by an event takes the one another worker ranked from the same events
+    instead of ranking again, so each event costs one rank, not one per worker.
+
+    A file holds the list and a digest of the fresh events it was ranked from; it is
+    served only where this process's fresh events of the user have that digest (and,
+    by the service's check, the bundle version matches). Written to a temporary name
+    and renamed, so a reader sees a whole file or the previous one; a write that fails
+    (a full disk) is skipped: the other workers then rank the user themselves."""
+
+    shares_fresh = True
+
+    def __init__(self, capacity: int, folder: Path) -> None:
+        super().__init__(capacity)
+        self.folder = folder
+        self._warned = False
+
+    def put(self, key: str, entry: CachedList, fresh: Fresh | None = None) -> None:
+        super().put(key, entry)
+        if fresh is None or self.capacity <= 0:
+            return
+        path = self.folder / list_file_name(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(pack_list(entry, u=str(key), d=events_digest(fresh)))
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if not self._warned:  # once: the lists still serve from this process
+                log.warning("could not share a ranked list in %s: %s", self.folder, e)
+                self._warned = True
+
+    def get_checked(self, user: Id, state: SharedState) -> tuple[CachedList | None, int]:
+        e, version = super().get_checked(user, state)
+        if version and (e is None or e.fresh_version != version):
+            shared = self._read(user, state)
+            if shared is not None:
+                super().put(str(user), shared)
+                e = shared
+        return e, version
+
+    def _read(self, user: Id, state: SharedState) -> CachedList | None:
+        """Another worker's list of `user`, when ranked from the fresh events this
+        process has for them (with this process's version of those events)."""
+        try:
+            raw = (self.folder / list_file_name(user)).read_bytes()
+        except OSError:
+            return None
+        try:
+            e, head = unpack_list_head(raw)
+        except ValueError:
+            return None
+        f = state.fresh(user)
+        if f is None or head.get("u") != str(user) or head.get("d") != events_digest(f):
+            return None
+        e.fresh_version = f.version
+        return e
 
 
 class SharedState:
@@ -242,6 +356,7 @@ class FileState(SharedState):
     LOG = "events.jsonl"
     BUNDLE = "bundle.json"
     LOCK = "events.lock"
+    LISTS = "lists"  # the lists ranked after fresh events (`FolderLists`)
 
     def __init__(
         self,
@@ -257,6 +372,8 @@ class FileState(SharedState):
         self.log_path = self.dir / self.LOG
         self.bundle_path = self.dir / self.BUNDLE
         self._lock_path = self.dir / self.LOCK
+        self.lists_dir = self.dir / self.LISTS
+        self.lists_dir.mkdir(exist_ok=True)
         self._read_lock = threading.Lock()
         with self._locked():
             if not self.log_path.exists():
@@ -267,6 +384,9 @@ class FileState(SharedState):
         if self.bundle_path.exists():
             self._bundle_mtime = self.bundle_path.stat().st_mtime
         self.sync()
+
+    def lists(self, capacity: int) -> ListCache:
+        return FolderLists(capacity, self.lists_dir)
 
     # -- the lock every writer of the log takes -----------------------------------------
     def _locked(self) -> _FileLock:
@@ -326,6 +446,11 @@ class FileState(SharedState):
             tmp.unlink(missing_ok=True)
             log.error("could not compact %s: %s", self.log_path, e)
             return
+        # the shared lists of users whose fresh events the bounds dropped go too
+        keep = {list_file_name(u) for u in replay.users()}
+        for path in self.lists_dir.iterdir():
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
         log.info(
             "compacted %s: %d -> %d bytes (%d users)",
             self.log_path,

@@ -135,6 +135,53 @@ def test_seed_file_with_unknown_items_or_columns_is_refused(
 
 
 # -- the state folder's events log ---------------------------------------------------------
+def test_an_event_costs_one_rank_whichever_worker_reads(
+    model: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers on one state folder: the one that took an event ranks the user in
+    the background; the other serves that list rather than ranking again, but never a
+    list ranked from other events than its own."""
+    a = RecService(model, state_dir=tmp_path / "s")
+    b = RecService(model, limits=ServiceLimits(refresh=False), state_dir=tmp_path / "s")
+    ranked: list[object] = []
+    rank_user = b._rank_user
+    monkeypatch.setattr(b, "_rank_user", lambda *x: ranked.append(x[1]) or rank_user(*x))
+    uid, item = model.user_ids[3], model.item_ids[5]
+    b.recommend(uid, k=10)
+    assert ranked == [uid]  # b's own list, before any event
+    a.add_events([(uid, item, 1_700_000_000)])
+    assert a.refresher is not None and a.refresher.wait_idle(60)
+    got = b.recommend(uid, k=10)
+    assert ranked == [uid] and got.age_s > 0  # a's list, not a rank of b's
+    alone = RecService(model, limits=ServiceLimits(refresh=False))
+    alone.add_events([(uid, item, 1_700_000_000)])
+    assert got.items == alone.recommend(uid, k=10).items
+    # an event a has not ranked for: a's list no longer matches b's events
+    b.add_events([(uid, model.item_ids[6], 1_700_000_100)])
+    got = b.recommend(uid, k=10)
+    assert ranked == [uid, uid] and got.age_s == 0.0
+    alone.add_events([(uid, model.item_ids[6], 1_700_000_100)])
+    assert got.items == alone.recommend(uid, k=10).items
+
+
+def test_compaction_prunes_the_shared_lists_of_users_it_drops(tmp_path: Path) -> None:
+    from recsys.state import CachedList, list_file_name
+
+    st = FileState(tmp_path / "s", max_events_per_user=2, max_fresh_users=3, compact_bytes=600)
+    lists = st.lists(100)
+    users = [f"u{j}" for j in range(6)]
+    for j, u in enumerate(users):
+        st.add([(u, "item", 1_700_000_000 + j)])
+        e = CachedList("v", st.version(u), 0.0, np.arange(3), np.zeros(3))
+        lists.put(u, e, st.fresh(u))
+    assert len(list(st.lists_dir.iterdir())) == 6
+    for j in range(20):  # past compact_bytes: the log keeps the last three users
+        st.add([(users[-1], "item", 1_700_000_100 + j)])
+    kept = {list_file_name(u) for u in st.fresh_events.users()}
+    assert len(kept) == 3
+    assert {p.name for p in st.lists_dir.iterdir()} == kept
+
+
 def test_events_log_is_compacted_and_workers_keep_the_fresh_events(
     model: Model, tmp_path: Path
 ) -> None:

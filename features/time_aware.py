@@ -80,8 +80,9 @@ class EventTimeIndex:
     item_ptr: np.ndarray  # item i's events are key_t[item_ptr[i]:item_ptr[i + 1]] (and key_r's)
     coarse_t: np.ndarray  # key_t[::BLOCK], for `searchsorted_right`
     coarse_r: np.ndarray  # key_r[::BLOCK]
-    # every item's upop_* columns at an end time that requests share (the bundle's "now"
-    # of every user without a history of their own): 10 float64 columns of n_items each
+    # every item's upop_* columns for windows that requests share (the bundle's "now" of
+    # every user without a history of their own; any time past the data): by the
+    # windows' positions, 10 columns of n_items each
     memo: EndTimeMemo[dict[str, np.ndarray]] = field(
         default_factory=lambda: EndTimeMemo(size=4, after=2), compare=False, repr=False
     )
@@ -167,7 +168,7 @@ class EventTimeIndex:
         """`counts` for one end time: each window is a slice of the events in time
         order, counted per item by a bincount (the same integers as the binary
         searches). Where the windows hold too many events for that to pay, every item's
-        columns at an end time asked for before (`memo`), else None."""
+        columns for the same windows asked for before (`memo`), else None."""
         if t_end - self.t_min >= (1 << _SHIFT) - 1:  # beyond the index's time offsets
             return None
         n_items = max(self.n_items, int(items.max()) + 1 if len(items) else 0)
@@ -176,8 +177,11 @@ class EventTimeIndex:
             return self._window_counts(end_all, starts_d, starts_r, n_items, items)
         if n_items > self.n_items:  # items beyond the index: none of their events here
             return None
+        # the columns depend on the windows' positions alone: every end time past the
+        # data (events posted now) has the same ones
         every = self.memo.get(
-            t_end, lambda: self._window_counts(end_all, starts_d, starts_r, self.n_items)
+            (end_all, *starts_d, *starts_r),
+            lambda: self._window_counts(end_all, starts_d, starts_r, self.n_items),
         )
         return None if every is None else {k: v[items] for k, v in every.items()}
 

@@ -353,13 +353,24 @@ class RecService:
             self.lists.put(str(key), e, fresh)
         return r
 
-    def _refresh(self, key: Id) -> None:
-        """The refresher's work: rank one user again with the serving bundle."""
+    def _refresh(self, key: Id, asked: float) -> bool:
+        """The refresher's work: rank one user again with the serving bundle, unless
+        their list was ranked from their current events after `asked` (a read that
+        found no list ranked it, or another worker did). False: skipped."""
         m = self._model
         if m is None or not m.warmed:
-            return
+            return False
+        e, version = self.lists.get_checked(key, self.state)
+        if (
+            e is not None
+            and e.at >= asked
+            and e.fresh_version == version
+            and e.model_version == m.version
+        ):
+            return False
         if self._rank_user(m, key, m.user_index(key)) is None:
             self.lists.drop(str(key))
+        return True
 
     def _top(
         self,

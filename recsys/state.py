@@ -537,24 +537,31 @@ def _parse(data: bytes, path: Path) -> list[Row]:
 class Refresher:
     """Recomputes lists off the request path: users whose events changed, and lists
     close to their time-to-live. One daemon thread; at most `max_queue` users wait
-    (beyond that a user's next read ranks, as when there is no list)."""
+    (beyond that a user's next read ranks, as when there is no list).
 
-    def __init__(self, work: Callable[[Id], None], max_queue: int = 10_000) -> None:
+    `work(user, asked)` gets the time the user was first asked for since their last
+    refresh, so it can skip a user whose list was ranked after that (by a read that
+    found no list, or by another worker); it returns False when it skipped."""
+
+    def __init__(self, work: Callable[[Id, float], bool], max_queue: int = 10_000) -> None:
         self.work = work
         self.max_queue = max_queue
-        self._queue: OrderedDict[Id, None] = OrderedDict()
+        self._queue: OrderedDict[Id, float] = OrderedDict()
         self._cv = threading.Condition()
         self._busy = False
         self._thread: threading.Thread | None = None
         self.done = 0
         self.failed = 0
-        self.on_done: Callable[[bool], None] | None = None  # told True/False per user
+        self.skipped = 0
+        # told per user: "done", "failed", or "current" (ranked since it was asked)
+        self.on_done: Callable[[str], None] | None = None
 
     def add(self, users: Iterable[Id]) -> None:
+        now = time.time()
         with self._cv:
             for u in users:
                 if u not in self._queue and len(self._queue) < self.max_queue:
-                    self._queue[u] = None
+                    self._queue[u] = now
             if self._queue:
                 if self._thread is None or not self._thread.is_alive():
                     self._thread = threading.Thread(
@@ -584,15 +591,18 @@ class Refresher:
                     self._busy = False
                     self._cv.notify_all()
                     self._cv.wait()
-                user, _ = self._queue.popitem(last=False)
+                user, asked = self._queue.popitem(last=False)
                 self._busy = True
-            ok = True
+            outcome = "done"
             try:
-                self.work(user)
-                self.done += 1
+                if self.work(user, asked):
+                    self.done += 1
+                else:
+                    outcome = "current"
+                    self.skipped += 1
             except Exception as e:  # a list that cannot be refreshed is ranked on read
-                ok = False
+                outcome = "failed"
                 self.failed += 1
                 log.warning("could not refresh the list of %r: %s", user, e)
             if self.on_done is not None:
-                self.on_done(ok)
+                self.on_done(outcome)

@@ -212,9 +212,7 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
     limiter = FailureLimiter(settings.admin_max_failures, settings.admin_failure_window_s)
     app.state.admin_limiter = limiter
     if service.refresher is not None:
-        service.refresher.on_done = lambda ok: metrics.refreshes.labels(
-            "done" if ok else "failed"
-        ).inc()
+        service.refresher.on_done = lambda outcome: metrics.refreshes.labels(outcome).inc()
 
     def _served(rec: Any) -> Response:
         metrics.list_age.observe(rec.age_s)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,25 @@ def test_an_event_costs_one_rank_whichever_worker_reads(
     assert ranked == [uid, uid] and got.age_s == 0.0
     alone.add_events([(uid, model.item_ids[6], 1_700_000_100)])
     assert got.items == alone.recommend(uid, k=10).items
+
+
+def test_a_refresh_skips_a_list_ranked_since_it_was_asked(
+    model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hot user's next read often comes before the background refresh of their
+    event: the read ranks them (it may not serve the old list), and the refresh then
+    has nothing to do, unless the list is older than the ask (time-to-live)."""
+    svc = RecService(model, limits=ServiceLimits(refresh=False))
+    ranks: list[object] = []
+    rank_user = svc._rank_user
+    monkeypatch.setattr(svc, "_rank_user", lambda *x: ranks.append(x[1]) or rank_user(*x))
+    uid = model.user_ids[6]
+    asked = time.time()
+    svc.add_events([(uid, model.item_ids[3], None)])
+    svc.recommend(uid, k=10)  # the read ranks: its list includes the event
+    assert ranks == [uid]
+    assert svc._refresh(uid, asked) is False and ranks == [uid]
+    assert svc._refresh(uid, time.time() + 1) is True and ranks == [uid, uid]
 
 
 def test_compaction_prunes_the_shared_lists_of_users_it_drops(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -360,3 +362,46 @@ def test_server_service_freezes_the_loaded_bundle_out_of_the_collector(
     plain = RecService(None, tree_cache=tree_cache)
     plain.start(bundle_dir)
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads on Linux")
+def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    """uvicorn's one shared socket lets the first worker to wake take a burst of
+    connections (16 of 16 in a load test); a socket per worker lets the kernel spread
+    them. A port already served is refused rather than shared."""
+    import socket
+    import subprocess
+    import time
+
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = str(Path(sys.executable).parent / "recsys")
+    cmd = [exe, "serve", "--bundle", str(bundle_dir), "--port", str(port), "--workers", "2"]
+    env = {**os.environ, "RECSYS_TREE_CACHE": str(tmp_path / "trees")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        listeners: dict[int, int] = {}  # worker pid: its listening socket's inode
+        end = time.monotonic() + 240
+        while time.monotonic() < end and len(listeners) < 2:
+            time.sleep(0.5)
+            listeners = {}
+            for c in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    conns = c.net_connections(kind="tcp")
+                except psutil.NoSuchProcess:
+                    continue
+                for k in conns:
+                    if k.status == psutil.CONN_LISTEN and k.laddr.port == port:
+                        # the socket itself: a shared one has one inode in every worker
+                        listeners[c.pid] = os.stat(f"/proc/{c.pid}/fd/{k.fd}").st_ino
+        assert len(listeners) == 2 and len(set(listeners.values())) == 2, listeners
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        assert again.returncode == 2 and "cannot listen" in again.stderr, again.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -55,6 +55,14 @@ def serve(
         help="Redis shared by a fleet of servers (fresh events, ranked lists, reloads), "
         "e.g. redis://host:6379/0; replaces the state folder. Default: RECSYS_REDIS_URL.",
     ),
+    reuse_port: bool = typer.Option(
+        os.environ.get("RECSYS_REUSE_PORT", "true").lower() not in ("0", "false", "no"),
+        "--reuse-port/--shared-socket",
+        help="With --workers > 1 on Linux: a listening socket per worker (SO_REUSEPORT), so "
+        "the kernel spreads connections evenly; --shared-socket: one socket, which the "
+        "first worker to wake drains (uneven). Set net.ipv4.tcp_migrate_req=1 so that "
+        "connections queued on a worker that dies go to the others.",
+    ),
     log_level: str = typer.Option("warning", "--log-level"),
 ) -> None:
     """Serve top-k lists over HTTP (GET/POST /v1/recommendations, POST /v1/events, ...).
@@ -67,6 +75,7 @@ def serve(
 
     from recsys.bundle import read_manifest
     from recsys.pseudonym import for_manifest
+    from serving.workers import reuse_port_available, run_workers
 
     # clear errors now rather than a worker that never gets ready: a damaged bundle, or
     # one fitted on pseudonymized ids without the key they were hashed with
@@ -99,6 +108,24 @@ def serve(
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
     if state_dir is not None:
         os.environ["RECSYS_STATE_DIR"] = str(state_dir)
+    if workers > 1 and reuse_port and reuse_port_available(port):
+        # a socket per worker: the kernel spreads connections over the workers
+        # (serving/workers.py says why uvicorn's one shared socket does not)
+        config = uvicorn.Config(
+            "serving.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+            access_log=False,
+        )
+        try:
+            run_workers(config)
+        except OSError as e:
+            print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
     uvicorn.run(
         "serving.app:app_from_env",
         factory=True,

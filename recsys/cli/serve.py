@@ -6,6 +6,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -108,33 +109,21 @@ def serve(
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
     if state_dir is not None:
         os.environ["RECSYS_STATE_DIR"] = str(state_dir)
+    app = "serving.app:app_from_env"
+    kw: dict[str, Any] = {
+        "factory": True, "host": host, "port": port, "workers": workers,
+        "log_level": log_level, "access_log": False,
+    }  # fmt: skip
     if workers > 1 and reuse_port and reuse_port_available(port):
         # a socket per worker: the kernel spreads connections over the workers
         # (serving/workers.py says why uvicorn's one shared socket does not)
-        config = uvicorn.Config(
-            "serving.app:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level=log_level,
-            access_log=False,
-        )
         try:
-            run_workers(config)
+            run_workers(uvicorn.Config(app, **kw))
         except OSError as e:
             print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
             raise SystemExit(2) from None
         return
-    uvicorn.run(
-        "serving.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level,
-        access_log=False,
-    )
+    uvicorn.run(app, **kw)
 
 
 def check_lists(path: Path, bundle: Path) -> None:

@@ -53,12 +53,14 @@ from loadmix import (
     RssSampler,
     Server,
     WrkRun,
+    fmt_timed,
     fmt_wrk,
     json_id,
     lua_str,
     mix_lua,
     path_id,
     run_wrk,
+    timed_mix,
     users_by_activity,
 )
 
@@ -168,8 +170,21 @@ def connection_runs(
             if fresh["probes"] < args.freshness:
                 print(f"  (only {fresh['probes']} of {args.freshness} probes fitted)")
     out: dict[str, Any] = {"runs": runs, "freshness": fresh}
-    out["ok"] = all(r["errors"] == 0 for r in runs) and (
-        fresh is None or (fresh["errors"] == 0 and fresh["stale"] == 0)
+    timed = None
+    if users is not None and args.per_request:
+        items = pl.read_parquet(args.bundle / "items.parquet")["item_id"].to_list()
+        timed = timed_mix(
+            srv.url, users, items, args.per_request, k=args.k, exponent=args.zipf,
+            event_share=0.01 if args.event_share is None else args.event_share,
+            unknown_share=0.05 if args.unknown_share is None else args.unknown_share,
+            seed=args.seed, tag=secrets.token_hex(4),
+        )  # fmt: skip
+        out["per_request"] = timed
+        print(fmt_timed(timed), flush=True)
+    out["ok"] = (
+        all(r["errors"] == 0 for r in runs)
+        and (fresh is None or (fresh["errors"] == 0 and fresh["stale"] == 0))
+        and (timed is None or timed["errors"] == 0)
     )
     return out
 
@@ -398,6 +413,15 @@ def main() -> None:
         default=[],
         metavar="NAME=VALUE",
         help="environment of the server (RECSYS_* settings), repeatable",
+    )
+    ap.add_argument(
+        "--per-request",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="realistic mix: then this many seconds on one connection with every request "
+        "timed on its own (wrk's percentiles are corrected for coordinated omission), "
+        "by kind of request",
     )
     ap.add_argument("--warmup", type=int, default=3, help="seconds of unmeasured load first")
     ap.add_argument("--seed", type=int, default=0)

@@ -128,3 +128,35 @@ def test_realistic_mix_sends_the_intended_traffic(tmp_path: Path) -> None:
     assert read_users["u0"] > 1.5 * read_users["u1"]
     assert read_users["u1"] > 1.5 * read_users["u3"]
     assert set(read_users) <= {str(u) for u in users} and "a b/é" in read_users
+
+
+def test_each_request_timed_on_its_own_by_kind() -> None:
+    """The per-request client sends the mix's kinds in their shares, with bodies the
+    server accepts, and times every answer (wrk's percentiles are corrected for
+    coordinated omission, so they cannot say which kind of request the tail is)."""
+    from loadmix import timed_mix
+
+    from serving.app import EventsIn, RecommendationIn
+
+    _Counting.seen = []
+    users = [f"u{j}" for j in range(50)] + [7]
+    items = [f"i{j}" for j in range(30)]
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        r = timed_mix(url, users, items, 1.5, event_share=0.1, unknown_share=0.2)
+    finally:
+        srv.shutdown()
+    n = r["requests"]
+    assert n == len(_Counting.seen) > 300 and r["errors"] == 0
+    assert r["read"]["n"] + r["event"]["n"] + r["unknown"]["n"] == n == r["all"]["n"]
+    assert 0.05 < r["event"]["n"] / n < 0.15 and 0.13 < r["unknown"]["n"] / n < 0.27
+    assert 0 < r["all"]["p50_ms"] <= r["all"]["p99_ms"] <= r["all"]["max_ms"]
+    for method, path, body in _Counting.seen:
+        if path == "/v1/events":
+            assert EventsIn.model_validate_json(body).events[0].user_id in users
+        elif method == "POST":
+            assert 1 <= len(RecommendationIn.model_validate_json(body).history or []) <= 10
+        else:
+            assert unquote(urlsplit(path).path.rsplit("/", 1)[1]) in map(str, users)

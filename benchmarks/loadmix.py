@@ -139,65 +139,57 @@ end
 """
 
 
-def mix_lua(
-    users: list[Any],
-    items: list[Any],
-    *,
-    k: int = 10,
-    exponent: float = 1.0,
-    event_share: float = 0.01,
-    unknown_share: float = 0.05,
-    hist_min: int = 1,
-    hist_max: int = 10,
-    seed: int = 0,
-    tag: str = "x",
-    pace_ms: float = 0.0,
-) -> str:
-    """The wrk script of the realistic mix: `1 - event_share - unknown_share` of the
-    requests GET a known user's list, users drawn Zipf-like over `users` in the given
-    order (rank r has weight 1 / r**exponent); `event_share` POST an event for a user
-    drawn the same way and a uniformly random item; `unknown_share` POST
-    /v1/recommendations for a new user id with a history of hist_min..hist_max random
-    items. `pace_ms` > 0: each connection waits that long on average before each
-    request (an offered load of about connections * 1000 / pace_ms requests/s)."""
-    if not 0 <= event_share + unknown_share <= 1:
-        raise ValueError("event_share + unknown_share must lie in [0, 1]")
-    if not 1 <= hist_min <= hist_max:
-        raise ValueError("need 1 <= hist_min <= hist_max")
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", tag):
-        raise ValueError("tag: letters, digits, '-' and '_' only")
-    cdf = zipf_cdf(len(users), exponent)
+@dataclass(frozen=True)
+class Mix:
+    """The realistic mix: `1 - event_share - unknown_share` of the requests GET a known
+    user's list, users drawn Zipf-like over the users in the given order (rank r has
+    weight 1 / r**exponent); `event_share` POST an event for a user drawn the same way
+    and a uniformly random item; `unknown_share` POST /v1/recommendations for a new user
+    id (`tag` in it) with a history of hist_min..hist_max random items."""
+
+    k: int = 10
+    exponent: float = 1.0
+    event_share: float = 0.01
+    unknown_share: float = 0.05
+    hist_min: int = 1
+    hist_max: int = 10
+    seed: int = 0
+    tag: str = "x"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.event_share + self.unknown_share <= 1:
+            raise ValueError("event_share + unknown_share must lie in [0, 1]")
+        if not 1 <= self.hist_min <= self.hist_max:
+            raise ValueError("need 1 <= hist_min <= hist_max")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.tag):
+            raise ValueError("tag: letters, digits, '-' and '_' only")
+
+
+def mix_lua(users: list[Any], items: list[Any], *, pace_ms: float = 0.0, **mix: Any) -> str:
+    """The wrk script of the realistic mix (`Mix`'s settings as keywords). `pace_ms` >
+    0: each connection waits that long on average before each request (an offered load
+    of about connections * 1000 / pace_ms requests/s)."""
+    m = Mix(**mix)
+    cdf = zipf_cdf(len(users), m.exponent)
     pace = PACE_LUA % {"pace_ms": pace_ms} if pace_ms > 0 else ""
     return pace + MIX_LUA % {
         "users_path": ",".join(lua_str(path_id(u)) for u in users),
         "users_json": ",".join(lua_str(json_id(u)) for u in users),
         "cdf": ",".join(f"{p:.10g}" for p in cdf),
         "items": ",".join(lua_str(json_id(i)) for i in items),
-        "k": k,
-        "event_share": event_share,
-        "unknown_share": unknown_share,
-        "hist_min": hist_min,
-        "hist_max": hist_max,
-        "tag": tag,
-        "seed": seed,
+        "k": m.k,
+        "event_share": m.event_share,
+        "unknown_share": m.unknown_share,
+        "hist_min": m.hist_min,
+        "hist_max": m.hist_max,
+        "tag": m.tag,
+        "seed": m.seed,
     }
 
 
 # -- every request timed on its own ---------------------------------------------------
 def timed_mix(
-    url: str,
-    users: list[Any],
-    items: list[Any],
-    seconds: float,
-    *,
-    k: int = 10,
-    exponent: float = 1.0,
-    event_share: float = 0.01,
-    unknown_share: float = 0.05,
-    hist_min: int = 1,
-    hist_max: int = 10,
-    seed: int = 0,
-    tag: str = "t",
+    url: str, users: list[Any], items: list[Any], seconds: float, **mix: Any
 ) -> dict[str, Any]:
     """The realistic mix on one keep-alive connection for `seconds`, each request
     timed from its send to the end of its answer: per kind (read, event, unknown)
@@ -207,13 +199,12 @@ def timed_mix(
     than the mean interval between a connection's requests it adds the samples a
     request sent on schedule would have seen. Those are the latencies of clients that
     do not wait for each other; these are the latencies of the requests themselves,
-    and say which kind of request the tail is made of."""
-    if not 0 <= event_share + unknown_share <= 1:
-        raise ValueError("event_share + unknown_share must lie in [0, 1]")
+    and say which kind of request the tail is made of. `Mix`'s settings as keywords."""
+    m = Mix(**{"tag": "t", **mix})
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
-    cdf = zipf_cdf(len(users), exponent)
-    rng = np.random.default_rng(seed)
+    cdf = zipf_cdf(len(users), m.exponent)
+    rng = np.random.default_rng(m.seed)
     lat: dict[str, list[float]] = {"read": [], "event": [], "unknown": []}
     errors, n_unknown = 0, 0
     headers = {"Content-Type": "application/json"}
@@ -221,19 +212,19 @@ def timed_mix(
     while time.perf_counter() < end:
         r = rng.random()
         user = users[min(int(np.searchsorted(cdf, rng.random())), len(users) - 1)]
-        if r < event_share:
+        if r < m.event_share:
             kind, method, path = "event", "POST", "/v1/events"
             item = items[int(rng.integers(len(items)))]
             body: str | None = json.dumps({"events": [{"user_id": user, "item_id": item}]})
-        elif r < event_share + unknown_share:
+        elif r < m.event_share + m.unknown_share:
             n_unknown += 1
-            n_hist = int(rng.integers(hist_min, hist_max + 1))
+            n_hist = int(rng.integers(m.hist_min, m.hist_max + 1))
             hist = [items[int(j)] for j in rng.integers(0, len(items), n_hist)]
             kind, method, path = "unknown", "POST", "/v1/recommendations"
-            body = json.dumps({"user_id": f"timed-{tag}-{n_unknown}", "history": hist, "k": k})
+            body = json.dumps({"user_id": f"timed-{m.tag}-{n_unknown}", "history": hist, "k": m.k})
         else:
             kind, method, body = "read", "GET", None
-            path = f"/v1/recommendations/{path_id(user)}?k={k}"
+            path = f"/v1/recommendations/{path_id(user)}?k={m.k}"
         t = time.perf_counter()
         try:
             conn.request(method, path, body, headers if body is not None else {})

@@ -134,7 +134,6 @@ class RecentPopular:
     at most two short counts and a subtraction whatever the window holds."""
 
     name = "recent_pop"
-    _memo: EndTimeMemo[DenseRows | SparseRows]  # rows of one user by window (`rows`)
 
     def __init__(self, window_days: float = 14.0, checkpoint_bytes: int = 256 << 20) -> None:
         self.window_days = window_days
@@ -146,6 +145,8 @@ class RecentPopular:
         self.i_sorted_ = h.items[order].astype(np.int32)
         self.now_ = int(h.now or 0)
         self._cum: np.ndarray | None = None
+        # one user's rows by window (`rows`): requests share windows; a refit starts afresh
+        self._memo: EndTimeMemo[DenseRows | SparseRows] = EndTimeMemo(size=8)
         return self
 
     def _checkpoints(self, n_items: int) -> tuple[np.ndarray, int]:
@@ -215,11 +216,8 @@ class RecentPopular:
         (most items then have a count), else sparse ones."""
         lo, hi = self._bounds(self._t_end(b))
         if len(lo) == 1:  # a request: its window's counts are likely another's too
-            memo = self.__dict__.get("_memo")
-            if memo is None:
-                memo = self._memo = EndTimeMemo(size=8)
             key = (int(lo[0]), int(hi[0]), n_items)
-            r = memo.get(key, lambda: self._rows(lo, hi, n_items))
+            r = self._memo.get(key, lambda: self._rows(lo, hi, n_items))
             assert r is not None  # computed at the first request
             # top_lists marks a dense row's seen items: each request its own copy
             return DenseRows(r.S.copy(), finite=True) if isinstance(r, DenseRows) else r

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import polars as pl
@@ -163,6 +163,11 @@ class Model:
             cols, vals = np.zeros(0, np.int64), np.zeros(0, np.float32)
         order = np.lexsort((cols, -vals))[:k]
         return [(self.item_ids[int(cols[j])], float(vals[j])) for j in order]
+
+
+def _current(e: CachedList | None, m: Model, version: int) -> TypeGuard[CachedList]:
+    """A cached list ranked with this bundle from the user's current fresh events."""
+    return e is not None and e.model_version == m.version and e.fresh_version == version
 
 
 def _user_key(m: Model, user_id: Id | None) -> Id:
@@ -325,11 +330,9 @@ class RecService:
         if self.use_cache:
             e, version = self.lists.get_checked(key, self.state)
             if (
-                e is not None
-                and e.model_version == m.version
+                _current(e, m, version)
                 and 0 <= now - e.at <= self.limits.list_ttl_s
                 and (e.complete or k <= len(e.items))
-                and e.fresh_version == version
             ):
                 if self.refresher is not None and now - e.at > 0.75 * self.limits.list_ttl_s:
                     self.refresher.add([key])  # refreshed before it expires
@@ -361,12 +364,7 @@ class RecService:
         if m is None or not m.warmed:
             return False
         e, version = self.lists.get_checked(key, self.state)
-        if (
-            e is not None
-            and e.at >= asked
-            and e.fresh_version == version
-            and e.model_version == m.version
-        ):
+        if _current(e, m, version) and e.at >= asked:
             return False
         if self._rank_user(m, key, m.user_index(key)) is None:
             self.lists.drop(str(key))

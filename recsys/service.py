@@ -202,7 +202,9 @@ class ServiceLimits:
     max_k: int = 1000
     new_item_every: int | None = None  # new-item slots; None: the bundle's setting
     list_ttl_s: float = 3600.0  # a cached list older than this is ranked again
-    refresh: bool = True  # recompute invalidated and ageing lists in the background
+    refresh: bool = True  # recompute invalidated and ageing lists off the read path
+    # users of an events request ranked before it is answered (the rest: background)
+    refresh_inline_users: int = 8
     compact_bytes: int = 64 << 20  # the state folder's events log is compacted past this
 
 
@@ -422,7 +424,8 @@ class RecService:
     # -- fresh events --------------------------------------------------------------------
     def add_events(self, events: list[tuple[Id, Id, int | None]]) -> int:
         """(user_id, item_id, epoch seconds or None) rows; all or none are taken. The
-        users' lists are recomputed in the background."""
+        users' lists are recomputed before this returns (the first
+        `refresh_inline_users` of them; the others in the background)."""
         m = self.model
         m.item_indices([e[1] for e in events], "events")
         rows = []
@@ -443,8 +446,9 @@ class RecService:
             log.error("%s", reason)
             raise StorageError(f"events not taken: {reason}; retry later") from None
         if self.refresher is not None:
-            mine = {r[0] for r in rows}
-            self.refresher.add([*mine, *self._cached(changed - mine)])
+            mine = list(dict.fromkeys(r[0] for r in rows))
+            self.refresher.run(mine, self.limits.refresh_inline_users)
+            self.refresher.add(self._cached(changed - set(mine)))
         return len(rows)
 
     def _cached(self, users: set[Id]) -> list[Id]:

@@ -477,6 +477,7 @@ def app_from_env() -> Guard:
             new_item_every=settings.new_item_every,
             list_ttl_s=settings.list_ttl_s,
             refresh=settings.refresh,
+            refresh_inline_users=settings.refresh_inline_users,
             compact_bytes=settings.events_log_max_bytes,
         ),
         state_dir=settings.state_dir,

@@ -61,7 +61,7 @@ class Metrics:
         )
         self.refreshes = Counter(
             "recsys_list_refreshes",
-            "lists recomputed in the background (after events, near their time-to-live): "
+            "lists recomputed off the read path (after events, near their time-to-live): "
             "done, failed, or current (ranked since it was asked, by a read or a worker)",
             ["outcome"],
             registry=self.registry,

@@ -54,7 +54,15 @@ class Settings(BaseSettings):
         "quarter of it are recomputed in the background",
     )
     refresh: bool = Field(
-        True, description="recompute lists in the background after events and near their TTL"
+        True,
+        description="recompute lists off the read path: a user's events request ranks "
+        "them before it is answered, lists near their TTL are ranked in the background",
+    )
+    refresh_inline_users: int = Field(
+        8,
+        ge=0,
+        description="users of one events request ranked before it is answered (a few ms "
+        "each); the request's other users are ranked in the background (0: all)",
     )
     lists: Path | None = Field(
         None, description="a `recsys recommend` output whose lists seed the cache at start"

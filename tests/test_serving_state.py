@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,12 +32,44 @@ def test_an_event_is_in_the_next_read_and_its_list_is_recomputed_off_the_read_pa
     before = svc.recommend(uid, k=10)
     assert before.age_s == 0.0  # ranked for this request
     svc.add_events([(uid, before.items[0][0], None)])
-    assert svc.refresher is not None and svc.refresher.wait_idle(60)
+    # ranked on the write path: current when the events request returns, no waiting
     entry = svc.lists.get(str(uid))
     assert entry is not None and entry.fresh_version == svc.state.version(uid) > 0
     after = svc.recommend(uid, k=10)
     assert after.age_s > 0  # the refreshed list, not a rank on read
     assert before.items[0][0] not in _ids(after)
+
+
+def test_an_events_request_ranks_a_bounded_number_of_its_users(
+    model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first `refresh_inline_users` users of a request are ranked before it returns,
+    the others in the background; a rank that fails does not fail the request."""
+    svc = RecService(model, limits=ServiceLimits(refresh_inline_users=1))
+    assert svc.refresher is not None
+    threads: dict[object, str] = {}
+    failing = {model.user_ids[3]}
+    rank_user = svc._rank_user
+
+    def rank(m: Model, key: object, u: int) -> object:
+        threads[key] = threading.current_thread().name
+        if key in failing:
+            raise RuntimeError("no list for you")
+        return rank_user(m, key, u)
+
+    monkeypatch.setattr(svc, "_rank_user", rank)
+    a, b = model.user_ids[1], model.user_ids[2]
+    svc.add_events([(a, model.item_ids[4], None), (b, model.item_ids[5], None)])
+    assert threads.get(a) == threading.current_thread().name
+    assert svc.refresher.wait_idle(60) and threads[b] == "list-refresher"
+    for key in (a, b):
+        e = svc.lists.get(str(key))
+        assert e is not None and e.fresh_version == svc.state.version(key) > 0
+    bad = model.user_ids[3]
+    assert svc.add_events([(bad, model.item_ids[4], None)]) == 1
+    assert svc.state.version(bad) > 0 and svc.refresher.outcomes["failed"] == 1
+    failing.clear()
+    assert svc.recommend(bad, k=5).age_s == 0.0  # no list was kept: ranked on read
 
 
 def test_refreshed_list_equals_a_synchronous_rank(model: Model) -> None:

@@ -47,7 +47,8 @@ def serve(
         "--list-ttl",
         min=1.0,
         help="Seconds a cached list may be served; lists read in their last quarter are "
-        "recomputed in the background, as are lists whose user posted an event.",
+        "recomputed in the background. A user's events request ranks their list before "
+        "it is answered (RECSYS_REFRESH_INLINE_USERS users of a request, default 8).",
     ),
     redis_url: str | None = typer.Option(
         os.environ.get("RECSYS_REDIS_URL"),

@@ -122,9 +122,9 @@ def test_frozen_pass_keeps_the_same_hidden_states_on_every_worker_count(tiny_ber
     tower = ItemTower(enc, 8, 1, 0)
     cpu = torch.device("cpu")
     with ops_threads(1):
-        p1, h1 = lm._frozen_pass(tower, tokens, cpu, keep_hidden=True)
+        p1, h1, _ = lm._frozen_pass(tower, tokens, cpu, keep_hidden=True)
     with ops_threads(3):
-        p3, h3 = lm._frozen_pass(tower, tokens, cpu, keep_hidden=True)
+        p3, h3, _ = lm._frozen_pass(tower, tokens, cpu, keep_hidden=True)
     np.testing.assert_array_equal(p1, p3)
     assert h1 is not None and h3 is not None
     for j in range(len(texts)):

@@ -180,13 +180,15 @@ class LanguageModel:
         # frozen pass over every item: pooled output, and hidden states entering `start`
         t0 = time.perf_counter()
         with lm_encoder.ops_threads(getattr(self, "_encode_threads", torch.get_num_threads())):
-            pooled0, hidden = self._frozen_pass(tower, tokens, dev, keep_hidden=finetune)
+            pooled0, hidden, precision = self._frozen_pass(tower, tokens, dev, keep_hidden=finetune)
         self.timings_["encode (frozen)"] = dt = time.perf_counter() - t0
         log.info(
-            "lm: frozen pass over %d items in %.1f s (%.0f items/s%s), RSS %.2f GiB",
+            "lm: frozen pass over %d items in %.1f s (%.0f items/s, %s on %s%s), RSS %.2f GiB",
             h.n_items,
             dt,
             h.n_items / max(dt, 1e-9),
+            precision,
+            dev.type,
             ", to the first trained layer" if finetune else "",
             rss_gib()[0],
         )
@@ -305,7 +307,9 @@ class LanguageModel:
         tokens: lm_encoder.Tokens,
         dev: torch.device,
         keep_hidden: bool,
-    ) -> tuple[np.ndarray, PackedHidden | None]:
+    ) -> tuple[np.ndarray, PackedHidden | None, str]:
+        """The pooled output of every item, the hidden states entering the first
+        trained layer (with `keep_hidden`), and the precision they were computed in."""
         cfg = self.config
         enc = tower.encoder
         precision = "fp32"
@@ -324,7 +328,7 @@ class LanguageModel:
             if cfg.checkpoints and path.is_file():
                 from safetensors.numpy import load_file
 
-                return load_file(str(path))["pooled"], None
+                return load_file(str(path))["pooled"], None, precision
             pooled = lm_encoder.encode_pooled(enc, tokens, dev, cfg.encode_batch_size, self.pad_id_)
             if cfg.checkpoints:
                 from safetensors.numpy import save_file
@@ -332,7 +336,7 @@ class LanguageModel:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_file({"pooled": pooled}, str(path) + ".tmp")
                 os.replace(str(path) + ".tmp", path)
-            return pooled, None
+            return pooled, None, precision
         # hidden states entering the first trainable block, per item (ragged, fp32 on CPU;
         # bf16 where fp32 would pass HIDDEN_FP32_BYTES, e.g. 100,000 items of 48 tokens)
         n, hid = len(tokens.lengths), lm_encoder.hidden_size(enc)
@@ -355,7 +359,7 @@ class LanguageModel:
                 hidden[j] = hs[r, : tokens.lengths[j]]
 
         lm_encoder.map_batches(tokens.batches(cfg.encode_batch_size), one, dev)
-        return pooled, hidden
+        return pooled, hidden, precision
 
     def _checkpoint_dir(self, h: History) -> Path | None:
         if not self.config.checkpoints:

@@ -358,16 +358,19 @@ class RecService:
             self.lists.put(str(key), e, fresh)
         return r
 
-    def _refresh(self, key: Id, asked: float) -> bool:
+    def _refresh(self, key: Id, asked: float | None) -> bool:
         """The refresher's work: rank one user again with the serving bundle, unless
         their list was ranked from their current events after `asked` (a read that
-        found no list ranked it, or another worker did). False: skipped."""
+        found no list ranked it, or another worker did). None: the caller has just
+        taken the user's events, so no list can be current (not looked up, which for
+        a state folder is a file read). False: skipped."""
         m = self._model
         if m is None or not m.warmed:
             return False
-        e, version = self.lists.get_checked(key, self.state)
-        if _current(e, m, version) and e.at >= asked:
-            return False
+        if asked is not None:
+            e, version = self.lists.get_checked(key, self.state)
+            if _current(e, m, version) and e.at >= asked:
+                return False
         if self._rank_user(m, key, m.user_index(key)) is None:
             self.lists.drop(str(key))
         return True

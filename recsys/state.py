@@ -542,9 +542,11 @@ class Refresher:
 
     `work(user, asked)` gets the time the user was first asked for since their last
     refresh, so it can skip a user whose list was ranked after that (by a read that
-    found no list, or by another worker); it returns False when it skipped."""
+    found no list, or by another worker); it returns False when it skipped. `run`
+    passes None: the caller has just changed the user's events, so there is nothing
+    to look up before ranking."""
 
-    def __init__(self, work: Callable[[Id, float], bool], max_queue: int = 10_000) -> None:
+    def __init__(self, work: Callable[[Id, float | None], bool], max_queue: int = 10_000) -> None:
         self.work = work
         self.max_queue = max_queue
         self._queue: OrderedDict[Id, float] = OrderedDict()
@@ -563,9 +565,8 @@ class Refresher:
         the request that brought the event costs the other requests less than the
         same rank in the background (measured in benchmarks/README.md)."""
         users = list(users)
-        asked = time.time()
         for user in users[:inline]:
-            self._do(user, asked)
+            self._do(user, None)
         self.add(users[inline:])
 
     def add(self, users: Iterable[Id]) -> None:
@@ -607,7 +608,7 @@ class Refresher:
                 self._busy = True
             self._do(user, asked)
 
-    def _do(self, user: Id, asked: float) -> None:
+    def _do(self, user: Id, asked: float | None) -> None:
         outcome = "done"
         try:
             if not self.work(user, asked):

@@ -288,6 +288,27 @@ class RecService:
         history: list[Id] | None = None,
         exclude: list[Id] | None = None,
     ) -> Recommendation:
+        rec = self._recommend(user_id, k, history, exclude, may_rank=True)
+        assert rec is not None
+        return rec
+
+    def recommend_unranked(
+        self, user_id: Id, k: int = 10, exclude: list[Id] | None = None
+    ) -> Recommendation | None:
+        """`recommend(user_id, k)` when it needs no rank (a current list, or the
+        fallback of a user without events); None when it would rank the user: the
+        caller may first let cheaper requests go (a rank holds the worker for
+        milliseconds), then call `recommend`."""
+        return self._recommend(user_id, k, None, exclude, may_rank=False)
+
+    def _recommend(
+        self,
+        user_id: Id | None,
+        k: int,
+        history: list[Id] | None,
+        exclude: list[Id] | None,
+        may_rank: bool,
+    ) -> Recommendation | None:
         self.sync()
         m = self.model
         if not 1 <= k <= self.limits.max_k:
@@ -315,7 +336,10 @@ class RecService:
             state = None
             ranked = None
             if key is not None:
-                ranked, age = self._list(m, key, u, k)
+                listed = self._list(m, key, u, k, may_rank)
+                if listed is None:
+                    return None
+                ranked, age = listed
             kind = None if ranked is not None else "popular"
         items = self._top(m, ranked, state, u, key, k, excl_idx)
         uid = user_id
@@ -325,9 +349,11 @@ class RecService:
             uid = client_id
         return Recommendation(uid, items, m.version, kind, age)
 
-    def _list(self, m: Model, key: Id, u: int, k: int) -> tuple[Ranked | None, float]:
+    def _list(
+        self, m: Model, key: Id, u: int, k: int, may_rank: bool = True
+    ) -> tuple[Ranked | None, float] | None:
         """The user's ranked list and its age: the cached one while valid, else ranked
-        now (and cached)."""
+        now (and cached); None when that needs a rank and `may_rank` is false."""
         now = time.time()
         if self.use_cache:
             e, version = self.lists.get_checked(key, self.state)
@@ -339,6 +365,8 @@ class RecService:
                 if self.refresher is not None and now - e.at > 0.75 * self.limits.list_ttl_s:
                     self.refresher.add([key])  # refreshed before it expires
                 return Ranked(e.items, e.scores), now - e.at
+        if not may_rank and (u >= 0 or self.state.fresh(key) is not None):
+            return None
         r = self._rank_user(m, key, u)
         return r, 0.0
 

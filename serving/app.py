@@ -32,6 +32,7 @@ log = logging.getLogger("recsys.serving")
 
 MAX_ID_LEN = 256
 MAX_LIST = 1000
+MAX_K = 1000  # the largest k a request may ask for (settings.max_k may cap it lower)
 MAX_EVENTS = 1000
 
 StrId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LEN)]
@@ -58,7 +59,7 @@ class RecommendationIn(BaseModel):
 
     user_id: Id | None = None
     history: list[Id] | None = Field(None, max_length=MAX_LIST, description="recent items")
-    k: int = Field(10, ge=1, le=1000)
+    k: int = Field(10, ge=1, le=MAX_K)
     exclude: list[Id] | None = Field(None, max_length=MAX_LIST)
 
 
@@ -184,6 +185,21 @@ def _token_matches(given: str, token: str) -> bool:
     return hmac.compare_digest(a, hashlib.sha256(token.encode()).digest())
 
 
+_READ_PREFIX = "/v1/recommendations/"
+_READ_ROUTE = "/v1/recommendations/{user_id}"
+
+
+def _plain_k(query: bytes) -> int | None:
+    """k from a query string that is empty (10) or exactly `k=N`, N a plain integer
+    from 1 to MAX_K; None for anything else (the route validates it)."""
+    if not query:
+        return 10
+    if not query.startswith(b"k=") or not 3 <= len(query) <= 6 or not query[2:].isdigit():
+        return None
+    k = int(query[2:])
+    return k if 1 <= k <= MAX_K and query[2:3] != b"0" else None
+
+
 def _recommendation(rec: Any) -> Response:
     # Age: seconds since the list was ranked, when it was served from the list cache
     headers = {"Age": str(int(rec.age_s))} if rec.age_s > 0 else None
@@ -218,6 +234,28 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
         metrics.list_age.observe(rec.age_s)
         return _recommendation(rec)
 
+    def cached_read(scope: Scope) -> Response | None:
+        """GET /v1/recommendations/{user_id} answered without FastAPI's routing and
+        validation when nothing needs them: a plain id, `k` absent or a plain integer
+        in range, and a list that needs no rank (cached, or the fallback of a user
+        without events). That is most of a server's requests, and FastAPI's layers
+        cost several times the lookup. Anything else (None) takes the route below,
+        which answers the same request with the same bytes."""
+        path = scope["path"]
+        if scope["method"] != "GET" or not path.startswith(_READ_PREFIX) or scope["root_path"]:
+            return None
+        user_id = path[len(_READ_PREFIX) :]
+        if not 0 < len(user_id) <= MAX_ID_LEN or "/" in user_id:
+            return None
+        k = _plain_k(scope["query_string"])
+        if k is None:
+            return None
+        try:
+            rec = service.recommend_unranked(user_id, k=min(k, settings.max_k))
+        except ServiceError:  # the route formats the error
+            return None
+        return None if rec is None else _served(rec)
+
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, e: ServiceError) -> Response:
         retry = {"Retry-After": "1"} if e.status == 503 else None
@@ -232,14 +270,14 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
         return _json({"detail": errors}, 422)
 
     @app.get(
-        "/v1/recommendations/{user_id}",
+        _READ_ROUTE,
         response_model=RecommendationOut,
         responses=ERRORS,
         summary="Top-k for a user (a fallback list for unknown users)",
     )
     async def recommend_get(
         user_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN)],
-        k: Annotated[int, Query(ge=1, le=1000)] = 10,
+        k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
     ) -> Response:
         return _served(service.recommend(user_id, k=min(k, settings.max_k)))
 
@@ -278,7 +316,7 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
     )
     async def similar(
         item_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN)],
-        k: Annotated[int, Query(ge=1, le=1000)] = 10,
+        k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
     ) -> Response:
         service.sync()
         iid, items, version = service.similar(item_id, k)
@@ -353,7 +391,7 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
         metrics.set_bundle(new)
         return _json({"old_version": old, "model_version": new})
 
-    return Guard(app, metrics, settings.max_body_bytes)
+    return Guard(app, metrics, settings.max_body_bytes, cached_read)
 
 
 Scope = MutableMapping[str, Any]
@@ -363,13 +401,21 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 class Guard:
-    """ASGI wrapper: refuses oversized bodies with 413 and records request metrics.
+    """ASGI wrapper: refuses oversized bodies with 413, answers cached reads itself
+    (`fast`: a Response, or None for the app to answer) and records request metrics.
     Attribute access falls through to the FastAPI app (routes, state, openapi)."""
 
-    def __init__(self, app: FastAPI, metrics: Metrics, max_body: int) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        metrics: Metrics,
+        max_body: int,
+        fast: Callable[[Scope], Response | None] | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
+        self.fast = fast
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.app, name)
@@ -379,6 +425,12 @@ class Guard:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
+        if self.fast is not None:
+            r = self.fast(scope)
+            if r is not None:
+                await r(scope, receive, send)
+                self.metrics.observe(_READ_ROUTE, "GET", r.status_code, t0)
+                return
         status = 500
         length = None
         for k, v in scope.get("headers", ()):

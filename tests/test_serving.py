@@ -405,3 +405,63 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_cached_reads_skip_the_framework_and_answer_the_same(
+    service: RecService, model: Model
+) -> None:
+    """A GET of a list that needs no rank is answered before FastAPI's routing, with
+    the bytes the route gives; anything the route must validate or rank goes to it."""
+    app = create_app(service, Settings(max_k=50))
+    fast, uid = app.fast, _a_user(model)
+    assert fast is not None
+    service.recommend(uid, k=10)  # the user's list is cached
+
+    def scope(path: str, query: bytes = b"", method: str = "GET") -> dict:
+        return {"type": "http", "method": method, "path": path, "root_path": "",
+                "query_string": query}  # fmt: skip
+
+    taken = [
+        (f"/v1/recommendations/{uid}", b""),
+        (f"/v1/recommendations/{uid}", b"k=7"),
+        (f"/v1/recommendations/{uid}", b"k=1000"),  # capped by max_k, as the route does
+        ("/v1/recommendations/nobody-at-all", b"k=5"),  # the popular fallback
+    ]
+    for path, q in taken:
+        assert fast(scope(path, q)) is not None, (path, q)
+    routed = [
+        (f"/v1/recommendations/{model.user_ids[1]}", b"k=5"),  # no list yet: a rank
+        (f"/v1/recommendations/{uid}", b"k=0"),
+        (f"/v1/recommendations/{uid}", b"k=1001"),
+        (f"/v1/recommendations/{uid}", b"k=07"),
+        (f"/v1/recommendations/{uid}", b"k=x"),
+        (f"/v1/recommendations/{uid}", b"k=5&k=6"),
+        (f"/v1/recommendations/{uid}", b"n=5"),
+        (f"/v1/recommendations/{uid}/", b""),
+        ("/v1/recommendations/" + "x" * 257, b""),
+        ("/v1/recommendations/", b""),
+    ]
+    for path, q in routed:
+        assert fast(scope(path, q)) is None, (path, q)
+    assert fast(scope(f"/v1/recommendations/{uid}", method="HEAD")) is None
+
+    with_fast = TestClient(app)
+    app_route = create_app(service, Settings(max_k=50))
+    app_route.fast = None  # every request through FastAPI
+    route_only = TestClient(app_route)
+    ok = 0
+    for path, q in taken + routed:
+        url = f"{path}?{q.decode()}" if q else path
+        a, b = with_fast.get(url), route_only.get(url)
+        assert (a.status_code, a.content) == (b.status_code, b.content), url
+        assert a.headers["content-type"] == b.headers["content-type"]
+        ok += a.status_code == 200
+    assert len(with_fast.get(f"/v1/recommendations/{uid}?k=1000").json()["items"]) == 50
+    # the reads answered early are counted under the route, as the others
+    line = (
+        "recsys_http_requests_total"
+        '{endpoint="/v1/recommendations/{user_id}",method="GET",status="200"}'
+    )
+    counts = [float(x.split()[-1]) for x in with_fast.get("/metrics").text.splitlines()
+              if x.startswith(line)]  # fmt: skip
+    assert counts == [ok + 1]

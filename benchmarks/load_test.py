@@ -63,6 +63,7 @@ from loadmix import (
     timed_mix,
     users_by_activity,
 )
+from machine import cpu
 
 UNIFORM_LUA = """
 local ids_path = {%(ids_path)s}
@@ -441,6 +442,7 @@ def main() -> None:
     if sum(bool(x) for x in (args.soak, args.kill_worker, args.reload_under_load)) > 1:
         raise SystemExit("choose one of --soak, --kill-worker, --reload-under-load")
 
+    print(f"machine: {cpu()}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="recsys-load-"))
     script = tmp / "mix.lua"
     users = None
@@ -463,7 +465,7 @@ def main() -> None:
     srv = Server(args.bundle, args.workers, not args.no_cache, args.prefill, env)
     srv.extra = shlex.split(args.serve_args)
     srv.start()
-    result: dict[str, Any] = {"scenario": scenario}
+    result: dict[str, Any] = {"scenario": scenario, "machine": cpu()}
     try:
         ready_s = srv.wait_ready(900)
         cache = "off" if args.no_cache else "on, prefilled" if args.prefill else "on"

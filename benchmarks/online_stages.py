@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu
 from threadpoolctl import threadpool_limits
 
 
@@ -151,6 +152,7 @@ def main() -> None:
             st = r.user_state(u) if x is None else r.user_state(u, x)  # type: ignore[attr-defined]
             n_cands.append(len(r.candidates(st)[0]))  # type: ignore[attr-defined]
     who = "users the bundle does not know" if a.unknown else "users"
+    print(f"machine: {cpu()}")
     print(
         f"{len(todo)} {who}, {np.mean(n_cands):.0f} candidates on average "
         f"({min(n_cands)} to {max(n_cands)}), {len(p.ranker_.boosters_)} tree model(s), "

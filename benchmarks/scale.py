@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import subprocess
 import sys
 import threading
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from machine import cpu
 
 RECSYS = str(Path(sys.executable).with_name("recsys"))
 SIZES = {  # events, users, items
@@ -36,22 +35,6 @@ SIZES = {  # events, users, items
     "1m": (1_000_000, 50_000, 20_000),
     "10m": (10_000_000, 500_000, 100_000),
 }
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve", "bf16")
-
-
-def cpu() -> str:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() == "model name":
-                model = val.strip()
-            if key.strip() in ("flags", "Features"):
-                flags = set(val.split())
-    except OSError:
-        pass
-    have = [f for f in FLAGS if f in flags]
-    return f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(have) or 'none of ' + str(FLAGS)}"
 
 
 def run(args: list[str], log: Path) -> tuple[float, float]:

@@ -756,17 +756,17 @@ class DenseRows:
 
 class ItemMatrix:
     """Item vectors [items, d] (float32) as a product source multiplies them: their
-    transpose in float32 (for BLAS), the rows in float64 (for exact scores), and the
-    largest norm (for `ProductRows`' error bound)."""
+    transpose (for BLAS), the rows (gathered and widened to float64 for exact scores:
+    the same values as a float64 copy, at half the memory and half the bytes read),
+    and the largest norm (for `ProductRows`' error bound)."""
 
     def __init__(self, V: np.ndarray) -> None:
         self.source = V
-        V32 = np.ascontiguousarray(V, dtype=np.float32)
-        self.V64 = V32.astype(np.float64)
-        self.Vt = np.ascontiguousarray(V32.T)
-        norms = np.sqrt((self.V64**2).sum(axis=1))
+        self.V32 = np.ascontiguousarray(V, dtype=np.float32)
+        self.Vt = np.ascontiguousarray(self.V32.T)
+        norms = np.sqrt((self.V32.astype(np.float64) ** 2).sum(axis=1))  # (a passing copy)
         self.max_norm = float(norms.max(initial=0.0))
-        self.finite = bool(np.isfinite(V32).all())
+        self.finite = bool(np.isfinite(self.V32).all())
 
     @classmethod
     def cached(cls, owner: object, V: np.ndarray) -> ItemMatrix:
@@ -779,14 +779,16 @@ class ItemMatrix:
 
 
 def exact_products(U: np.ndarray, V: np.ndarray, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """float32 [len(rows)]: U[rows] . V[items] (float64 arrays), each pair summed on its
-    own (numpy's einsum loop over the d products, whose order depends on d alone), so a
-    pair's score has the same bits whatever else is computed with it: a user alone as
-    in a chunk. (A BLAS product's last bits depend on the kernel its shape picks, which
+    """float32 [len(rows)]: U[rows] . V[items] in float64 (U float64; V's rows are
+    widened to float64 when they are float32), each pair summed on its own (numpy's
+    einsum loop over the d products, whose order depends on d alone), so a pair's
+    score has the same bits whatever else is computed with it: a user alone as in a
+    chunk. (A BLAS product's last bits depend on the kernel its shape picks, which
     would reorder near-equal scores.) Blocks of 1,024 pairs stay in the cache."""
     out = np.empty(len(rows), dtype=np.float32)
     for a in range(0, len(rows), 1024):
-        out[a : a + 1024] = np.einsum("ij,ij->i", U[rows[a : a + 1024]], V[items[a : a + 1024]])
+        Vb = V[items[a : a + 1024]].astype(np.float64, copy=False)
+        out[a : a + 1024] = np.einsum("ij,ij->i", U[rows[a : a + 1024]], Vb)
     return out
 
 
@@ -804,10 +806,10 @@ class ProductRows:
         self.U = np.ascontiguousarray(U, dtype=np.float32)
         self.U64 = self.U.astype(np.float64)
         self.items = items
-        self.n_items = min(n_items, len(items.V64))  # as a dense row's [:, :n_items]
+        self.n_items = min(n_items, len(items.V32))  # as a dense row's [:, :n_items]
 
     def exact(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
-        return exact_products(self.U64, self.items.V64, rows, items)
+        return exact_products(self.U64, self.items.V32, rows, items)
 
     def at(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         return self.exact(rows, items)

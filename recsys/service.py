@@ -292,14 +292,11 @@ class RecService:
         assert rec is not None
         return rec
 
-    def recommend_unranked(
-        self, user_id: Id, k: int = 10, exclude: list[Id] | None = None
-    ) -> Recommendation | None:
-        """`recommend(user_id, k)` when it needs no rank (a current list, or the
-        fallback of a user without events); None when it would rank the user: the
-        caller may first let cheaper requests go (a rank holds the worker for
-        milliseconds), then call `recommend`."""
-        return self._recommend(user_id, k, None, exclude, may_rank=False)
+    def recommend_unranked(self, user_id: Id, k: int = 10) -> Recommendation | None:
+        """`recommend(user_id, k)` when it needs no rank (a current cached list, or
+        the fallback of a user without events), else None: the server answers cached
+        reads with it before its framework's routing, and sends the rest there."""
+        return self._recommend(user_id, k, None, None, may_rank=False)
 
     def _recommend(
         self,

@@ -242,7 +242,7 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
         cost several times the lookup. Anything else (None) takes the route below,
         which answers the same request with the same bytes."""
         path = scope["path"]
-        if scope["method"] != "GET" or not path.startswith(_READ_PREFIX) or scope["root_path"]:
+        if scope["method"] != "GET" or not path.startswith(_READ_PREFIX) or scope.get("root_path"):
             return None
         user_id = path[len(_READ_PREFIX) :]
         if not 0 < len(user_id) <= MAX_ID_LEN or "/" in user_id:

@@ -362,8 +362,10 @@ class RecService:
                 if self.refresher is not None and now - e.at > 0.75 * self.limits.list_ttl_s:
                     self.refresher.add([key])  # refreshed before it expires
                 return Ranked(e.items, e.scores), now - e.at
-        if not may_rank and (u >= 0 or self.state.fresh(key) is not None):
-            return None
+        if not may_rank:
+            if u >= 0 or self.state.fresh(key) is not None:
+                return None
+            return None, 0.0  # no events to rank: the fallback (`_rank_user` gives None)
         r = self._rank_user(m, key, u)
         return r, 0.0
 

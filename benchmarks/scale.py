@@ -87,6 +87,7 @@ def bench(
     d = work / name
     data = d / "data"
     out: dict[str, Any] = {"size": name, "events": events, "users": users, "items": items}
+    d.mkdir(parents=True, exist_ok=True)
     if not (data / "interactions.parquet").exists():
         out["synth_s"], _ = run(
             ["synth", "--out", str(data), "--users", str(users), "--items", str(items),

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from features.batch import Histories
-from recsys.lm.cold import cold_pool, merge_ranked
+from recsys.lm.cold import ColdPool, cold_pool, merge_ranked
 from recsys.pipeline import Pipeline, feature_matrix
 
 log = logging.getLogger("recsys")
@@ -75,7 +75,10 @@ class OnlineRanker:
         # new-item slots (recsys.lm.cold): items without interactions in the bundle
         self.new_item_every = p.new_item_every if self.lm is not None else 0
         self.new_item_after = p.new_item_after
-        self._cold_pool = cold_pool(h.X) if self.new_item_every else np.zeros(0, np.int64)
+        self._cold_pool = ColdPool(
+            cold_pool(h.X) if self.new_item_every else np.zeros(0, np.int64),
+            self.lm.text_vectors_ if self.lm is not None else np.zeros((0, 0), np.float32),
+        )
         self._hist_ptr, self._hist_items, self._hist_times = h.ptr, h.items, h.times
         p.features  # noqa: B018 - the item-side state, built now rather than in a request
         self.trees = TreeEnsemble(p.ranker_, cache_dir=tree_cache)
@@ -123,7 +126,7 @@ class OnlineRanker:
             assert lm is not None, "new-item slots without a language model"
             uvec = lm.user_vectors_for(state.chunk)[0]
             items, scores = merge_ranked(
-                items, scores, uvec, lm.text_vectors_, self._cold_pool,
+                items, scores, uvec, self._cold_pool,
                 self.new_item_every, seen=state.items, after=self.new_item_after,
             )  # fmt: skip
         return Ranked(items, scores)

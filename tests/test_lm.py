@@ -721,6 +721,73 @@ def test_interleave_keeps_prefixes_and_skips_duplicates() -> None:
         assert interleave(ranked, cold, 3, k, after=4)[0].tolist() == full[:k].tolist()
 
 
+def _walk_place_by_place(
+    ranked: np.ndarray, cold: np.ndarray, every: int, length: int | None, after: int
+) -> tuple[list[int], list[int]]:
+    """The new-item merge's rule, one place at a time (what `cold._walk` lays out at
+    once): a slot takes the next cold item not yet placed, any other place the next
+    ranked one; past the last ranked item every place takes a cold one."""
+    total = len(ranked) + len(cold) if length is None else length
+    out: list[int] = []
+    src: list[int] = []
+    ri = ci = 0
+    while len(out) < total:
+        while ri < len(ranked) and ranked[ri] in out:
+            ri += 1
+        while ci < len(cold) and cold[ci] in out:
+            ci += 1
+        has_r, has_c = ri < len(ranked), ci < len(cold)
+        if not (has_r or has_c):
+            break
+        p = len(out) + 1
+        if has_c and (not has_r or (p > after and (p - after) % every == 0)):
+            out.append(int(cold[ci]))
+            src.append(-1)
+            ci += 1
+        else:
+            out.append(int(ranked[ri]))
+            src.append(ri)
+            ri += 1
+    return out, src
+
+
+def test_new_item_merge_places_what_the_place_by_place_rule_places() -> None:
+    """Random lists that share many items (the ranker ranked cold items), every
+    spacing, offset and length: the same items and sources at every place."""
+    from recsys.lm.cold import _walk
+
+    rng = np.random.default_rng(1)
+    shared = 0
+    for _ in range(3000):
+        universe = int(rng.integers(1, 80))
+        ranked = rng.permutation(universe)[: int(rng.integers(0, 40))]
+        cold = rng.permutation(universe)[: int(rng.integers(0, 40))]
+        every, after = int(rng.integers(1, 7)), int(rng.integers(0, 12))
+        length = None if rng.random() < 0.5 else int(rng.integers(0, 90))
+        out, src = _walk(ranked, cold, every, length, after)
+        want = _walk_place_by_place(ranked, cold, every, length, after)
+        assert (out.tolist(), src.tolist()) == want, (ranked, cold, every, length, after)
+        shared += len(np.intersect1d(ranked, cold))
+    assert shared > 3000  # the skips were exercised
+
+
+def test_cold_pool_orders_as_cold_order_without_the_seen_items() -> None:
+    from recsys.lm.cold import ColdPool, cold_order
+
+    rng = np.random.default_rng(2)
+    tv = rng.standard_normal((500, 32)).astype(np.float32)
+    pool = np.sort(rng.choice(500, 120, replace=False))
+    tv[pool[:10]] = tv[pool[0]]  # ties: by item index
+    cp = ColdPool(pool, tv)
+    for _ in range(50):
+        uv = rng.standard_normal(32).astype(np.float32)
+        seen = rng.choice(500, int(rng.integers(0, 40)), replace=False)
+        n = int(rng.integers(1, 150))
+        rest = pool[~np.isin(pool, seen)]
+        want = cold_order(uv.reshape(1, -1), tv, rest, n)[0][0]
+        assert cp.order(uv, n, seen).tolist() == want.tolist()
+
+
 def test_new_item_slots_are_the_same_online(lm_pipeline, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from recsys.online import OnlineRanker
 

@@ -13,7 +13,8 @@ top-50's places. A list's first k places are the same whatever length is asked f
 the online path can merge once and cut to any k.
 
 The offline path (`Pipeline.recommend_indices`) and the online path
-(`recsys.online.OnlineRanker.rank`) both `merge` a ranked list with `cold_order`'s.
+(`recsys.online.OnlineRanker.rank`) both `merge` a ranked list with `cold_order`'s (online:
+`ColdPool.order`, the same order with the vectors widened once).
 """
 
 from __future__ import annotations
@@ -55,40 +56,52 @@ def n_slots(length: int, every: int, after: int = 0) -> int:
     return max(0, length - after) // every if every >= 1 else 0
 
 
+def _kinds(n_ranked: int, n_cold: int, every: int, after: int, total: int) -> np.ndarray:
+    """Which places (of at most `total`) take a cold item when `n_ranked` ranked and
+    `n_cold` cold items, all distinct, are merged: slot places while cold items remain,
+    every place once the ranked items have run out."""
+    p = np.arange(1, n_ranked + n_cold + 1)
+    slot = (p > after) & ((p - after) % every == 0)
+    slot &= np.cumsum(slot) <= n_cold
+    # the place of the last ranked item; after it, the rest of the cold items
+    last = int(np.searchsorted(np.cumsum(~slot), n_ranked)) + 1 if n_ranked else 0
+    kinds = np.concatenate([slot[:last], np.ones(n_cold - int(slot[:last].sum()), dtype=bool)])
+    return kinds[:total]
+
+
 def _walk(
     ranked: np.ndarray, cold: np.ndarray, every: int, length: int | None, after: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The merged list and, per place, the index into `ranked` it came from (-1: from
     `cold`). Places are filled in order, so a list of k is the first k places of a
     longer one; an item already placed is skipped where it comes again, so a cold item
-    the ranker put in the list keeps the ranker's place and no slot repeats it."""
+    the ranker put in the list keeps the ranker's place and no slot repeats it.
+
+    Both inputs hold distinct items, so an item comes twice only when it is in both;
+    the merge of the two lists is laid out at once, and the later place of the first
+    item placed twice is taken out of its list (which moves only later places) until
+    none is (a few rounds: the ranker rarely ranks a cold item)."""
     total = len(ranked) + len(cold) if length is None else length
-    out: list[int] = []
-    src: list[int] = []
-    placed: set[int] = set()
-    ri = ci = 0
-    ranked_l, cold_l = ranked.tolist(), cold.tolist()
-    while len(out) < total:
-        while ri < len(ranked_l) and ranked_l[ri] in placed:
-            ri += 1
-        while ci < len(cold_l) and cold_l[ci] in placed:
-            ci += 1
-        has_r, has_c = ri < len(ranked_l), ci < len(cold_l)
-        if not (has_r or has_c):
-            break
-        p = len(out) + 1
-        # a slot takes the next cold item while any remain; past the last ranked
-        # item, every place does
-        if has_c and (not has_r or (p > after and (p - after) % every == 0)):
-            out.append(cold_l[ci])
-            src.append(-1)
-            ci += 1
-        else:
-            out.append(ranked_l[ri])
-            src.append(ri)
-            ri += 1
-        placed.add(out[-1])
-    return np.asarray(out, dtype=np.int64), np.asarray(src, dtype=np.int64)
+    r_src = np.arange(len(ranked), dtype=np.int64)
+    c_items = np.asarray(cold, dtype=np.int64)
+    while True:
+        r_items = ranked[r_src]
+        kinds = _kinds(len(r_src), len(c_items), every, after, total)
+        n_c = int(kinds.sum())
+        out = np.empty(len(kinds), dtype=np.int64)
+        src = np.full(len(kinds), -1, dtype=np.int64)
+        out[kinds] = c_items[:n_c]
+        out[~kinds] = r_items[: len(kinds) - n_c]
+        src[~kinds] = r_src[: len(kinds) - n_c]
+        order = np.argsort(out, kind="stable")
+        again = order[1:][out[order[1:]] == out[order[:-1]]]  # later places of repeats
+        if not len(again):
+            return out, src
+        at = int(again.min())
+        if kinds[at]:  # placed by the ranker before its slot: drop it from the cold list
+            c_items = np.delete(c_items, int(kinds[:at].sum()))
+        else:  # placed in a slot before the ranker reached it
+            r_src = np.delete(r_src, int((~kinds[:at]).sum()))
 
 
 def interleave(
@@ -132,12 +145,33 @@ def cold_needed(length: int, every: int, after: int = 0) -> int:
     return slots + length if slots else 0
 
 
+class ColdPool:
+    """The items without interactions with their text vectors gathered, transposed and
+    widened to float64 once, for `cold_order` of one user at a time (a request): the
+    same items and order as `cold_order` on the pool less the user's `seen` items."""
+
+    def __init__(self, pool: np.ndarray, text_vectors: np.ndarray) -> None:
+        self.items = np.asarray(pool, dtype=np.int64)
+        self.tv = np.ascontiguousarray(text_vectors[self.items].T, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def order(self, user_vector: np.ndarray, n: int, seen: np.ndarray | None = None) -> np.ndarray:
+        """The user's best `n` items of the pool not in `seen`, best first."""
+        S = (user_vector.reshape(1, -1).astype(np.float64) @ self.tv)[0].astype(np.float32)
+        items = self.items
+        if seen is not None and len(seen):
+            keep = ~np.isin(items, seen)
+            S, items = S[keep], items[keep]
+        return items[np.lexsort((items, -S))[: max(0, min(n, len(items)))]]
+
+
 def merge_ranked(
     items: np.ndarray,
     scores: np.ndarray,
     user_vector: np.ndarray,
-    text_vectors: np.ndarray,
-    pool: np.ndarray,
+    pool: ColdPool,
     every: int,
     seen: np.ndarray | None = None,
     after: int = 0,
@@ -147,12 +181,8 @@ def merge_ranked(
     first k places are the same). `seen` items are left out of the pool."""
     if every < 1 or len(pool) == 0:
         return items, scores
-    if seen is not None and len(seen):
-        pool = pool[~np.isin(pool, seen)]
     # as long as the ranked list with its slots, and a few cold items after it where
     # it is short; each of its first k places is that of a k-long list offline
     length = len(items) + len(items) // max(every - 1, 1) + 1
-    cold, _ = cold_order(
-        user_vector.reshape(1, -1), text_vectors, pool, max(cold_needed(length, every, after), 1)
-    )
-    return merge(items, scores, cold[0], every, length, after)
+    cold = pool.order(user_vector, max(cold_needed(length, every, after), 1), seen)
+    return merge(items, scores, cold, every, length, after)

@@ -343,8 +343,7 @@ class EASE:
         return self
 
     def rows(self, b: Histories, n_items: int) -> SparseRows | DenseRows:
-        pos = np.full(n_items, -1, dtype=np.int64)
-        pos[self.items_] = np.arange(len(self.items_))
+        pos = self._positions(n_items)
         seen = b.seen(n_items)
         p = pos[seen.indices]
         ok = p >= 0
@@ -355,14 +354,22 @@ class EASE:
         )
         s = Xu @ self.B_
         if sp.issparse(s):
-            s = sp.csr_matrix(s)
-            s.sum_duplicates()
+            s = canonical_rows(s)
             # columns back to item indices (ascending, as `items_` is)
             S = sp.csr_matrix((s.data, self.items_[s.indices], s.indptr), shape=(len(b), n_items))
             return SparseRows(S, eligible=self.items_)
         out = np.full((len(b), n_items), -np.inf, dtype=np.float32)
         out[:, self.items_] = np.asarray(s, dtype=np.float32)
         return DenseRows(out)
+
+    def _positions(self, n_items: int) -> np.ndarray:
+        """[n_items] each item's column in the model (-1: not modelled), kept."""
+        c = getattr(self, "_pos", None)
+        if c is None or c[0] is not self.items_ or len(c[1]) != n_items:
+            pos = np.full(n_items, -1, dtype=np.int64)
+            pos[self.items_] = np.arange(len(self.items_))
+            c = self._pos = (self.items_, pos)
+        return c[1]
 
     def scores(self, b: Histories, n_items: int) -> np.ndarray:
         r = self.rows(b, n_items)
@@ -849,22 +856,38 @@ class ProductRows:
         return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), cols[keep]
 
 
+def canonical_rows(S: sp.spmatrix, small: int = 1 << 15) -> sp.csr_matrix:
+    """`S` as CSR with each row's indices sorted and no duplicates (summed in scipy's
+    order). A product's rows come unsorted: up to `small` entries (a request's
+    rows) one sort of (row, index) keys orders them; beyond, through CSC and back
+    sorts them in two linear passes (no arithmetic), where sorting each row costs
+    four times more. Either way the same entries, so the same matrix."""
+    S = S.tocsr()
+    if not S.has_sorted_indices:
+        if S.nnz <= small:
+            n = S.shape[1]
+            keys = segment_index(S.indptr.astype(np.int64)) * n + S.indices
+            o = np.argsort(keys, kind="stable")
+            if len(o) < 2 or bool((np.diff(keys[o]) > 0).all()):
+                T = sp.csr_matrix((S.data[o], S.indices[o], S.indptr), shape=S.shape)
+                T.has_sorted_indices = True
+                T.has_canonical_format = True
+                return T
+        else:
+            T = S.tocsc().tocsr()
+            if T.has_canonical_format:
+                return T
+    S.sum_duplicates()  # also sorts the indices (with duplicates to sum, it does it all)
+    return S
+
+
 class SparseRows:
     """Scores held sparse: the stored entries of a [users, n_items] CSR matrix, 0 for
     every other item of `eligible` (sorted item indices; None: all), -inf beyond it.
     The top of a row is found among its stored entries, without a dense row."""
 
     def __init__(self, S: sp.csr_matrix, eligible: np.ndarray | None = None) -> None:
-        S = S.tocsr()
-        if not S.has_sorted_indices:
-            # a product's rows come unsorted: through CSC and back sorts them in two
-            # linear passes (no arithmetic), where sorting each row costs four times
-            # more; with duplicates to sum, `sum_duplicates` below does it all
-            T = S.tocsc().tocsr()
-            if T.has_canonical_format:
-                S = T
-        S.sum_duplicates()  # also sorts the indices
-        self.S = S
+        self.S = canonical_rows(S)
         self.eligible = eligible
 
     def top(self, seen: sp.csr_matrix, n: int) -> tuple[np.ndarray, np.ndarray]:

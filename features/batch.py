@@ -66,12 +66,16 @@ class EndTimeMemo(Generic[_T]):
 
 def segment_index(ptr: np.ndarray) -> np.ndarray:
     """The segment (row) of every element of a CSR-like layout."""
+    if len(ptr) == 2:  # one segment (a request's user): skip the repeat
+        return np.zeros(int(ptr[1] - ptr[0]), dtype=np.int64)
     return np.repeat(np.arange(len(ptr) - 1, dtype=np.int64), np.diff(ptr))
 
 
 def segment_offsets(ptr: np.ndarray) -> np.ndarray:
-    """Each element's position within its segment (0-based)."""
+    """Each element's position within its segment (0-based); `ptr` starts at 0."""
     n = int(ptr[-1])
+    if len(ptr) == 2:
+        return np.arange(n, dtype=np.int64)
     return np.arange(n, dtype=np.int64) - np.repeat(ptr[:-1], np.diff(ptr))
 
 

@@ -348,10 +348,13 @@ class EASE:
         p = pos[seen.indices]
         ok = p >= 0
         rows = segment_index(seen.indptr.astype(np.int64))
+        # built as CSR: each row's positions ascend with its items (`items_` is sorted)
         Xu = sp.csr_matrix(
-            (np.ones(int(ok.sum()), np.float32), (rows[ok], p[ok])),
+            (np.ones(int(ok.sum()), np.float32), p[ok].astype(np.int32),
+             np.concatenate([[0], np.cumsum(np.bincount(rows[ok], minlength=len(b)))])
+             .astype(np.int32)),
             shape=(len(b), len(self.items_)),
-        )
+        )  # fmt: skip
         s = Xu @ self.B_
         if sp.issparse(s):
             s = canonical_rows(s)
@@ -448,7 +451,8 @@ class ALS:
                 Y64 = Y.astype(np.float64)
                 cache = self._yty = (Y, Y64.T @ Y64)
             YtY = cache[1]
-            seen = b.take(solve).seen(n_items)
+            # every row solved (a request's user): the chunk's own seen matrix
+            seen = b.seen(n_items) if len(solve) == len(b) else b.take(solve).seen(n_items)
             for j, r in enumerate(solve.tolist()):
                 items = seen.indices[seen.indptr[j] : seen.indptr[j + 1]]
                 Yu = Y[items].astype(np.float64)

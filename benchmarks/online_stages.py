@@ -1,4 +1,4 @@
-"""Where one uncached request's CPU goes: candidates, features, trees (in-process).
+"""Where one uncached request's CPU goes: candidates, features, trees, new-item slots.
 
     .venv/bin/python benchmarks/online_stages.py --bundle /tmp/srv/bundle230
     .venv/bin/python benchmarks/online_stages.py --bundle B --baseline old_online.py
@@ -6,10 +6,12 @@
 
 Builds `recsys.online.OnlineRanker` on the bundle and times, per user, the stages
 of `OnlineRanker.rank` for `--users` random bundle users: candidates, features, the
-float32 matrix, and `trees.predict`. `--unknown` times users the bundle does not
-know instead, each with a history of 1 to 10 random items at the bundle's "now" (the
-realistic load mix's unknown users); `--sources` splits the candidates' time by
-source (its rows, its top, its scores of the union). With `--baseline`, an
+float32 matrix, `trees.predict`, and the new-item slots merged into the ranked list
+(`with_new_items`; 0 for a bundle without slots or a ranker from before it).
+`--unknown` times users the bundle does not know instead, each with a history of 1
+to 10 random items at the bundle's "now" (the realistic load mix's unknown users);
+`--sources` splits the candidates' time by source (its rows, its top, its scores of
+the union). With `--baseline`, an
 `OnlineRanker` from another copy of the module (e.g. the previous commit's
 recsys/online.py) is timed too, interleaved user by user with the current one, so
 both see the same load; each stage reports the best of `--passes` passes (mean per
@@ -43,7 +45,7 @@ def _load_module(path: Path, name: str) -> object:
 Extra = tuple[np.ndarray, np.ndarray] | None
 
 
-def _time_user(r: object, u: int, extra: Extra = None) -> tuple[float, float, float, float]:
+def _time_user(r: object, u: int, extra: Extra = None) -> tuple[float, float, float, float, float]:
     st = r.user_state(u) if extra is None else r.user_state(u, extra)  # type: ignore[attr-defined]
     if hasattr(r, "feature_columns"):  # an older OnlineRanker: candidates, then features
         t0 = time.thread_time()
@@ -65,9 +67,14 @@ def _time_user(r: object, u: int, extra: Extra = None) -> tuple[float, float, fl
         t2 = time.thread_time()
         X = feature_matrix(c.cols, r.features, len(c))  # type: ignore[attr-defined]
     t3 = time.thread_time()
-    r.trees.predict(X)  # type: ignore[attr-defined]
+    scores = r.trees.predict(X)  # type: ignore[attr-defined]
     t4 = time.thread_time()
-    return t1 - t0, t2 - t1, t3 - t2, t4 - t3
+    slots = getattr(r, "with_new_items", None)
+    if slots is not None and not hasattr(r, "feature_columns"):
+        order = np.argsort(-scores, kind="stable")
+        slots(st, c.items[order], scores[order])
+    t5 = time.thread_time()
+    return t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4
 
 
 def _time_sources(r: object, u: int, extra: Extra) -> dict[str, np.ndarray]:
@@ -128,14 +135,14 @@ def main() -> None:
     todo = list(zip(users.tolist(), extras, strict=True))
     n_trees = sum(b.num_trees() for b in p.ranker_.boosters_)
     n_cands = []
-    best = {k: np.full(4, np.inf) for k in rankers}
+    best = {k: np.full(5, np.inf) for k in rankers}
     with threadpool_limits(1):
         for r in rankers.values():  # warm: compile, caches
             for u, x in todo[:20]:
                 _time_user(r, u, x)
         by_source: dict[str, np.ndarray] = {}
         for _ in range(a.passes):
-            tot = {k: np.zeros(4) for k in rankers}
+            tot = {k: np.zeros(5) for k in rankers}
             src_tot: dict[str, np.ndarray] = {}
             for u, x in todo:
                 for k, r in rankers.items():
@@ -159,7 +166,7 @@ def main() -> None:
         f"{n_trees} trees; ms per request, best of {a.passes} passes"
     )
     print(f"{'stage':<12}" + "".join(f"{k:>12}" for k in rankers))
-    for j, stage in enumerate(("candidates", "features", "matrix", "trees")):
+    for j, stage in enumerate(("candidates", "features", "matrix", "trees", "new items")):
         print(f"{stage:<12}" + "".join(f"{best[k][j]:12.3f}" for k in rankers))
     print(f"{'total':<12}" + "".join(f"{best[k].sum():12.3f}" for k in rankers))
     if by_source:

@@ -120,8 +120,12 @@ class OnlineRanker:
         if len(c) == 0:
             return Ranked(c.items, np.zeros(0))
         order = np.argsort(-s, kind="stable")
-        items, scores = c.items[order], s[order]
-        if len(self._cold_pool):  # new-item slots, as Pipeline.top_k places them
+        return self.with_new_items(state, c.items[order], s[order])
+
+    def with_new_items(self, state: UserState, items: np.ndarray, scores: np.ndarray) -> Ranked:
+        """The ranked candidates (best first) with the new-item slots merged in, as
+        `Pipeline.recommend_indices` places them (none without slots)."""
+        if len(self._cold_pool):
             lm = self.lm
             assert lm is not None, "new-item slots without a language model"
             uvec = lm.user_vectors_for(state.chunk)[0]

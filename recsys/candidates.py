@@ -860,12 +860,14 @@ class ProductRows:
         return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), cols[keep]
 
 
-def canonical_rows(S: sp.spmatrix, small: int = 1 << 15) -> sp.csr_matrix:
+def canonical_rows(S: sp.spmatrix, small: int = 2048) -> sp.csr_matrix:
     """`S` as CSR with each row's indices sorted and no duplicates (summed in scipy's
-    order). A product's rows come unsorted: up to `small` entries (a request's
-    rows) one sort of (row, index) keys orders them; beyond, through CSC and back
-    sorts them in two linear passes (no arithmetic), where sorting each row costs
-    four times more. Either way the same entries, so the same matrix."""
+    order). A product's rows come unsorted: up to `small` entries (a short history's
+    rows) one sort of (row, index) keys orders them (about 0.05 ms against 0.09 for
+    the passes below); beyond, through CSC and back sorts them in two linear passes
+    (no arithmetic), which win from about 3,000 entries (16,000: 0.23 against 0.93 ms)
+    and where sorting each row costs four times more. Either way the same entries, so
+    the same matrix."""
     S = S.tocsr()
     if not S.has_sorted_indices:
         if S.nnz <= small:

@@ -451,10 +451,9 @@ class ALS:
                 Y64 = Y.astype(np.float64)
                 cache = self._yty = (Y, Y64.T @ Y64)
             YtY = cache[1]
-            # every row solved (a request's user): the chunk's own seen matrix
-            seen = b.seen(n_items) if len(solve) == len(b) else b.take(solve).seen(n_items)
-            for j, r in enumerate(solve.tolist()):
-                items = seen.indices[seen.indptr[j] : seen.indptr[j + 1]]
+            seen = b.seen(n_items)  # the chunk's (shared with the other sources)
+            for r in solve.tolist():
+                items = seen.indices[seen.indptr[r] : seen.indptr[r + 1]]
                 Yu = Y[items].astype(np.float64)
                 A = YtY + self.alpha * (Yu.T @ Yu)
                 A[np.diag_indices_from(A)] += self.regularization

@@ -40,7 +40,7 @@ from recsys.candidates import (
 )
 from recsys.config import PipelineConfig
 from recsys.data import I, IdIndex, T, U, to_internal
-from recsys.lm.cold import cold_needed, cold_order, cold_pool, merge, n_slots
+from recsys.lm.cold import ColdPool, cold_needed, cold_pool, merge, n_slots
 from recsys.memory import release_free_memory, rss_gib
 from recsys.ranker import Ranker
 from recsys.schema import ITEM, USER, DataError
@@ -530,15 +530,14 @@ class Pipeline:
         every, after = self.new_item_every, self.new_item_after
         if n_slots(k, every, after) < 1 or self.lm is None:
             return None
-        X = self.history_.X
+        X, tv = self.history_.X, self.lm.text_vectors_
         cached = getattr(self, "_cold_pool_", None)
-        if cached is None or cached[0] is not X:  # once per history, not per chunk
-            cached = self._cold_pool_ = (X, cold_pool(X))
-        pool = cached[1]
+        if cached is None or cached[0] is not X or cached[1] is not tv:  # not per chunk
+            cached = self._cold_pool_ = (X, tv, ColdPool(cold_pool(X), tv))
+        pool = cached[2]
         if len(pool) == 0:
             return None
-        uv = self.lm.user_vectors_for(b)
-        items, _ = cold_order(uv, self.lm.text_vectors_, pool, cold_needed(k, every, after))
+        items, _ = pool.rows(self.lm.user_vectors_for(b), cold_needed(k, every, after))
         return list(items)
 
     def recommend(

@@ -33,22 +33,7 @@ def cold_order(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each user's best `n` items of `pool`, best first: (items [U, n'], scores [U, n'])
     with n' = min(n, len(pool)); ties go to the lower item index."""
-    n = min(n, len(pool))
-    items = np.zeros((len(user_vectors), max(n, 0)), dtype=np.int64)
-    scores = np.zeros((len(user_vectors), max(n, 0)), dtype=np.float32)
-    if n <= 0:
-        return items, scores
-    # float64 products rounded to float32: the float32 product's last bit depends on
-    # how many users are multiplied at once (one online, many offline), which would
-    # break ties between equal scores differently in the two paths
-    tv = text_vectors[pool].T.astype(np.float64)
-    step = max(1, (1 << 21) // len(pool))  # users per chunk: about 16 MB of scores
-    for a in range(0, len(user_vectors), step):
-        S = (user_vectors[a : a + step].astype(np.float64) @ tv).astype(np.float32)
-        order = np.lexsort((np.broadcast_to(pool, S.shape), -S), axis=1)[:, :n]
-        items[a : a + step] = pool[order]
-        scores[a : a + step] = np.take_along_axis(S, order, axis=1)
-    return items, scores
+    return ColdPool(pool, text_vectors).rows(user_vectors, n)
 
 
 def n_slots(length: int, every: int, after: int = 0) -> int:
@@ -147,8 +132,8 @@ def cold_needed(length: int, every: int, after: int = 0) -> int:
 
 class ColdPool:
     """The items without interactions with their text vectors gathered, transposed and
-    widened to float64 once, for `cold_order` of one user at a time (a request): the
-    same items and order as `cold_order` on the pool less the user's `seen` items."""
+    widened to float64 once: `rows` orders them for a chunk of users (`cold_order`),
+    `order` for one user less the items they have met (a request), the same way."""
 
     def __init__(self, pool: np.ndarray, text_vectors: np.ndarray) -> None:
         self.items = np.asarray(pool, dtype=np.int64)
@@ -157,9 +142,34 @@ class ColdPool:
     def __len__(self) -> int:
         return len(self.items)
 
+    def scores(self, user_vectors: np.ndarray) -> np.ndarray:
+        """[U, len(pool)] float32. Float64 products rounded to float32: the float32
+        product's last bit depends on how many users are multiplied at once (one
+        online, many offline), which would break ties between equal scores
+        differently in the two paths."""
+        return (user_vectors.astype(np.float64) @ self.tv).astype(np.float32)
+
+    def rows(self, user_vectors: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's best `n` items, best first: (items [U, n'], scores [U, n']) with
+        n' = min(n, len(pool)); ties go to the lower item index."""
+        pool = self.items
+        n = min(n, len(pool))
+        items = np.zeros((len(user_vectors), max(n, 0)), dtype=np.int64)
+        scores = np.zeros((len(user_vectors), max(n, 0)), dtype=np.float32)
+        if n <= 0:
+            return items, scores
+        step = max(1, (1 << 21) // len(pool))  # users per chunk: about 16 MB of scores
+        for a in range(0, len(user_vectors), step):
+            S = self.scores(user_vectors[a : a + step])
+            order = np.lexsort((np.broadcast_to(pool, S.shape), -S), axis=1)[:, :n]
+            items[a : a + step] = pool[order]
+            scores[a : a + step] = np.take_along_axis(S, order, axis=1)
+        return items, scores
+
     def order(self, user_vector: np.ndarray, n: int, seen: np.ndarray | None = None) -> np.ndarray:
-        """The user's best `n` items of the pool not in `seen`, best first."""
-        S = (user_vector.reshape(1, -1).astype(np.float64) @ self.tv)[0].astype(np.float32)
+        """One user's best `n` items not in `seen`, best first (`rows` of the pool less
+        `seen`, without gathering its vectors again)."""
+        S = self.scores(user_vector.reshape(1, -1))[0]
         items = self.items
         if seen is not None and len(seen):
             keep = ~np.isin(items, seen)

@@ -360,6 +360,7 @@ class EASE:
             s = canonical_rows(s)
             # columns back to item indices (ascending, as `items_` is)
             S = sp.csr_matrix((s.data, self.items_[s.indices], s.indptr), shape=(len(b), n_items))
+            S.has_sorted_indices = S.has_canonical_format = True  # as `s` is: no second pass
             return SparseRows(S, eligible=self.items_)
         out = np.full((len(b), n_items), -np.inf, dtype=np.float32)
         out[:, self.items_] = np.asarray(s, dtype=np.float32)

@@ -912,3 +912,22 @@ def test_recommending_from_a_bundle_imports_neither_torch_nor_lightgbm(  # type:
     assert not runs[1]["lightgbm"]
     here, _ = Pipeline.load(str(lm_bundle)).recommend_indices(np.arange(20), 10, compiled=True)
     assert runs[0]["items"] == runs[1]["items"] == here.tolist()
+
+
+def test_seen_mask_is_the_history_compare() -> None:
+    """The loss's mask of the candidates a row already has (its target excepted),
+    found by binary search, equals the direct B x L x C compare."""
+    from recsys.lm.train import seen_mask
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        cand = torch.unique(torch.randint(0, 300, (120,), generator=g))
+        history = torch.randint(-1, 300, (64, 10), generator=g)
+        history[:3] = -1  # rows without history
+        target = cand[torch.randint(0, len(cand), (64,), generator=g)]
+        history[5, 0] = target[5]  # a target already in its row's history
+        want = (history.unsqueeze(-1) == cand.view(1, 1, -1)).any(1)
+        want &= cand.view(1, -1) != target.view(-1, 1)
+        got = seen_mask(history, cand, target)
+        assert torch.equal(got, want)
+        assert got.any()

@@ -821,7 +821,9 @@ class _TrainState:
             groups.append({"params": enc, "lr": lr})
         for p in self.tower.head.parameters():
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        # fused: one pass over each parameter (the item offsets are 10k x 128) instead of
+        # one per operation of the update, 7% of a CPU heads epoch on ml-latest-small
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
         n_items = len(P0)
         dev = self.dev
         P0d = P0.to(dev)

@@ -112,12 +112,22 @@ class SampledSoftmax(torch.nn.Module):
         scale: torch.Tensor,
     ) -> torch.Tensor:
         logits = scale * (users @ cand_vecs.T) - self.log_q[cand]
-        # items the user already has are not negatives
-        seen = (history.unsqueeze(-1) == cand.view(1, 1, -1)).any(1)
-        seen &= cand.view(1, -1) != target.view(-1, 1)
-        logits = logits.masked_fill(seen, -1e4)
+        logits = logits.masked_fill(seen_mask(history, cand, target), -1e4)
         labels = torch.searchsorted(cand, target)
         return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+
+def seen_mask(history: torch.Tensor, cand: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B, C]: candidate c is in row b's history and is not its target (the items a
+    user already has are not negatives). `cand` is sorted and unique, so each history
+    item finds its candidate by binary search: B x L lookups, not a B x L x C compare
+    (a tenth of a CPU heads epoch on ml-latest-small)."""
+    pos = torch.searchsorted(cand, history).clamp(max=len(cand) - 1)
+    hit = cand[pos] == history  # a -1 (no item) finds no candidate
+    rows = torch.arange(len(history), device=history.device).unsqueeze(-1).expand_as(pos)
+    seen = torch.zeros(len(history), len(cand), dtype=torch.bool, device=history.device)
+    seen[rows[hit], pos[hit]] = True
+    return seen & (cand.view(1, -1) != target.view(-1, 1))
 
 
 def recall_at(

@@ -88,7 +88,7 @@ def test_next_item_examples_and_logq_loss() -> None:
 def test_a_sparse_log_keeps_most_examples_for_training() -> None:
     from recsys.candidates import History
     from recsys.lm.config import LMConfig
-    from recsys.lm.train import next_item_examples, split_validation, validation_users
+    from recsys.lm.train import next_item_examples, split_validation
 
     # 5,000 users with two events each: one example per user, so holding out 2,000
     # users' last examples would leave 3,000 of 5,000 to train on
@@ -98,12 +98,47 @@ def test_a_sparse_log_keeps_most_examples_for_training() -> None:
     ).cast({"u": pl.Int32, "i": pl.Int32})
     ex = next_item_examples(History(ev, n, 97), history_len=4)
     cfg = LMConfig()
-    n_valid = validation_users(len(ex), cfg.valid_users, cfg.valid_share)
-    train, valid = split_validation(ex, n_valid, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    train, valid = split_validation(ex, rng, cfg.valid_users, cfg.valid_per_user, cfg.valid_share)
     assert len(valid) == 500 and len(train) == 4500
     assert not set(valid.users.tolist()) & set(train.users.tolist())
-    # a dense log (ml-latest-small: 610 users, ~80,000 examples) keeps every user's last
-    assert validation_users(80_000, cfg.valid_users, cfg.valid_share) == 2000
+
+
+def test_a_dense_log_validates_on_each_chosen_users_last_examples() -> None:
+    from recsys.candidates import History
+    from recsys.lm.config import LMConfig
+    from recsys.lm.train import next_item_examples, split_validation
+
+    # 300 users with 3 to 120 events (ml-latest-small has 610 users and ~100,000
+    # examples): every user is chosen, each with its last 5 examples (fewer if it has
+    # fewer), and they are the user's latest
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(3, 121, 300)
+    u = np.repeat(np.arange(300), lengths)
+    t = np.concatenate([np.arange(k) for k in lengths])
+    ev = pl.DataFrame({"u": u, "i": (u * 7 + t) % 503, "t": t}).cast(
+        {"u": pl.Int32, "i": pl.Int32}
+    )
+    ex = next_item_examples(History(ev, 300, 503), history_len=4)
+    cfg = LMConfig()
+    train, valid = split_validation(
+        ex, np.random.default_rng(0), cfg.valid_users, cfg.valid_per_user, cfg.valid_share
+    )
+    assert cfg.valid_per_user == 5
+    assert set(valid.users.tolist()) == set(range(300))
+    assert len(valid) == int(np.minimum(lengths - 1, 5).sum())
+    assert len(train) + len(valid) == len(ex)
+    for user in (0, 17, 299):
+        # each user's held-out targets are its last events, and it trains on the rest
+        mine = valid.target[valid.users == user]
+        last = (user * 7 + np.arange(lengths[user]))[-len(mine) :] % 503
+        assert mine.tolist() == last.tolist()
+        assert (train.users == user).sum() == lengths[user] - 1 - len(mine)
+    # the share still binds first: at most 10% of the examples
+    few = split_validation(ex, np.random.default_rng(0), 2000, 40, 0.1)[1]
+    assert 0 < len(few) <= 0.1 * len(ex)
+    # and the user count: two users at most
+    assert len(np.unique(split_validation(ex, rng, 2, 5, 0.5)[1].users)) == 2
 
 
 def test_frozen_pass_keeps_the_same_hidden_states_on_every_worker_count(tiny_bert: Path) -> None:

@@ -79,7 +79,14 @@ class LMConfig(BaseModel):
     patience: int = Field(3, ge=1, description="epochs without better validation recall")
     recall_at: int = Field(50, ge=1, description="N of the validation recall@N")
     valid_users: int = Field(
-        2000, ge=1, description="most users whose last example is held out for validation"
+        2000, ge=1, description="most users whose last examples are held out for validation"
+    )
+    valid_per_user: int = Field(
+        5,
+        ge=1,
+        description="each validation user's last this many examples are held out: one "
+        "per user made the chosen epoch turn on a few examples where users are few "
+        "(ml-latest-small: 610)",
     )
     valid_share: float = Field(
         0.1,

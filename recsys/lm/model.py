@@ -196,9 +196,15 @@ class LanguageModel:
         ex = lm_train.next_item_examples(
             h, cfg.history_len, cfg.target_window, self.seed, max_examples=cfg.max_examples
         )
-        n_valid = lm_train.validation_users(len(ex), cfg.valid_users, cfg.valid_share)
-        train_ex, valid_ex = lm_train.split_validation(ex, n_valid, rng)
-        log.info("lm: %d training examples, %d for validation", len(train_ex), len(valid_ex))
+        train_ex, valid_ex = lm_train.split_validation(
+            ex, rng, cfg.valid_users, cfg.valid_per_user, cfg.valid_share
+        )
+        log.info(
+            "lm: %d training examples, %d for validation (%d users)",
+            len(train_ex),
+            len(valid_ex),
+            len(np.unique(valid_ex.users)),
+        )
         user_tower = lm_user_tower.UserTower(self.dim_, cfg.history_len, cfg.user_layers)
         scale = nn.Parameter(torch.tensor(np.log(20.0), dtype=torch.float32))
         counts = np.bincount(train_ex.target, minlength=h.n_items).astype(np.float64)

@@ -71,23 +71,28 @@ def next_item_examples(
     return Examples(u[keep], hist, i[target])
 
 
-def validation_users(n_examples: int, most: int, share: float) -> int:
-    """How many users' last examples to hold out: at most `most`, and at most `share`
-    of the examples, so that a sparse log (most users with one or two events, where
-    the users' last examples are most of the examples) keeps most for training."""
-    return max(1, min(most, int(share * n_examples)))
-
-
 def split_validation(
-    ex: Examples, n_valid_users: int, rng: np.random.Generator
+    ex: Examples, rng: np.random.Generator, users: int, per_user: int, share: float
 ) -> tuple[Examples, Examples]:
-    """Each chosen user's last example is validation; everything else trains."""
-    last = np.flatnonzero(np.r_[ex.users[1:] != ex.users[:-1], True])
-    if len(last) > n_valid_users:
-        last = np.sort(rng.choice(last, n_valid_users, replace=False))
-    train = np.ones(len(ex), dtype=bool)
-    train[last] = False
-    return ex.take(np.flatnonzero(train)), ex.take(last)
+    """Hold out the last `per_user` examples of at most `users` users drawn at random,
+    and at most `share` of the examples (at least one user's): a sparse log (most users
+    with one or two events, where the users' last examples are most of the examples)
+    keeps most for training, and a dense one validates on several examples per user, so
+    that the epoch chosen does not turn on a few examples (ml-latest-small's 610 users
+    gave 610 examples, one of them 0.0016 of recall@50). Everything else trains."""
+    n = len(ex)
+    if n == 0:
+        return ex, ex
+    starts = np.flatnonzero(np.r_[True, ex.users[1:] != ex.users[:-1]])
+    ends = np.r_[starts[1:], n]
+    take = np.minimum(ends - starts, per_user)
+    order = rng.permutation(len(starts))[:users]
+    within = np.cumsum(take[order]) <= max(share * n, take[order[0]])
+    order = np.sort(order[within])
+    held = np.zeros(n, dtype=bool)
+    for s, e in zip(ends[order] - take[order], ends[order], strict=True):
+        held[s:e] = True
+    return ex.take(np.flatnonzero(~held)), ex.take(np.flatnonzero(held))
 
 
 class SampledSoftmax(torch.nn.Module):

@@ -116,9 +116,7 @@ def test_a_dense_log_validates_on_each_chosen_users_last_examples() -> None:
     lengths = rng.integers(3, 121, 300)
     u = np.repeat(np.arange(300), lengths)
     t = np.concatenate([np.arange(k) for k in lengths])
-    ev = pl.DataFrame({"u": u, "i": (u * 7 + t) % 503, "t": t}).cast(
-        {"u": pl.Int32, "i": pl.Int32}
-    )
+    ev = pl.DataFrame({"u": u, "i": (u * 7 + t) % 503, "t": t}).cast({"u": pl.Int32, "i": pl.Int32})
     ex = next_item_examples(History(ev, 300, 503), history_len=4)
     cfg = LMConfig()
     train, valid = split_validation(

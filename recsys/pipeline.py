@@ -247,9 +247,12 @@ class Pipeline:
                 feature_gain=dict.fromkeys(lm_cols, rc.lm_gain),
             ).fit(X, y, groups, names)
             del X, y, groups
+        del h_in
+        self.history_ = History(ev, n_u, n_i)
+        if self.lm_ is not None and cfg.lm.refresh_epochs:
+            with stage("language model (refresh)", self.timings_):
+                self.lm_.refresh(self.history_)
         with stage("sources (all)", self.timings_):
-            del h_in
-            self.history_ = History(ev, n_u, n_i)
             self.sources_ = [s.fit(self.history_) for s in make_sources(cfg, self.lm_)]
             self.fallback_ = self._fallback_items()
         log.info("fit done in %.1f s", time.perf_counter() - t_all)

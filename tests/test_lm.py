@@ -266,6 +266,10 @@ def test_pipeline_with_lm_has_lm_source_and_features(lm_pipeline) -> None:  # ty
     gain = lm_pipeline.ranker_.feature_gain
     assert sorted(gain) == sorted(f for f in feats if f.startswith("lm_"))
     assert set(gain.values()) == {lm_pipeline.config.ranker.lm_gain}
+    # refreshed on every event once the ranker is fitted (`lm.refresh_epochs`)
+    assert lm_pipeline.config.lm.refresh_epochs == 1
+    assert lm_pipeline.lm_.timings_["refresh"] > 0
+    assert "language model (refresh)" in lm_pipeline.timings_
 
 
 def test_similarity_features_use_text_vectors_and_old_bundles_keep_theirs(  # type: ignore[no-untyped-def]
@@ -964,3 +968,61 @@ def test_seen_mask_is_the_history_compare() -> None:
         got = seen_mask(history, cand, target)
         assert torch.equal(got, want)
         assert got.any()
+
+
+def test_refresh_trains_the_heads_on_the_whole_history(
+    synth_data, lm_config, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """After the ranker's fit the model trains on the events it was fitted before:
+    the targets it never saw rank higher, the numpy twin follows the torch tower, the
+    setting leaves the fit's checkpoint key alone, and a loaded model is left as is."""
+    from recsys.candidates import History
+    from recsys.data import IdIndex, U, to_internal
+    from recsys.lm.model import LanguageModel
+    from recsys.split import split_last_fraction
+
+    monkeypatch.setenv("RECSYS_CACHE_DIR", str(tmp_path))
+    inter, items = synth_data
+    ev = to_internal(inter, IdIndex.from_values(inter["user_id"]), IdIndex(items["item_id"]))
+    n_u = int(ev[U].max()) + 1
+    hist, targets = split_last_fraction(ev, 0.2)
+    h_in, h_all = History(hist, n_u, len(items)), History(ev, n_u, len(items))
+    base = lm_config.lm.model_copy(
+        update={"finetune": "none", "checkpoints": True, "refresh_epochs": 0}
+    )
+    cfg = base.model_copy(update={"refresh_epochs": 3, "refresh_examples": 10**6})
+    a = LanguageModel(base).fit(h_in, items)
+    b = LanguageModel(cfg).fit(h_in, items)
+    assert len(list(tmp_path.glob("lm/*/progress.json"))) == 1, "one checkpoint for both"
+    np.testing.assert_array_equal(a.item_vectors_, b.item_vectors_)
+    a.refresh(h_all)  # refresh_epochs = 0: nothing
+    b.refresh(h_all)
+    assert b.timings_["refresh"] > 0 and "refresh" not in a.timings_
+    assert not np.allclose(a.item_vectors_, b.item_vectors_)
+    np.testing.assert_allclose(np.linalg.norm(b.item_vectors_, axis=1), 1.0, atol=1e-4)
+
+    def target_rank(lm: LanguageModel) -> float:
+        """Mean rank among all items of each user's first target event, from the
+        history before it."""
+        first = targets.group_by(U, maintain_order=True).first()
+        users = first[U].to_numpy()
+        u = lm.user_vectors(users, h_in)
+        s = u @ lm.item_vectors_.T
+        t = s[np.arange(len(users)), first["i"].to_numpy()]
+        return float((s > t[:, None]).sum(1).mean())
+
+    assert target_rank(b) < target_rank(a)
+    # the numpy twin serves what the trained torch tower computes
+    users = np.arange(8)
+    x = np.full((len(users), cfg.history_len), -1, dtype=np.int64)
+    for r, last in enumerate(h_all.last_items(users, cfg.history_len)):
+        x[r, : len(last)] = last
+    xt = torch.from_numpy(x)
+    hv = torch.from_numpy(b.item_vectors_)[xt.clamp(min=0)] * (xt >= 0).unsqueeze(-1)
+    with torch.no_grad():
+        want = b.user_tower_(hv, xt >= 0).numpy()
+    np.testing.assert_allclose(b.user_vectors(users, h_all), want, atol=1e-5)
+    # a model without the fit's table (loaded from a bundle) is not refreshed
+    before = b.item_vectors_.copy()
+    b.refresh(h_all)
+    np.testing.assert_array_equal(b.item_vectors_, before)

@@ -76,6 +76,20 @@ class LMConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0)
     epochs: int = Field(30, ge=1, description="most epochs of the head phase")
     encoder_epochs: int = Field(3, ge=0, description="most epochs of encoder fine-tuning")
+    refresh_epochs: int = Field(
+        1,
+        ge=0,
+        description="epochs of the heads (not the encoder) on the whole history once the "
+        "ranker is fitted, from the model validation chose, so that the model recommends "
+        "from the same events as the CF sources, which are refitted on everything "
+        "(0: the model fitted before the ranker's targets recommends)",
+    )
+    refresh_examples: int = Field(
+        100_000,
+        ge=1,
+        description="most examples of a refresh epoch (the latest by time): on a large log "
+        "the refresh stays a fixed cost, where the fit's own epochs fill its time budget",
+    )
     patience: int = Field(3, ge=1, description="epochs without better validation recall")
     recall_at: int = Field(50, ge=1, description="N of the validation recall@N")
     valid_users: int = Field(

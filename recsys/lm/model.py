@@ -288,6 +288,8 @@ class LanguageModel:
             # the text alone (no per-item offsets): what a cold item gets, for every item
             self.text_vectors_ = tower.head(P.to(dev)).float().cpu().numpy()
         self.similarity_space_ = "text"
+        if cfg.refresh_epochs:  # the pooled table the vectors came from, for `refresh`
+            self.__dict__["_table"] = P.float().cpu()
         if state.lora:
             tower.encoder = tower.encoder.merge_and_unload()  # type: ignore[operator]
         self.tower_ = tower.cpu().eval()
@@ -304,6 +306,61 @@ class LanguageModel:
             self.best_recall_,
             "fine-tuned" if self.encoder_tuned_ else "frozen",
             time.perf_counter() - t_start,
+        )
+        return self
+
+    def refresh(self, h: History) -> LanguageModel:
+        """Train the heads `refresh_epochs` more epochs on `h` (the whole history, after
+        the ranker was fitted on the part before its targets), from the model `fit`
+        chose: the pipeline refits its other sources on everything for recommending,
+        and this keeps the language model's item offsets and user tower as fresh as
+        they are. No validation (its examples are in `h`); the encoder is not trained.
+        Only right after `fit`, which keeps the pooled table it needs."""
+        cfg = self.config
+        table = self.__dict__.pop("_table", None)
+        if table is None or cfg.refresh_epochs <= 0 or h.n_items != len(table):
+            return self
+        t0 = time.perf_counter()
+        dev = _device(cfg)
+        cuda = dev.type == "cuda"
+        torch.manual_seed(self.seed)
+        rng = np.random.default_rng([self.seed, 2])
+        ex = lm_train.next_item_examples(
+            h,
+            cfg.history_len,
+            cfg.target_window,
+            self.seed,
+            max_examples=min(cfg.max_examples, cfg.refresh_examples),
+        )
+        if len(ex) == 0:
+            return self
+        counts = np.bincount(ex.target, minlength=h.n_items).astype(np.float64)
+        bs = cfg.batch_size * (4 if cuda else 1)
+        loss_fn = lm_train.SampledSoftmax(counts, bs, cfg.negatives)
+        scale = nn.Parameter(torch.tensor(np.log(self.scale_), dtype=torch.float32))
+        tower, user_tower = self.tower_, self.user_tower_
+        state = _TrainState(tower, user_tower, scale, loss_fn, dev)
+        threads = getattr(self, "_encode_threads", torch.get_num_threads())
+        with lm_encoder.ops_threads(threads), deterministic(not cuda):
+            state.run_phase(
+                "refresh", cfg, ex, ex, [], table, None, bs, rng, None, None, {}, self.seed
+            )
+        with torch.inference_mode():
+            P = table.to(dev)
+            all_idx = torch.arange(len(P), device=dev)
+            self.item_vectors_ = tower.head.to(dev)(P, all_idx).float().cpu().numpy()
+            self.text_vectors_ = tower.head(P).float().cpu().numpy()
+        self.tower_ = tower.cpu().eval()
+        self.user_tower_ = user_tower.cpu().eval()
+        self.user_state_ = self.user_tower_.numpy_state()
+        self.scale_ = float(scale.detach().exp())
+        self.timings_["refresh"] = time.perf_counter() - t0
+        log.info(
+            "language model: refreshed on the %d latest examples of the whole history, "
+            "%d epoch(s), %.1f s",
+            len(ex),
+            cfg.refresh_epochs,
+            time.perf_counter() - t0,
         )
         return self
 
@@ -374,7 +431,10 @@ class LanguageModel:
         for col in ("u", "i", "t"):
             d.update(np.ascontiguousarray(h.ev[col].to_numpy()).tobytes())
         d.update("\x1f".join(self.texts_).encode())
-        d.update(self.config.model_dump_json().encode())
+        # settings that act after the fit (`refresh`) leave its checkpoints valid
+        d.update(
+            self.config.model_dump_json(exclude={"refresh_epochs", "refresh_examples"}).encode()
+        )
         d.update(str(self.seed).encode())
         path = cache_root() / "lm" / d.hexdigest()[:20]
         path.mkdir(parents=True, exist_ok=True)
@@ -807,7 +867,9 @@ class _TrainState:
         resumed: dict[str, Any],
         seed: int,
     ) -> None:
-        max_epochs = cfg.epochs if phase == "heads" else cfg.encoder_epochs
+        max_epochs = {"heads": cfg.epochs, "encoder": cfg.encoder_epochs}.get(
+            phase, cfg.refresh_epochs
+        )
         start_epoch = 0
         if resumed.get("phase") == phase:
             start_epoch = int(resumed["epoch"]) + 1
@@ -848,7 +910,8 @@ class _TrainState:
                         f"({last_s:.0f} s each), before validation recall ended the phase"
                     )
                 break
-            erng = np.random.default_rng([seed, 0 if phase == "heads" else 1, epoch])
+            phase_key = ("heads", "encoder", "refresh").index(phase)
+            erng = np.random.default_rng([seed, phase_key, epoch])
             # the first encoder epoch starts from the frozen encoder: its table is P0
             fresh_table = phase == "encoder" and epoch > 0
             P_tab = self.pooled_table(cache, P0).to(dev) if fresh_table else P0d  # type: ignore[arg-type]
@@ -934,6 +997,15 @@ class _TrainState:
                     {"epoch": epoch + 1, "examples": seen_ex, "skipped": 1.0}
                 )
                 break
+            if phase == "refresh":  # no validation: every epoch is kept
+                log.info(
+                    "lm refresh epoch %d: loss %.4f, %d ex in %.1f s",
+                    epoch + 1,
+                    np.mean(losses) if losses else float("nan"),
+                    seen_ex,
+                    time.perf_counter() - t0,
+                )
+                continue
             rec = self.validate(cfg, valid_ex, seen_rows, P0, cache if phase == "encoder" else None)
             self.history[phase].append(
                 {

@@ -283,19 +283,12 @@ class LanguageModel:
         state.restore_best()
         with torch.inference_mode():
             P = state.pooled_table((tokens, hidden), P0) if state.best_uses_encoder else P0.to(dev)
-            all_idx = torch.arange(len(P), device=dev)
-            self.item_vectors_ = tower.head.to(dev)(P.to(dev), all_idx).float().cpu().numpy()
-            # the text alone (no per-item offsets): what a cold item gets, for every item
-            self.text_vectors_ = tower.head(P.to(dev)).float().cpu().numpy()
         self.similarity_space_ = "text"
         if cfg.refresh_epochs:  # the pooled table the vectors came from, for `refresh`
             self.__dict__["_table"] = P.float().cpu()
         if state.lora:
             tower.encoder = tower.encoder.merge_and_unload()  # type: ignore[operator]
-        self.tower_ = tower.cpu().eval()
-        self.user_tower_ = user_tower.cpu().eval()
-        self.user_state_ = self.user_tower_.numpy_state()
-        self.scale_ = float(scale.detach().exp())
+        self._keep_trained(tower, user_tower, scale, P, dev)
         self.timings_["item vectors"] = time.perf_counter() - t0
         release_free_memory()
         log.info(
@@ -343,17 +336,9 @@ class LanguageModel:
         threads = getattr(self, "_encode_threads", torch.get_num_threads())
         with lm_encoder.ops_threads(threads), deterministic(not cuda):
             state.run_phase(
-                "refresh", cfg, ex, ex, [], table, None, bs, rng, None, None, {}, self.seed
+                "refresh", cfg, ex, None, [], table, None, bs, rng, None, None, {}, self.seed
             )
-        with torch.inference_mode():
-            P = table.to(dev)
-            all_idx = torch.arange(len(P), device=dev)
-            self.item_vectors_ = tower.head.to(dev)(P, all_idx).float().cpu().numpy()
-            self.text_vectors_ = tower.head(P).float().cpu().numpy()
-        self.tower_ = tower.cpu().eval()
-        self.user_tower_ = user_tower.cpu().eval()
-        self.user_state_ = self.user_tower_.numpy_state()
-        self.scale_ = float(scale.detach().exp())
+        self._keep_trained(tower, user_tower, scale, table, dev)
         self.timings_["refresh"] = time.perf_counter() - t0
         log.info(
             "language model: refreshed on the %d latest examples of the whole history, "
@@ -363,6 +348,27 @@ class LanguageModel:
             time.perf_counter() - t0,
         )
         return self
+
+    def _keep_trained(
+        self,
+        tower: lm_encoder.ItemTower,
+        user_tower: lm_user_tower.UserTower,
+        scale: nn.Parameter,
+        P: torch.Tensor,
+        dev: torch.device,
+    ) -> None:
+        """What recommending uses from trained modules: every item's vector from its
+        pooled text `P` and its learned offset, its text vector alone (no offset: what a
+        cold item gets), the towers on CPU, the user tower's numpy twin and the scale."""
+        with torch.inference_mode():
+            P = P.to(dev)
+            all_idx = torch.arange(len(P), device=dev)
+            self.item_vectors_ = tower.head.to(dev)(P, all_idx).float().cpu().numpy()
+            self.text_vectors_ = tower.head(P).float().cpu().numpy()
+        self.tower_ = tower.cpu().eval()
+        self.user_tower_ = user_tower.cpu().eval()
+        self.user_state_ = self.user_tower_.numpy_state()
+        self.scale_ = float(scale.detach().exp())
 
     def _frozen_pass(
         self,
@@ -856,7 +862,7 @@ class _TrainState:
         phase: str,
         cfg: LMConfig,
         train_ex: lm_train.Examples,
-        valid_ex: lm_train.Examples,
+        valid_ex: lm_train.Examples | None,
         seen_rows: list[np.ndarray],
         P0: torch.Tensor,
         cache: tuple[lm_encoder.Tokens, PackedHidden | None] | None,
@@ -997,9 +1003,10 @@ class _TrainState:
                     {"epoch": epoch + 1, "examples": seen_ex, "skipped": 1.0}
                 )
                 break
-            if phase == "refresh":  # no validation: every epoch is kept
+            if valid_ex is None:  # no validation (the refresh): every epoch is kept
                 log.info(
-                    "lm refresh epoch %d: loss %.4f, %d ex in %.1f s",
+                    "lm %s epoch %d: loss %.4f, %d ex in %.1f s",
+                    phase,
                     epoch + 1,
                     np.mean(losses) if losses else float("nan"),
                     seen_ex,

@@ -160,6 +160,81 @@ def test_sparse_rows_sort_a_product_and_sum_duplicates() -> None:
             np.testing.assert_array_equal(got.data, want.data)
 
 
+def test_row_product_has_the_bits_of_scipys_product() -> None:
+    """A request's one-row product (ItemKNN, EASE, next item) equals scipy's product of
+    that row to the bit: the same columns, the same float32 sums (added in the row's
+    order), columns summing to exactly 0 dropped; by the sort and by the dense row."""
+    from recsys.candidates import canonical_rows, row_product
+
+    rng = np.random.default_rng(6)
+    n = 400
+    for trial in range(120):
+        dtype = np.float64 if trial % 5 == 0 else np.float32
+        M = sp.random(n, n, density=rng.random() * 0.2, format="csr", random_state=trial)
+        M = M.astype(dtype)
+        M.data = (rng.standard_normal(M.nnz) * 100).astype(dtype)
+        if trial % 4 == 0 and M.nnz:  # exact cancellations: x and -x in one column
+            M.data[: M.nnz // 2] = np.round(M.data[: M.nnz // 2])
+            M = sp.csr_matrix(sp.vstack([M[: n // 2], -M[: n // 2]]))
+        cols = np.unique(rng.integers(0, n, int(rng.integers(0, 60))))
+        if trial % 4 == 0:
+            cols = np.unique(np.concatenate([cols, cols[cols < n // 2] + n // 2]))
+        w = None if trial % 2 else rng.random(len(cols)).astype(np.float32)
+        x = sp.csr_matrix(
+            (np.ones(len(cols), np.float32) if w is None else w, cols.astype(np.int32),
+             np.array([0, len(cols)], np.int32)),
+            shape=(1, n),
+        )  # fmt: skip
+        want = canonical_rows(x @ M)
+        for small in (0, 4096):
+            got = row_product(cols, w, M, small=small)
+            assert got.shape == want.shape and got.data.dtype == want.dtype, trial
+            np.testing.assert_array_equal(got.indices, want.indices, err_msg=f"{trial}")
+            np.testing.assert_array_equal(
+                got.data.view(np.uint8), want.data.view(np.uint8), err_msg=f"{trial}"
+            )
+
+
+def test_a_request_scores_sparse_sources_as_a_chunk_does(
+    loaded: Pipeline, online: OnlineRanker
+) -> None:
+    """A chunk of one user (a request) takes its own product for the sparse sources;
+    its row is the same, to the bit, as that user's row in a chunk of several."""
+    from features.batch import Histories
+    from recsys.candidates import EASE, SparseRows, source_rows
+
+    rng = np.random.default_rng(7)
+    n_items = online.n_items
+    states = [online.user_state(u) for u in range(0, 40, 2)]
+    states += [  # unknown users; known users with fresh events, repeats included
+        online.user_state(-1, (rng.integers(0, n_items, 4), np.full(4, online.now))),
+        online.user_state(3, (np.array([5, 5, 5]), online.now + np.arange(1, 4))),
+    ]
+    other = online.user_state(1)
+    # the fixture's EASE is dense (a small catalogue); a sparse one as a large one keeps
+    sources = [*loaded.sources_, EASE(keep=8).fit(loaded.history_)]
+    checked: set[str] = set()
+    for st in states:
+        pair = Histories(
+            np.array([0, len(st.items), len(st.items) + len(other.items)]),
+            np.concatenate([st.items, other.items]),
+            np.concatenate([st.times, other.times]),
+            np.array([st.user, other.user]),
+            np.array([st.fresh, other.fresh]),
+        )
+        for s in sources:
+            one = source_rows(s, st.chunk, n_items)
+            if not isinstance(one, SparseRows):
+                continue
+            want = source_rows(s, pair, n_items).S[0]
+            np.testing.assert_array_equal(one.S.indices, want.indices, err_msg=s.name)
+            np.testing.assert_array_equal(
+                one.S.data.view(np.uint8), want.data.view(np.uint8), err_msg=s.name
+            )
+            checked.add(s.name)
+    assert {"itemknn", "ease", "next"} <= checked
+
+
 def test_source_lists_with_fresh_events(loaded: Pipeline, online: OnlineRanker) -> None:
     """Each source's list (its ranks among the candidates) is `top_n` of the source's
     row, for bundle users and for users with fresh events (new end times, new items)."""

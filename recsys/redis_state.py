@@ -46,6 +46,7 @@ import logging
 import math
 import struct
 import time
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -324,14 +325,42 @@ class RedisLists(ListCache):
         except s._errors as e:
             s._lost(e, "reading a list")
             return None, 0
-        version = 0 if ver is None else int(ver)
+        return self._decode(raw, key), 0 if ver is None else int(ver)
+
+    def get_checked_many(
+        self, users: list[Id], state: SharedState, batch: int = 1000
+    ) -> list[tuple[CachedList | None, int]]:
+        """`get_checked` of many users, one round trip per `batch` of them (seeding
+        50,000 lists one round trip at a time took most of a 40 s start)."""
+        s = self.state
+        out: list[tuple[CachedList | None, int]] = []
+        for lo in range(0, len(users), batch):
+            keys = [_text(u) for u in users[lo : lo + batch]]
+            if self.capacity <= 0 or s._down():
+                out += [(None, 0)] * len(keys)
+                continue
+            p = s.r.pipeline(transaction=False)
+            for key in keys:
+                p.get(s._list_key(key))
+                p.get(s._ver_key(key))
+            try:
+                got = p.execute()
+            except s._errors as e:
+                s._lost(e, "reading lists")
+                out += [(None, 0)] * len(keys)
+                continue
+            for key, raw, ver in zip(keys, got[0::2], got[1::2], strict=True):
+                out.append((self._decode(raw, key), 0 if ver is None else int(ver)))
+        return out
+
+    def _decode(self, raw: bytes | None, key: str) -> CachedList | None:
         if raw is None:
-            return None, version
+            return None
         try:
-            return _unpack(raw), version
+            return _unpack(raw)
         except (ValueError, KeyError, struct.error):
-            log.warning("skipping a malformed list in Redis under %r", s._list_key(key))
-            return None, version
+            log.warning("skipping a malformed list in Redis under %r", self.state._list_key(key))
+            return None
 
     def put(self, key: str, entry: CachedList, fresh: Fresh | None = None) -> None:
         s = self.state
@@ -341,6 +370,21 @@ class RedisLists(ListCache):
             s.r.set(s._list_key(key), _pack(entry), ex=s.list_ttl_s)
         except s._errors as e:
             s._lost(e, "storing a list")
+
+    def put_many(self, entries: Iterable[tuple[str, CachedList]], batch: int = 1000) -> None:
+        """`put` of many lists, one round trip per `batch` of them."""
+        s = self.state
+        todo = list(entries)
+        for lo in range(0, len(todo), batch):
+            if self.capacity <= 0 or s._down():
+                return
+            p = s.r.pipeline(transaction=False)
+            for key, entry in todo[lo : lo + batch]:
+                p.set(s._list_key(key), _pack(entry), ex=s.list_ttl_s)
+            try:
+                p.execute()
+            except s._errors as e:
+                s._lost(e, "storing lists")
 
     def drop(self, key: str) -> None:
         s = self.state

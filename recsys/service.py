@@ -555,14 +555,19 @@ class RecService:
                 self.limits.cache_users,
             )
         now = time.time()
-        n = 0
-        for key, (items, scores) in lists.items():
-            if self.state.version(key) == 0 and not self._has_list(m, key):
-                e = CachedList(m.version, 0, now, items, scores, complete=False)
-                self.lists.put(str(key), e)
-                n += 1
-        log.info("seeded %d lists from %s", n, path)
-        return n
+        keys = list(lists)
+        if self.lists.shared:  # a complete list of this bundle's, from another server, stays
+            checked = self.lists.get_checked_many(keys, self.state)
+        else:
+            checked = [(None, self.state.version(key)) for key in keys]
+        todo = [
+            (str(key), CachedList(m.version, 0, now, *lists[key], complete=False))
+            for key, (e, version) in zip(keys, checked, strict=True)
+            if version == 0 and not (e is not None and e.complete and e.model_version == m.version)
+        ]
+        self.lists.put_many(todo)
+        log.info("seeded %d lists from %s", len(todo), path)
+        return len(todo)
 
     # -- reloading ------------------------------------------------------------------------
     def reload(self, path: str | Path | None = None) -> tuple[str, str]:

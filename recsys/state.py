@@ -170,6 +170,12 @@ class ListCache:
         match to be served."""
         return self._lists.get(str(user)), state.version(user)
 
+    def get_checked_many(
+        self, users: list[Id], state: SharedState
+    ) -> list[tuple[CachedList | None, int]]:
+        """`get_checked` of each of `users` (a shared cache reads them in batches)."""
+        return [self.get_checked(u, state) for u in users]
+
     def put(self, key: str, entry: CachedList, fresh: Fresh | None = None) -> None:
         """Keep `entry`, ranked from the user's fresh events `fresh` (None: none)."""
         if self.capacity <= 0:

@@ -136,6 +136,49 @@ def test_a_list_ranked_by_one_is_served_by_the_other(
     assert a.recommend(uid, k=10).age_s > 0.0  # and b's new list serves a
 
 
+def test_lists_seeded_into_redis_in_batches(
+    model: Model, tree_cache: Path, redis_server: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    """A batch job's lists seed Redis in a few round trips: every other server serves
+    them; a user with an event, or with a complete list of this bundle already shared,
+    keeps what the fleet has."""
+    import polars as pl
+
+    users = list(model.user_ids[:6])
+    ranked = _service(model, redis_server.url, prefix, tree_cache, refresh=False)
+    ranked.add_events([(users[1], model.item_ids[3], None)])  # an event before the seed
+    complete = ranked.recommend(users[2], k=10)  # a complete list, shared
+    rows = [
+        {"user_id": u, "item_id": i, "rank": r, "score": 1000.0 + r}
+        for u in users
+        for r, i in enumerate(model.item_ids[10:15], 1)
+    ]
+    pl.DataFrame(rows).write_parquet(tmp_path / "recs.parquet")
+    state = RedisState(redis_server.url, prefix=prefix)
+    seeded = RecService(
+        model, seed_lists=tmp_path / "recs.parquet", limits=ServiceLimits(refresh=False),
+        state=state, tree_cache=tree_cache,
+    )  # fmt: skip
+    other = _service(model, redis_server.url, prefix, tree_cache, refresh=False)
+    for u in (users[0], *users[3:]):
+        rec = other.recommend(u, k=5)
+        assert [i for i, _ in rec.items] == list(model.item_ids[10:15]), u
+        assert all(sc is not None and sc > 900 for _, sc in rec.items)
+    lists = seeded.lists
+    assert lists.get(str(users[1])) is None  # nothing seeded over the event
+    assert all(sc is None or sc < 900 for _, sc in other.recommend(users[1], k=5).items)
+    assert other.recommend(users[2], k=5).items == complete.items[:5]  # not the seeded top
+    # the batched reads and writes agree with the one-at-a-time ones across batches
+    many = lists.get_checked_many(users, state, batch=4)
+    assert [(e is None, v) for e, v in many] == [
+        (e is None, v) for e, v in (lists.get_checked(u, state) for u in users)
+    ]
+    assert many[1][1] == 1 and not many[0][0].complete and many[2][0].complete
+    entry = CachedList("v", 0, 1.0, np.arange(3), np.ones(3), complete=True)
+    lists.put_many([(f"x{j}", entry) for j in range(5)], batch=2)
+    assert all(lists.get(f"x{j}") is not None for j in range(5))
+
+
 def test_versions_grow_and_fresh_histories_are_trimmed(
     redis_server: RedisServer, prefix: str
 ) -> None:

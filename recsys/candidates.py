@@ -808,6 +808,11 @@ def exact_products(U: np.ndarray, V: np.ndarray, rows: np.ndarray, items: np.nda
     chunk. (A BLAS product's last bits depend on the kernel its shape picks, which
     would reorder near-equal scores.) Blocks of 1,024 pairs stay in the cache."""
     out = np.empty(len(rows), dtype=np.float32)
+    if len(U) == 1:  # a request: its one row against each item, not gathered per pair
+        u = U[0]
+        for a in range(0, len(rows), 1024):
+            out[a : a + 1024] = np.einsum("ij,j->i", V[items[a : a + 1024]], u, dtype=np.float64)
+        return out
     for a in range(0, len(rows), 1024):
         Vb = V[items[a : a + 1024]].astype(np.float64, copy=False)
         out[a : a + 1024] = np.einsum("ij,ij->i", U[rows[a : a + 1024]], Vb)

@@ -195,13 +195,14 @@ def test_row_product_has_the_bits_of_scipys_product() -> None:
             )
 
 
-def test_a_request_scores_sparse_sources_as_a_chunk_does(
+def test_a_request_scores_each_source_as_a_chunk_does(
     loaded: Pipeline, online: OnlineRanker
 ) -> None:
-    """A chunk of one user (a request) takes its own product for the sparse sources;
-    its row is the same, to the bit, as that user's row in a chunk of several."""
+    """A chunk of one user (a request) takes its own product for the sparse sources
+    and its own exact scores for the product ones (ALS, the language model); its row
+    is the same, to the bit, as that user's row in a chunk of several."""
     from features.batch import Histories
-    from recsys.candidates import EASE, SparseRows, source_rows
+    from recsys.candidates import EASE, ProductRows, SparseRows, source_rows
 
     rng = np.random.default_rng(7)
     n_items = online.n_items
@@ -224,6 +225,14 @@ def test_a_request_scores_sparse_sources_as_a_chunk_does(
         )
         for s in sources:
             one = source_rows(s, st.chunk, n_items)
+            if isinstance(one, ProductRows):
+                both = source_rows(s, pair, n_items)
+                assert isinstance(both, ProductRows)
+                items = np.arange(n_items)
+                got = one.at(np.zeros(n_items, np.int64), items)
+                want_p = both.at(np.zeros(n_items, np.int64), items)
+                np.testing.assert_array_equal(got.view(np.uint8), want_p.view(np.uint8), s.name)
+                checked.add(s.name)
             if not isinstance(one, SparseRows):
                 continue
             want = source_rows(s, pair, n_items).S[0]
@@ -232,7 +241,7 @@ def test_a_request_scores_sparse_sources_as_a_chunk_does(
                 one.S.data.view(np.uint8), want.data.view(np.uint8), err_msg=s.name
             )
             checked.add(s.name)
-    assert {"itemknn", "ease", "next"} <= checked
+    assert {"itemknn", "ease", "next", "als"} <= checked
 
 
 def test_source_lists_with_fresh_events(loaded: Pipeline, online: OnlineRanker) -> None:

@@ -873,9 +873,11 @@ class _TrainState:
         resumed: dict[str, Any],
         seed: int,
     ) -> None:
-        max_epochs = {"heads": cfg.epochs, "encoder": cfg.encoder_epochs}.get(
-            phase, cfg.refresh_epochs
-        )
+        max_epochs = {
+            "heads": cfg.epochs,
+            "encoder": cfg.encoder_epochs,
+            "refresh": cfg.refresh_epochs,
+        }[phase]
         start_epoch = 0
         if resumed.get("phase") == phase:
             start_epoch = int(resumed["epoch"]) + 1

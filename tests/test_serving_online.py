@@ -405,6 +405,48 @@ def test_product_rows_list_the_exact_scores_top_and_one_user_alone_the_same() ->
         np.testing.assert_allclose(exact, ref, rtol=0, atol=1e-6 * np.abs(ref).max(initial=1))
 
 
+def test_one_users_top_by_item_norms_is_the_exact_top() -> None:
+    """A request's top from item vectors whose norms spread widely (ALS's factors)
+    scans the items by norm and stops where no item left can reach the top. It must
+    give the exact scores' top all the same: ties by index, near-ties, seen items,
+    long vectors pointing away, fewer eligible items than asked."""
+    from recsys.candidates import ItemMatrix, ProductRows
+
+    rng = np.random.default_rng(11)
+    scanned = 0
+    for trial in range(60):
+        n_items, d = int(rng.integers(4096, 9000)), int(rng.integers(2, 40))
+        V = rng.standard_normal((n_items, d)).astype(np.float32)
+        V *= (rng.pareto(1.5, n_items) * 0.01 + 1e-4).astype(np.float32)[:, None]
+        u = rng.standard_normal((1, d)).astype(np.float32)
+        if trial % 4 == 1:  # the longest vectors point away from the user
+            V[np.argsort(-np.linalg.norm(V, axis=1))[:50]] = -10 * u
+        if trial % 4 == 2:  # scores a float32 product cannot order: the top's margin
+            near = rng.random(n_items) < 0.05  # many directions, one exact score
+            R = rng.standard_normal((int(near.sum()), d))
+            R[R @ u[0] < 0] *= -1
+            R /= np.maximum(R @ u[0].astype(np.float64), 0.1)[:, None]
+            V[near] = (R * 3.0).astype(np.float32)
+        if trial % 4 == 3:  # exact ties (score 0) among items of different norms
+            u = np.eye(1, d, dtype=np.float32)
+            V[:, 0] = np.where(rng.random(n_items) < 0.6, 0.0, -np.abs(V[:, 0]))
+            V[rng.random(n_items) < 0.001, 0] = 1.0
+        frac = [0.0, 0.01, 0.3, 0.9995][trial // 4 % 4]
+        seen = sp.csr_matrix((rng.random((1, n_items)) < frac).astype(np.float32))
+        n = int(rng.choice([1, 10, 100, 500, n_items]))
+        items = ItemMatrix(V)
+        assert items.prunable
+        rows = ProductRows(u, items, n_items)
+        got = rows.top(seen, n)
+        want = top_lists(rows.dense(), seen, n)
+        np.testing.assert_array_equal(got[0], want[0], err_msg=f"{trial}")
+        np.testing.assert_array_equal(got[1], want[1], err_msg=f"{trial}")
+        scanned += items._by_norm is not None
+    assert scanned == 60
+    # unit vectors (text) have nothing to skip: the full product serves them
+    assert not ItemMatrix(rng.standard_normal((5000, 8)).astype(np.float32) * 0 + 1).prunable
+
+
 def test_a_checked_tree_cache_spares_workers_lightgbm(  # type: ignore[no-untyped-def]
     bundle_dir: Path, tmp_path: Path, fresh_process_lists
 ) -> None:

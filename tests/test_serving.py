@@ -407,6 +407,75 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
         proc.wait(timeout=60)
 
 
+def test_plain_posts_skip_the_framework_and_answer_the_same(model: Model, tree_cache: Path) -> None:
+    """POST /v1/recommendations with a body that needs no coercion is answered before
+    FastAPI, with the bytes the route gives (errors included); any body the route
+    must validate or coerce goes to it and gets the same answer as before."""
+    items, uids = [_an_item(model), str(model.item_ids[1])], model.user_ids
+    app = create_app(RecService(model, tree_cache=tree_cache), Settings(max_k=50))
+    app_route = create_app(RecService(model, tree_cache=tree_cache), Settings(max_k=50))
+    app_route.fast_post = None  # every request through FastAPI
+    fast = app.fast_post
+    assert fast is not None
+    scope = {"type": "http", "method": "POST", "path": "/v1/recommendations",
+             "headers": [(b"content-type", b"application/json")]}  # fmt: skip
+    taken = [
+        {"history": items},
+        {"user_id": "new-a", "history": items[:1], "k": 5},
+        {"user_id": uids[0], "k": 3},
+        {"user_id": uids[1], "exclude": items, "k": 1000},  # capped by max_k
+        {"user_id": "new-b", "history": ["no-such-item"]},  # the route's 4xx
+        {"history": []},  # the route's 422: no user and no history
+        {"user_id": None, "history": items, "exclude": None, "k": 1},
+    ]
+    routed: list[object] = [
+        {"history": items, "k": 5.0},
+        {"history": items, "k": "5"},
+        {"history": items, "k": 0},
+        {"history": items, "k": 1001},
+        {"history": items, "k": True},
+        {"history": items, "extra": 1},
+        {"history": "abc"},
+        {"history": [1.5]},
+        {"history": [True]},
+        {"history": [[items[0]]]},
+        {"history": [""]},
+        {"history": ["x" * 257]},
+        {"history": items * 501},  # over MAX_LIST
+        {"user_id": True, "history": items},
+        {"user_id": 2**63, "history": items},
+        {"user_id": "", "history": items},
+        [items],
+        "x",
+        None,
+    ]
+    for body in taken:
+        assert fast(scope, json.dumps(body).encode()) is not None, body
+    for body in routed:
+        assert fast(scope, json.dumps(body).encode()) is None, body
+    for raw in (b"{", b'{"history": NaN}', b""):
+        assert fast(scope, raw) is None, raw
+    text = {**scope, "headers": [(b"content-type", b"text/plain")]}
+    assert fast(text, json.dumps(taken[0]).encode()) is None
+
+    with_fast, route_only = TestClient(app), TestClient(app_route)
+    sent = [json.dumps(b).encode() for b in [*taken, *routed]] + [b"{", b'{"history": NaN}']
+    ok = 0
+    for body in sent:
+        a = with_fast.post("/v1/recommendations", content=body,
+                           headers={"content-type": "application/json"})  # fmt: skip
+        b = route_only.post("/v1/recommendations", content=body,
+                            headers={"content-type": "application/json"})  # fmt: skip
+        assert (a.status_code, a.content) == (b.status_code, b.content), body[:80]
+        assert a.headers["content-type"] == b.headers["content-type"]
+        ok += a.status_code == 200
+    assert ok >= 5  # the taken bodies that rank, and the ones the route coerces
+    line = 'recsys_http_requests_total{endpoint="/v1/recommendations",method="POST",status="200"}'
+    counts = [float(x.split()[-1]) for x in with_fast.get("/metrics").text.splitlines()
+              if x.startswith(line)]  # fmt: skip
+    assert counts == [ok]
+
+
 def test_cached_reads_skip_the_framework_and_answer_the_same(
     service: RecService, model: Model
 ) -> None:

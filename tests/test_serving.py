@@ -382,7 +382,9 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
         port = s.getsockname()[1]
     exe = str(Path(sys.executable).parent / "recsys")
     cmd = [exe, "serve", "--bundle", str(bundle_dir), "--port", str(port), "--workers", "2"]
-    env = {**os.environ, "RECSYS_TREE_CACHE": str(tmp_path / "trees")}
+    runs = tmp_path / "tmp"
+    runs.mkdir()
+    env = {**os.environ, "RECSYS_TREE_CACHE": str(tmp_path / "trees"), "TMPDIR": str(runs)}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         listeners: dict[int, int] = {}  # worker pid: its listening socket's inode
@@ -400,11 +402,31 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
                         # the socket itself: a shared one has one inode in every worker
                         listeners[c.pid] = os.stat(f"/proc/{c.pid}/fd/{k.fd}").st_ino
         assert len(listeners) == 2 and len(set(listeners.values())) == 2, listeners
+        # the workers' shared files of this run: in TMPDIR when it is set
+        (run,) = runs.glob("recsys-serve-*")
+        assert (run / "state").is_dir() and (run / "metrics").is_dir()
         again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         assert again.returncode == 2 and "cannot listen" in again.stderr, again.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    assert not list(runs.iterdir()), "a stopped server leaves no files of its run"
+
+
+def test_workers_share_their_files_in_memory_unless_tmpdir_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default state folder and the metrics files change with every request; on a
+    disk a stalled journal stalls the workers, so they go to /dev/shm when it is there
+    with room, and to TMPDIR when the user names one."""
+    from recsys.cli.serve import runtime_dir
+
+    monkeypatch.setenv("TMPDIR", "/somewhere")
+    assert runtime_dir() is None
+    monkeypatch.delenv("TMPDIR")
+    shm = os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+    assert runtime_dir() == ("/dev/shm" if shm else None)
+    assert runtime_dir(min_free=1 << 62) is None  # no room
 
 
 def test_plain_posts_skip_the_framework_and_answer_the_same(model: Model, tree_cache: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,8 +25,8 @@ def serve(
     state_dir: Path | None = typer.Option(
         None,
         "--state-dir",
-        help="Where workers share fresh events and reloads (default: a temporary directory "
-        "when --workers > 1).",
+        help="Where workers share fresh events and reloads (default with --workers > 1: a "
+        "folder of this run in /dev/shm, memory, or in TMPDIR when set; removed at exit).",
     ),
     cache: bool = typer.Option(
         True,
@@ -101,8 +102,9 @@ def serve(
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         os.environ["RECSYS_REDIS_URL"] = redis_url
+    run_dir = None
     if workers > 1:
-        run_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-"))
+        run_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-", dir=runtime_dir()))
         if not redis_url:
             state_dir = state_dir or run_dir / "state"
         metrics_dir = run_dir / "metrics"
@@ -115,16 +117,39 @@ def serve(
         "factory": True, "host": host, "port": port, "workers": workers,
         "log_level": log_level, "access_log": False,
     }  # fmt: skip
-    if workers > 1 and reuse_port and reuse_port_available(port):
-        # a socket per worker: the kernel spreads connections over the workers
-        # (serving/workers.py says why uvicorn's one shared socket does not)
-        try:
-            run_workers(uvicorn.Config(app, **kw))
-        except OSError as e:
-            print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        return
-    uvicorn.run(app, **kw)
+    try:
+        if workers > 1 and reuse_port and reuse_port_available(port):
+            # a socket per worker: the kernel spreads connections over the workers
+            # (serving/workers.py says why uvicorn's one shared socket does not)
+            try:
+                run_workers(uvicorn.Config(app, **kw))
+            except OSError as e:
+                print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+                raise SystemExit(2) from None
+            return
+        uvicorn.run(app, **kw)
+    finally:
+        if run_dir is not None:  # this run's own files (not a --state-dir given)
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def runtime_dir(min_free: int = 512 << 20) -> str | None:
+    """Where a multi-worker server keeps the files its workers share for the run (the
+    default state folder, Prometheus' per-process metrics): /dev/shm, a memory file
+    system, where it is writable with `min_free` bytes free, unless TMPDIR names a
+    place. Those files change with every request (metrics) and event (fresh events,
+    lists); on a disk a write can wait for the file system's journal, and when the
+    disk stalls the worker and all its connections wait with it (0.5 s p99 at 16
+    connections in a load test here, against 20-28 ms). None: the temporary folder."""
+    if os.environ.get("TMPDIR"):
+        return None
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    if not os.access("/dev/shm", os.W_OK | os.X_OK) or st.f_bavail * st.f_frsize < min_free:
+        return None
+    return "/dev/shm"
 
 
 def check_lists(path: Path, bundle: Path) -> None:

@@ -13,7 +13,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -186,8 +186,24 @@ def _token_matches(given: str, token: str) -> bool:
 
 
 _READ_PREFIX = "/v1/recommendations/"
-_POST_PATH = "/v1/recommendations"
 _POST_FIELDS = frozenset(RecommendationIn.model_fields)
+_EVENT_FIELDS = frozenset(EventIn.model_fields)
+
+
+def _json_object(scope: Scope, body: bytes, fields: frozenset[str]) -> dict[str, Any] | None:
+    """A JSON body's object when the request says JSON and it has only `fields`."""
+    for k, v in scope.get("headers", ()):
+        if k == b"content-type" and v.lower().startswith(b"application/json"):
+            break
+    else:
+        return None
+    try:
+        d = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return d if type(d) is dict and d.keys() <= fields else None
+
+
 _READ_ROUTE = "/v1/recommendations/{user_id}"
 
 
@@ -275,14 +291,8 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
         `RecommendationIn`'s fields, ids as plain ints or strings, `k` a plain int in
         range. The answer, errors included, is the route's. Anything else (None)
         takes the route, which validates it."""
-        headers = dict(scope.get("headers", ()))
-        if not headers.get(b"content-type", b"").lower().startswith(b"application/json"):
-            return None
-        try:
-            d = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-        if type(d) is not dict or not d.keys() <= _POST_FIELDS:
+        d = _json_object(scope, body, _POST_FIELDS)
+        if d is None:
             return None
         user_id, history, exclude, k = (
             d.get("user_id"),
@@ -296,6 +306,27 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
             return None
         try:
             return recommend_post_answer(user_id, history, k, exclude)
+        except ServiceError as e:
+            return problem(e)
+
+    def events_body(scope: Scope, body: bytes) -> Response | None:
+        """POST /v1/events the same way: `{"events": [...]}` of 1 to MAX_EVENTS objects
+        with plain `user_id` and `item_id` and no timestamp (the service's clock); a
+        timestamp, or anything else, takes the route."""
+        d = _json_object(scope, body, frozenset({"events"}))
+        events = None if d is None else d.get("events")
+        if type(events) is not list or not 1 <= len(events) <= MAX_EVENTS:
+            return None
+        rows: list[tuple[Any, Any, int | None]] = []
+        for e in events:
+            if type(e) is not dict or not e.keys() <= _EVENT_FIELDS:
+                return None
+            user_id, item_id = e.get("user_id"), e.get("item_id")
+            if e.get("timestamp") is not None or not (_plain_id(user_id) and _plain_id(item_id)):
+                return None
+            rows.append((user_id, item_id, None))
+        try:
+            return _json({"accepted": service.add_events(rows)})
         except ServiceError as e:
             return problem(e)
 
@@ -440,7 +471,8 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
         metrics.set_bundle(new)
         return _json({"old_version": old, "model_version": new})
 
-    return Guard(app, metrics, settings.max_body_bytes, cached_read, recommend_body)
+    plain_posts = {"/v1/recommendations": recommend_body, "/v1/events": events_body}
+    return Guard(app, metrics, settings.max_body_bytes, cached_read, plain_posts)
 
 
 Scope = MutableMapping[str, Any]
@@ -460,13 +492,13 @@ class Guard:
         metrics: Metrics,
         max_body: int,
         fast: Callable[[Scope], Response | None] | None = None,
-        fast_post: Callable[[Scope, bytes], Response | None] | None = None,
+        fast_posts: Mapping[str, Callable[[Scope, bytes], Response | None]] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
         self.fast = fast
-        self.fast_post = fast_post  # POST /v1/recommendations, its body read
+        self.fast_posts = fast_posts or {}  # by path: POSTs answered once their body is read
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.app, name)
@@ -487,8 +519,10 @@ class Guard:
         for k, v in scope.get("headers", ()):
             if k == b"content-length":
                 length = v
-        post = self.fast_post is not None and scope["method"] == "POST"
-        post = post and scope["path"] == _POST_PATH and not scope.get("root_path")
+        path = scope["path"]
+        post = None
+        if scope["method"] == "POST" and not scope.get("root_path"):
+            post = self.fast_posts.get(path)
         messages: list[Message] | None = None
         if length is not None:
             try:
@@ -511,13 +545,13 @@ class Guard:
             if post and last["type"] == "http.request" and not last.get("more_body", False):
                 body = b"".join(m.get("body", b"") for m in messages)
                 try:
-                    r = self.fast_post(scope, body)  # type: ignore[misc]
+                    r = post(scope, body)
                 except Exception:
-                    self.metrics.observe(_POST_PATH, "POST", 500, t0)
+                    self.metrics.observe(path, "POST", 500, t0)
                     raise
                 if r is not None:
                     await r(scope, receive, send)
-                    self.metrics.observe(_POST_PATH, "POST", r.status_code, t0)
+                    self.metrics.observe(path, "POST", r.status_code, t0)
                     return
             replay = iter(messages)
 

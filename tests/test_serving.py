@@ -436,9 +436,10 @@ def test_plain_posts_skip_the_framework_and_answer_the_same(model: Model, tree_c
     items, uids = [_an_item(model), str(model.item_ids[1])], model.user_ids
     app = create_app(RecService(model, tree_cache=tree_cache), Settings(max_k=50))
     app_route = create_app(RecService(model, tree_cache=tree_cache), Settings(max_k=50))
-    app_route.fast_post = None  # every request through FastAPI
-    fast = app.fast_post
-    assert fast is not None
+    app_route.fast_posts = {}  # every request through FastAPI
+    # which bodies are taken early, asked of a third service (a rank caches a list)
+    probe = create_app(RecService(model, tree_cache=tree_cache), Settings(max_k=50))
+    fast = probe.fast_posts["/v1/recommendations"]
     scope = {"type": "http", "method": "POST", "path": "/v1/recommendations",
              "headers": [(b"content-type", b"application/json")]}  # fmt: skip
     taken = [
@@ -496,6 +497,58 @@ def test_plain_posts_skip_the_framework_and_answer_the_same(model: Model, tree_c
     counts = [float(x.split()[-1]) for x in with_fast.get("/metrics").text.splitlines()
               if x.startswith(line)]  # fmt: skip
     assert counts == [ok]
+
+
+def test_plain_events_skip_the_framework_and_answer_the_same(
+    model: Model, tree_cache: Path
+) -> None:
+    """POST /v1/events without timestamps and with plain ids is taken before FastAPI,
+    with the route's answers; timestamps and anything odd go to the route."""
+    items, uids = [_an_item(model), str(model.item_ids[1])], model.user_ids
+    app = create_app(RecService(model, tree_cache=tree_cache))
+    app_route = create_app(RecService(model, tree_cache=tree_cache))
+    app_route.fast_posts = {}
+    # which bodies are taken early, asked of a third service (taking them changes it)
+    fast = create_app(RecService(model, tree_cache=tree_cache)).fast_posts["/v1/events"]
+    scope = {"type": "http", "method": "POST", "path": "/v1/events",
+             "headers": [(b"content-type", b"application/json")]}  # fmt: skip
+
+    def ev(*rows: dict) -> dict:
+        return {"events": list(rows)}
+
+    taken = [
+        ev({"user_id": uids[0], "item_id": items[0]}),
+        ev({"user_id": "new-user", "item_id": items[1]}, {"user_id": uids[1], "item_id": items[0]}),
+        ev({"user_id": uids[0], "item_id": items[1], "timestamp": None}),
+        ev({"user_id": uids[0], "item_id": "no-such-item"}),  # the route's 4xx
+    ]
+    routed: list[object] = [
+        ev({"user_id": uids[0], "item_id": items[0], "timestamp": 1_700_000_000}),
+        ev({"user_id": uids[0], "item_id": items[0], "timestamp": "2024-01-01T00:00:00"}),
+        ev({"user_id": uids[0], "item_id": items[0], "extra": 1}),
+        ev({"user_id": True, "item_id": items[0]}),
+        ev({"user_id": uids[0], "item_id": 1.5}),
+        ev({"user_id": uids[0]}),
+        ev(),
+        ev(*[{"user_id": uids[0], "item_id": items[0]}] * 1001),
+        {"events": "x"},
+        {"events": [], "more": 1},
+        [1],
+    ]
+    for body in taken:
+        assert fast(scope, json.dumps(body).encode()) is not None, body
+    for body in routed:
+        assert fast(scope, json.dumps(body).encode()) is None, str(body)[:80]
+    with_fast, route_only = TestClient(app), TestClient(app_route)
+    for body in [*taken, *routed]:
+        raw = json.dumps(body).encode()
+        a = with_fast.post("/v1/events", content=raw, headers={"content-type": "application/json"})
+        b = route_only.post("/v1/events", content=raw, headers={"content-type": "application/json"})
+        assert (a.status_code, a.content) == (b.status_code, b.content), raw[:80]
+    # the events taken early changed the lists as the route's did
+    for u in (uids[0], uids[1], "new-user"):
+        a, b = with_fast.get(f"/v1/recommendations/{u}"), route_only.get(f"/v1/recommendations/{u}")
+        assert a.json()["items"] == b.json()["items"], u
 
 
 def test_cached_reads_skip_the_framework_and_answer_the_same(

@@ -186,7 +186,9 @@ def _token_matches(given: str, token: str) -> bool:
 
 
 _READ_PREFIX = "/v1/recommendations/"
+_READ_ROUTE = "/v1/recommendations/{user_id}"
 _POST_FIELDS = frozenset(RecommendationIn.model_fields)
+_EVENTS_FIELDS = frozenset(EventsIn.model_fields)
 _EVENT_FIELDS = frozenset(EventIn.model_fields)
 
 
@@ -202,9 +204,6 @@ def _json_object(scope: Scope, body: bytes, fields: frozenset[str]) -> dict[str,
     except orjson.JSONDecodeError:
         return None
     return d if type(d) is dict and d.keys() <= fields else None
-
-
-_READ_ROUTE = "/v1/recommendations/{user_id}"
 
 
 def _plain_k(query: bytes) -> int | None:
@@ -313,7 +312,7 @@ def create_app(service: RecService, settings: Settings | None = None) -> Guard:
         """POST /v1/events the same way: `{"events": [...]}` of 1 to MAX_EVENTS objects
         with plain `user_id` and `item_id` and no timestamp (the service's clock); a
         timestamp, or anything else, takes the route."""
-        d = _json_object(scope, body, frozenset({"events"}))
+        d = _json_object(scope, body, _EVENTS_FIELDS)
         events = None if d is None else d.get("events")
         if type(events) is not list or not 1 <= len(events) <= MAX_EVENTS:
             return None
@@ -483,8 +482,10 @@ Send = Callable[[Message], Awaitable[None]]
 
 class Guard:
     """ASGI wrapper: refuses oversized bodies with 413, answers cached reads itself
-    (`fast`: a Response, or None for the app to answer) and records request metrics.
-    Attribute access falls through to the FastAPI app (routes, state, openapi)."""
+    (`fast`: a Response, or None for the app to answer) and plain POSTs once it has
+    read their body (`fast_posts` by path: a Response, or None to replay the body to
+    the app), and records request metrics. Attribute access falls through to the
+    FastAPI app (routes, state, openapi)."""
 
     def __init__(
         self,

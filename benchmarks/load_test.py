@@ -411,7 +411,8 @@ def main() -> None:
         default=None,
         help="realistic mix: after each saturating run with more than one connection, "
         "run the mix again offered at this many req/s (Poisson-like arrivals per "
-        "connection), for the latency at that load",
+        "connection, the think time calibrated by two short probes so that this rate "
+        "is delivered), for the latency at that load",
     )
     ap.add_argument(
         "--freshness",

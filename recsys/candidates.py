@@ -26,6 +26,7 @@ from features.batch import (
     Candidates,
     EndTimeMemo,
     Histories,
+    gather_rows,
     lookup,
     segment_index,
     segment_offsets,
@@ -952,14 +953,11 @@ def row_product(
     exactly 0; `np.add.at` adds in the order given, one rounding per addition, so the
     same order gives the same sums. Up to `small` products the columns are found by a
     sort of the gathered ones (stable: their order is kept), beyond by a dense row."""
-    lo, hi = M.indptr[cols], M.indptr[cols + 1]
-    lens = (hi - lo).astype(np.int64)
     if len(cols) == 1:
-        k, v = M.indices[lo[0] : hi[0]], M.data[lo[0] : hi[0]]
+        lo, hi = M.indptr[cols[0]], M.indptr[cols[0] + 1]
+        lens, k, v = np.array([hi - lo], dtype=np.int64), M.indices[lo:hi], M.data[lo:hi]
     else:
-        ends = np.cumsum(lens)
-        pos = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(lo - (ends - lens), lens)
-        k, v = M.indices[pos], M.data[pos]
+        lens, k, v = gather_rows(M, cols)
     dtype = np.result_type(M.dtype, np.float32 if w is None else w.dtype)
     v = v.astype(dtype, copy=False)
     if w is not None:

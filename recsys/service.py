@@ -170,6 +170,11 @@ def _current(e: CachedList | None, m: Model, version: int) -> TypeGuard[CachedLi
     return e is not None and e.model_version == m.version and e.fresh_version == version
 
 
+def _complete_of(e: CachedList | None, m: Model) -> bool:
+    """A complete list ranked by `m`'s bundle (a shared one another server made stays)."""
+    return e is not None and e.complete and e.model_version == m.version
+
+
 def _user_key(m: Model, user_id: Id | None) -> Id:
     """Fresh events and cached lists are keyed by the bundle's id, or the id as a string."""
     u = m.user_index(user_id) if user_id is not None else -1
@@ -537,8 +542,7 @@ class RecService:
         """A complete list of the bundle's is already shared (another server made it)."""
         if not self.lists.shared:
             return False
-        e = self.lists.get(str(key))
-        return e is not None and e.complete and e.model_version == m.version
+        return _complete_of(self.lists.get(str(key)), m)
 
     def seed_lists(self, path: str | Path, m: Model | None = None) -> int:
         """Cache the lists of a batch job's output (`recsys recommend --out`: user_id,
@@ -563,7 +567,7 @@ class RecService:
         todo = [
             (str(key), CachedList(m.version, 0, now, *lists[key], complete=False))
             for key, (e, version) in zip(keys, checked, strict=True)
-            if version == 0 and not (e is not None and e.complete and e.model_version == m.version)
+            if version == 0 and not _complete_of(e, m)
         ]
         self.lists.put_many(todo)
         log.info("seeded %d lists from %s", len(todo), path)

@@ -9,8 +9,10 @@ Fresh events and ranked lists are kept as `recsys.state` describes: bounded, and
 between worker processes through a `SharedState` (a state folder by default, Redis for
 a fleet). A list is served while it was computed by the serving bundle from the user's
 current fresh events and is younger than `list_ttl_s`; an event makes the user's list
-stale at once, and a background thread (`Refresher`) recomputes it, as it does a list
-read in the last quarter of its time-to-live. A read that finds no valid list ranks
+stale at once, and the events request ranks it again before it answers (or hands it
+to the server's refresher process, `serving.refresher`, through `handoff`); a
+background thread (`Refresher`) recomputes a list read in the last quarter of its
+time-to-live. A read that finds no valid list ranks
 synchronously. A batch job's output can seed the lists at start (`seed_lists`).
 
 A bundle fitted on pseudonymized user ids (`recsys.pseudonym`) loads only with the key
@@ -25,6 +27,7 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -255,6 +258,9 @@ class RecService:
         self.state = state
         self.lists: ListCache = state.lists(lim.cache_users if self.use_cache else 0)
         self.refresher = Refresher(self._refresh) if self.use_cache and lim.refresh else None
+        # hands an events request's users to another process that ranks their lists
+        # (serving.refresher); True when it took them, else they are ranked here
+        self.handoff: Callable[[list[Id]], bool] | None = None
         self.seed_path = Path(seed_lists) if seed_lists is not None else None
         self._reload_lock = threading.Lock()
         self._bg_reload: threading.Thread | None = None
@@ -390,6 +396,10 @@ class RecService:
             self.lists.put(str(key), e, fresh)
         return r
 
+    def refresh_user(self, key: Id, asked: float | None) -> bool:
+        """Rank `key`'s list again (the refresher process's work); see `_refresh`."""
+        return self._refresh(key, asked)
+
     def _refresh(self, key: Id, asked: float | None) -> bool:
         """The refresher's work: rank one user again with the serving bundle, unless
         their list was ranked from their current events after `asked` (a read that
@@ -459,8 +469,9 @@ class RecService:
     # -- fresh events --------------------------------------------------------------------
     def add_events(self, events: list[tuple[Id, Id, int | None]]) -> int:
         """(user_id, item_id, epoch seconds or None) rows; all or none are taken. The
-        users' lists are recomputed before this returns (the first
-        `refresh_inline_users` of them; the others in the background)."""
+        users' lists are handed to another process (`handoff`) when it takes them, else
+        recomputed before this returns (the first `refresh_inline_users` of them; the
+        others in the background)."""
         m = self.model
         m.item_indices([e[1] for e in events], "events")
         rows = []
@@ -482,7 +493,10 @@ class RecService:
             raise StorageError(f"events not taken: {reason}; retry later") from None
         if self.refresher is not None:
             mine = list(dict.fromkeys(r[0] for r in rows))
-            self.refresher.run(mine, self.limits.refresh_inline_users)
+            if self.handoff is not None and self.handoff(mine):
+                self.refresher.count("handed", len(mine))
+            else:
+                self.refresher.run(mine, self.limits.refresh_inline_users)
             self.refresher.add(self._cached(changed - set(mine)))
         return len(rows)
 

@@ -622,7 +622,12 @@ class Refresher:
         except Exception as e:  # a list that cannot be refreshed is ranked on read
             outcome = "failed"
             log.warning("could not refresh the list of %r: %s", user, e)
+        self.count(outcome)
+
+    def count(self, outcome: str, n: int = 1) -> None:
+        """Count `n` users' `outcome`; "handed": given to another process to rank."""
         with self._cv:  # counted from the caller's thread and the background one
-            self.outcomes[outcome] += 1
+            self.outcomes[outcome] += n
         if self.on_done is not None:
-            self.on_done(outcome)
+            for _ in range(n):
+                self.on_done(outcome)

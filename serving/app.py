@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import logging
 import math
+import pathlib
 import threading
 import time
 from collections import OrderedDict, deque
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from recsys.pseudonym import PseudonymKeyError, check_bundle
 from recsys.service import RecService, ServiceError, ServiceLimits
 from serving.metrics import Metrics
+from serving.refresher import RefreshClient
 from serving.settings import Settings
 
 log = logging.getLogger("recsys.serving")
@@ -600,18 +602,10 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
 
-def app_from_env() -> Guard:
-    """The uvicorn factory: settings from the environment. With one worker the bundle
-    loads and warms in the background while /healthz answers and /readyz says 503; with
-    several (or RECSYS_LOAD_BEFORE_SERVING=true) each worker loads it before it takes a
-    connection, so the others serve meanwhile."""
-    settings = Settings()
-    if settings.bundle is None:
-        raise SystemExit("RECSYS_BUNDLE is not set: the bundle directory to serve")
-    try:  # a bundle of pseudonymized ids never serves under another key, nor none
-        check_bundle(settings.bundle)
-    except PseudonymKeyError as e:
-        raise SystemExit(f"error: {e}") from None
+def service_from_settings(settings: Settings, refresher: bool = False) -> RecService:
+    """The service a worker (or, `refresher`, the refresher process) builds from the
+    settings: its limits, state folder or Redis, list seed. The refresher keeps few
+    lists in memory (it writes them to the shared state) and seeds none."""
     state = None
     if settings.redis_url is not None:  # a fleet: events, lists and reloads in Redis
         from recsys.redis_state import RedisState, RedisStateError
@@ -625,17 +619,17 @@ def app_from_env() -> Guard:
             )
         except RedisStateError as e:
             raise SystemExit(f"error: {e}") from None
-    service = RecService(
+    return RecService(
         None,
         limits=ServiceLimits(
             max_events_per_user=settings.max_events_per_user,
             max_fresh_users=settings.max_fresh_users,
-            cache_users=settings.cache_users,
-            prefill=settings.prefill,
+            cache_users=min(settings.cache_users, 1000) if refresher else settings.cache_users,
+            prefill=settings.prefill and not refresher,
             max_k=settings.max_k,
             new_item_every=settings.new_item_every,
             list_ttl_s=settings.list_ttl_s,
-            refresh=settings.refresh,
+            refresh=settings.refresh and not refresher,
             refresh_inline_users=settings.refresh_inline_users,
             compact_bytes=settings.events_log_max_bytes,
         ),
@@ -644,8 +638,38 @@ def app_from_env() -> Guard:
         cache=settings.cache and settings.cache_users > 0,
         freeze_gc=True,
         state=state,
-        seed_lists=settings.lists,
+        seed_lists=None if refresher else settings.lists,
     )
+
+
+def refresher_service() -> tuple[RecService, pathlib.Path]:
+    """The refresher process's service and bundle, from the workers' environment."""
+    settings = Settings()
+    if settings.bundle is None:
+        raise SystemExit("RECSYS_BUNDLE is not set: the bundle directory to serve")
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    return service_from_settings(settings, refresher=True), settings.bundle
+
+
+def app_from_env() -> Guard:
+    """The uvicorn factory: settings from the environment. With one worker the bundle
+    loads and warms in the background while /healthz answers and /readyz says 503; with
+    several (or RECSYS_LOAD_BEFORE_SERVING=true) each worker loads it before it takes a
+    connection, so the others serve meanwhile."""
+    settings = Settings()
+    if settings.bundle is None:
+        raise SystemExit("RECSYS_BUNDLE is not set: the bundle directory to serve")
+    try:  # a bundle of pseudonymized ids never serves under another key, nor none
+        check_bundle(settings.bundle)
+    except PseudonymKeyError as e:
+        raise SystemExit(f"error: {e}") from None
+    service = service_from_settings(settings)
+    if settings.refresh_socket is not None and service.refresher is not None:
+        # the server's refresher process ranks the lists of users with new events
+        client = RefreshClient(settings.refresh_socket, settings.refresher_handoff == "always")
+        service.handoff = client.send
     bundle = settings.bundle
 
     def load() -> None:

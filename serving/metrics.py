@@ -62,7 +62,8 @@ class Metrics:
         self.refreshes = Counter(
             "recsys_list_refreshes",
             "lists recomputed off the read path (after events, near their time-to-live): "
-            "done, failed, or current (ranked since it was asked, by a read or a worker)",
+            "done, failed, or current (ranked since it was asked, by a read or a worker); "
+            "handed: an events request's users given to the refresher process",
             ["outcome"],
             registry=self.registry,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +64,16 @@ class Settings(BaseSettings):
         ge=0,
         description="users of one events request ranked before it is answered (a few ms "
         "each); the request's other users are ranked in the background (0: all)",
+    )
+    refresh_socket: Path | None = Field(
+        None,
+        description="the server's refresher process (set by `recsys serve --workers N`): "
+        "an events request hands its users' lists to it instead of ranking them",
+    )
+    refresher_handoff: Literal["idle", "always"] = Field(
+        "idle",
+        description="when an events request hands its users to the refresher process: "
+        "idle, while a core is idle (else it ranks them, once, itself); always",
     )
     lists: Path | None = Field(
         None, description="a `recsys recommend` output whose lists seed the cache at start"

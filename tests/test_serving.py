@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import sys
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import another_version
 from fastapi.testclient import TestClient
@@ -366,11 +369,13 @@ def test_server_service_freezes_the_loaded_bundle_out_of_the_collector(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads on Linux")
 def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
-    bundle_dir: Path, tmp_path: Path
+    bundle_dir: Path, tmp_path: Path, model: Model
 ) -> None:
     """uvicorn's one shared socket lets the first worker to wake take a burst of
     connections (16 of 16 in a load test); a socket per worker lets the kernel spread
-    them. A port already served is refused rather than shared."""
+    them. A port already served is refused rather than shared. Beside the workers, the
+    refresher process ranks the lists of an events request's users; when it dies the
+    master starts another, and the workers rank inline meanwhile."""
     import socket
     import subprocess
     import time
@@ -384,8 +389,30 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
     cmd = [exe, "serve", "--bundle", str(bundle_dir), "--port", str(port), "--workers", "2"]
     runs = tmp_path / "tmp"
     runs.mkdir()
-    env = {**os.environ, "RECSYS_TREE_CACHE": str(tmp_path / "trees"), "TMPDIR": str(runs)}
+    env = {**os.environ, "RECSYS_TREE_CACHE": str(tmp_path / "trees"), "TMPDIR": str(runs),
+           "RECSYS_REFRESHER_HANDOFF": "always"}  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+    def refreshers() -> list[int]:
+        pids = []
+        for c in psutil.Process(proc.pid).children():
+            try:
+                if c.status() != "zombie" and "serving.refresher" in " ".join(c.cmdline()):
+                    pids.append(c.pid)
+            except psutil.Error:  # gone meanwhile
+                pass
+        return pids
+
+    def refreshes() -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = re.findall(r'recsys_list_refreshes_total\{outcome="(\w+)"\} (\S+)', text)
+        return {k: float(v) for k, v in found}
+
+    def post_event(item: object) -> None:
+        body = {"events": [{"user_id": model.user_ids[2], "item_id": item}]}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/events", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+
     try:
         listeners: dict[int, int] = {}  # worker pid: its listening socket's inode
         end = time.monotonic() + 240
@@ -405,12 +432,31 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
         # the workers' shared files of this run: in TMPDIR when it is set
         (run,) = runs.glob("recsys-serve-*")
         assert (run / "state").is_dir() and (run / "metrics").is_dir()
+        (first,) = refreshers()
+        assert first not in listeners
+        end = time.monotonic() + 120
+        while not (run / "refresh.sock").exists() and time.monotonic() < end:
+            time.sleep(0.2)  # the refresher's bundle loads
+        post_event(model.item_ids[5])
+        while refreshes().get("done", 0) < 1 and time.monotonic() < end:
+            time.sleep(0.2)
+        assert refreshes().get("handed") == 1 and refreshes().get("done") == 1
+        os.kill(first, signal.SIGKILL)
+        post_event(model.item_ids[6])  # no refresher: ranked in the request
+        while refreshes().get("done", 0) < 2 and time.monotonic() < end:
+            time.sleep(0.2)
+        assert refreshes().get("handed") == 1
+        while refreshers() in ([], [first]) and time.monotonic() < end:
+            time.sleep(0.2)
+        (second,) = refreshers()
+        assert second != first
         again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         assert again.returncode == 2 and "cannot listen" in again.stderr, again.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     assert not list(runs.iterdir()), "a stopped server leaves no files of its run"
+    assert not psutil.pid_exists(second) or psutil.Process(second).status() == "zombie"
 
 
 def test_workers_share_their_files_in_memory_unless_tmpdir_says(

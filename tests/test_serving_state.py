@@ -198,6 +198,78 @@ def test_an_event_costs_one_rank_whichever_worker_reads(
     assert got.items == alone.recommend(uid, k=10).items
 
 
+def test_the_refresher_process_ranks_an_events_users_and_workers_serve_its_list(
+    model: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker hands an events request's users to the refresher and answers without a
+    rank; the refresher ranks them from the shared events, and the worker serves that
+    list, the one it would have ranked. With no refresher listening (starting, dead)
+    the worker ranks them inside the request, as before."""
+    from serving.refresher import RefreshClient, serve_refresh
+
+    state = tmp_path / "s"
+    worker = RecService(model, state_dir=state)
+    refresher = RecService(model, limits=ServiceLimits(refresh=False), state_dir=state)
+    sock = tmp_path / "refresh.sock"
+    worker.handoff = RefreshClient(sock, always=True).send
+    ranked: list[object] = []
+    rank_user = worker._rank_user
+    monkeypatch.setattr(worker, "_rank_user", lambda *x: ranked.append(x[1]) or rank_user(*x))
+    done: list[str] = []
+    stop, bound = threading.Event(), threading.Event()
+    loop = threading.Thread(
+        target=serve_refresh, args=(refresher, sock, stop, bound.set, done.append), daemon=True
+    )
+    loop.start()
+    assert bound.wait(30)
+    uid, item = model.user_ids[3], model.item_ids[5]
+    alone = RecService(model, limits=ServiceLimits(refresh=False))
+    worker.add_events([(uid, item, 1_700_000_000)])
+    alone.add_events([(uid, item, 1_700_000_000)])
+    assert worker.refresher is not None and worker.refresher.outcomes["handed"] == 1
+    assert ranked == []  # answered without a rank
+    end = time.monotonic() + 60
+    while not done and time.monotonic() < end:
+        time.sleep(0.01)
+    assert done == ["done"]
+    got = worker.recommend(uid, k=10)
+    assert ranked == [] and got.age_s > 0  # the refresher's list, not a rank of its own
+    assert got.items == alone.recommend(uid, k=10).items
+    stop.set()
+    loop.join(10)
+    assert not loop.is_alive() and not sock.exists()  # the refresher's socket goes with it
+    worker.add_events([(uid, model.item_ids[6], 1_700_000_100)])
+    assert ranked == [uid] and worker.refresher.outcomes["handed"] == 1  # ranked inline
+    alone.add_events([(uid, model.item_ids[6], 1_700_000_100)])
+    assert worker.recommend(uid, k=10).items == alone.recommend(uid, k=10).items
+
+
+def test_users_are_handed_to_the_refresher_only_while_a_core_is_idle(tmp_path: Path) -> None:
+    """/proc/loadavg's fourth field counts the tasks runnable now, the caller included:
+    fewer than the cores means one is idle. Unreadable: no hand-over (rank inline). A
+    request's ids that do not fit one message are not handed over either."""
+    from serving.refresher import MAX_MESSAGE, RefreshClient, idle_core
+
+    f = tmp_path / "loadavg"
+    f.write_text("0.52 0.58 0.59 1/467 12345\n")
+    assert idle_core(2, f)
+    f.write_text("2.52 2.58 2.59 2/467 12345\n")
+    assert not idle_core(2, f) and idle_core(3, f)
+    f.write_text("garbage\n")
+    assert not idle_core(64, f)
+    assert not idle_core(64, tmp_path / "none")
+    import socket
+
+    sock = tmp_path / "r.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(sock))
+        client = RefreshClient(sock, always=True)
+        assert client.send(["u1", 2])
+        assert json.loads(server.recv(65536))["u"] == ["u1", 2]
+        assert not client.send(["x" * 200] * (MAX_MESSAGE // 200))
+    assert not client.send(["u1"])  # nobody listening
+
+
 def test_a_refresh_skips_a_list_ranked_since_it_was_asked(
     model: Model, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -49,7 +49,8 @@ def serve(
         min=1.0,
         help="Seconds a cached list may be served; lists read in their last quarter are "
         "recomputed in the background. A user's events request ranks their list before "
-        "it is answered (RECSYS_REFRESH_INLINE_USERS users of a request, default 8).",
+        "it is answered (RECSYS_REFRESH_INLINE_USERS users of a request, default 8) or "
+        "hands it to the refresher process (--refresher).",
     ),
     redis_url: str | None = typer.Option(
         os.environ.get("RECSYS_REDIS_URL"),
@@ -65,6 +66,13 @@ def serve(
         "the kernel spreads connections evenly; --shared-socket: one socket, which the "
         "first worker to wake drains (uneven). Set net.ipv4.tcp_migrate_req=1 so that "
         "connections queued on a worker that dies go to the others.",
+    ),
+    refresher: bool = typer.Option(
+        True,
+        "--refresher/--no-refresher",
+        help="With --workers > 1: one more process that ranks the lists of users with new "
+        "events, so an events request is answered without a rank (a read that comes "
+        "first ranks, as without it); --no-refresher: the events request ranks them.",
     ),
     log_level: str = typer.Option("warning", "--log-level"),
 ) -> None:
@@ -112,6 +120,14 @@ def serve(
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
     if state_dir is not None:
         os.environ["RECSYS_STATE_DIR"] = str(state_dir)
+    refresh_proc = None
+    if run_dir is not None and cache and refresher and refreshes():
+        from serving.refresher import SOCKET_NAME, RefresherProcess
+
+        sock = run_dir / SOCKET_NAME
+        os.environ["RECSYS_REFRESH_SOCKET"] = str(sock)
+        refresh_proc = RefresherProcess(sock, log_level)
+        refresh_proc.start()
     app = "serving.app:app_from_env"
     kw: dict[str, Any] = {
         "factory": True, "host": host, "port": port, "workers": workers,
@@ -129,8 +145,16 @@ def serve(
             return
         uvicorn.run(app, **kw)
     finally:
+        if refresh_proc is not None:
+            refresh_proc.stop()
         if run_dir is not None:  # this run's own files (not a --state-dir given)
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def refreshes() -> bool:
+    """RECSYS_REFRESH (default on): lists are recomputed off the read path."""
+    value = os.environ.get("RECSYS_REFRESH", "true").strip().lower()
+    return value not in ("0", "false", "no", "off")
 
 
 def runtime_dir(min_free: int = 512 << 20) -> str | None:

@@ -1,0 +1,251 @@
+"""A server's refresher process: it ranks the lists of the users whose events the HTTP
+workers take, so that an events request is answered without a rank.
+
+With `recsys serve --workers N` (N > 1) the master starts one refresher beside the
+workers. It loads the same bundle and shares the same state (the state folder, or
+Redis), and listens on a Unix datagram socket in the run's folder. A worker that takes
+events stores them, sends the users' ids to that socket and answers; the refresher
+reads the events from the shared state and ranks each user's list into the shared
+lists, where every worker finds it.
+
+An event still makes the user's list stale at once: a read that comes before the
+refresher's list is ready ranks the user itself, as a read that finds no list always
+did, and the refresher then skips that user (a list ranked since the event exists).
+When the refresher cannot take the users (still loading, restarting after a crash, its
+socket's queue full) the worker ranks them inside the request, as a single-process
+server does. So a list is never served stale; the refresher only moves the rank off
+the request path, onto a core the workers leave idle.
+
+Why a process and not a thread: a worker's requests and a background thread share one
+interpreter lock, and a request waits up to a switch interval (5 ms) at each step while
+the thread ranks (measured in benchmarks/README.md), so the worker's own thread cost
+other requests more than the rank inside the events request did.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("recsys")
+
+SOCKET_NAME = "refresh.sock"
+MAX_MESSAGE = 60_000  # bytes per datagram: a request's users, as JSON
+
+
+LOADAVG = Path("/proc/loadavg")
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def idle_core(n_cores: int, loadavg: Path = LOADAVG) -> bool:
+    """Whether a core is idle now: fewer tasks runnable on the machine, the caller
+    included, than `n_cores` (the fourth field of /proc/loadavg counts them at this
+    instant). False where that cannot be read (not Linux)."""
+    try:
+        running = int(loadavg.read_bytes().split()[3].split(b"/")[0])
+    except (OSError, IndexError, ValueError):
+        return False
+    return running < n_cores
+
+
+class RefreshClient:
+    """A worker's side: hand users to the refresher (`send`), or say it could not.
+
+    Users are handed over only while a core is idle (`idle_core`): then their rank
+    runs beside this worker's next requests instead of before its answer. When every
+    core is busy the rank costs the same CPU wherever it runs, and done inside the
+    events request it is done once: in the refresher it would wait for a core, and the
+    user's reads meanwhile would rank the list themselves. Measured in
+    benchmarks/README.md."""
+
+    def __init__(self, path: str | Path, always: bool = False) -> None:
+        self.path = str(path)
+        self.always = always  # hand over even while every core is busy
+        self.n_cores = cores()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)  # a full queue refuses at once; the worker ranks
+
+    def send(self, users: list[Any]) -> bool:
+        """True once the refresher has the users queued; False when it is not there
+        (starting, restarting), its queue is full, or the ids do not fit one message:
+        the caller ranks them itself then, as it does while no core is idle."""
+        if not (self.always or idle_core(self.n_cores)):
+            return False
+        msg = json.dumps({"t": time.time(), "u": users}, separators=(",", ":")).encode()
+        if len(msg) > MAX_MESSAGE:
+            return False
+        try:
+            self.sock.sendto(msg, self.path)
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def serve_refresh(
+    service: Any,
+    path: str | Path,
+    stop: threading.Event | None = None,
+    on_bound: Callable[[], None] | None = None,
+    on_done: Callable[[str], None] | None = None,
+) -> None:
+    """The refresher's loop over a loaded `RecService`: bind `path`, then for each
+    message take the shared state's new events (`service.sync`, which also follows a
+    reload) and rank each user's list unless a list ranked since the event is already
+    there. Every second without messages it syncs too, so that reloads are followed."""
+    path = Path(path)
+    path.unlink(missing_ok=True)  # a socket left by a refresher that died
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind(str(path))
+        sock.settimeout(1.0)
+        if on_bound is not None:
+            on_bound()
+        while stop is None or not stop.is_set():
+            try:
+                batch = [sock.recv(MAX_MESSAGE + 1)]
+            except TimeoutError:
+                service.sync()
+                continue
+            sock.setblocking(False)
+            try:  # what else waits: one sync for all of it
+                while len(batch) < 256:
+                    batch.append(sock.recv(MAX_MESSAGE + 1))
+            except BlockingIOError:
+                pass
+            finally:
+                sock.settimeout(1.0)
+            todo: dict[Any, float] = {}
+            for raw in batch:
+                try:
+                    msg = json.loads(raw)
+                    asked, users = float(msg["t"]), list(msg["u"])
+                except (ValueError, KeyError, TypeError):
+                    log.warning("refresher: a malformed message of %d bytes skipped", len(raw))
+                    continue
+                for u in users:
+                    if isinstance(u, int | str) and not isinstance(u, bool):
+                        todo.setdefault(u, asked)
+            service.sync()
+            for user, asked in todo.items():
+                outcome = "done"
+                try:
+                    if not service.refresh_user(user, asked):
+                        outcome = "current"  # a read ranked it since the event
+                except Exception:  # one user's failure: their next read ranks them
+                    outcome = "failed"
+                    log.exception("refresher: could not rank the list of %r", user)
+                if on_done is not None:
+                    on_done(outcome)
+    finally:
+        sock.close()
+        path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a child process
+    """`python -m serving.refresher SOCKET [LOG_LEVEL]`: the refresher process, with the
+    workers' settings from the environment: the bundle loaded, then `serve_refresh`
+    until terminated."""
+    args = sys.argv[1:] if argv is None else argv
+    path, log_level = args[0], args[1] if len(args) > 1 else "warning"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the master, which stops us
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    from serving.app import refresher_service
+
+    service, bundle = refresher_service()
+    try:
+        service.start(bundle)
+    except Exception:
+        log.exception("refresher: could not load the bundle %s", bundle)
+        raise SystemExit(1) from None
+    log.info("refresher ready (pid %d)", os.getpid())
+    from serving.metrics import Metrics
+
+    metrics = Metrics()  # with the workers' PROMETHEUS_MULTIPROC_DIR: summed into /metrics
+    serve_refresh(service, path, on_done=lambda o: metrics.refreshes.labels(o).inc())
+
+
+class RefresherProcess:
+    """The master's side: start the refresher, start it again when it dies (the
+    workers rank inline meanwhile), stop it with the server."""
+
+    def __init__(self, path: str | Path, log_level: str = "warning", check_s: float = 1.0):
+        self.path = str(path)
+        self.log_level = log_level
+        self.check_s = check_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        self._spawn()
+        self._watch = threading.Thread(target=self._supervise, name="refresher-watch", daemon=True)
+        self._watch.start()
+
+    def _spawn(self) -> None:
+        # its own interpreter (no copy of the master's threads), named in its command line
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.refresher", self.path, self.log_level]
+        )
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(self.check_s):
+            p = self._proc
+            if p is not None and p.poll() is not None and not self._stop.is_set():
+                log.warning(
+                    "the refresher (pid %s) exited with %s; starting another (workers rank "
+                    "events' lists themselves meanwhile)",
+                    p.pid,
+                    p.returncode,
+                )
+                self.restarts += 1
+                time.sleep(min(30.0, 0.5 * 2 ** min(self.restarts, 6)))  # no tight crash loop
+                if not self._stop.is_set():
+                    self._spawn()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        p = self._proc
+        if p is None:
+            return
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout)
+        try:
+            Path(self.path).unlink()
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("could not remove %s: %s", self.path, e)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -154,6 +154,20 @@ def paced_run(
     return pr
 
 
+def count_changes(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    return {k: int(v - before.get(k, 0.0)) for k, v in after.items() if v != before.get(k, 0.0)}
+
+
+def fmt_refreshes(moved: dict[str, int]) -> str:
+    """A run's lists ranked off the read path, by outcome."""
+    handed = moved.get("handed", 0)
+    done, current = moved.get("done", 0), moved.get("current", 0)
+    return (
+        f"  lists ranked after events: {done} (plus {current} already ranked by a read), "
+        f"of which {handed} handed to the refresher process, {moved.get('failed', 0)} failed"
+    )
+
+
 def connection_runs(
     args: argparse.Namespace, srv: Server, script: Path, users: list[Any] | None
 ) -> dict[str, Any]:
@@ -167,9 +181,14 @@ def connection_runs(
         if users is not None and args.freshness and j == len(conns) - 1:
             probe = FreshnessProbe(srv, users, args.zipf, args.k, args.freshness)
             probe.start()
+        before = srv.refreshes() if users is not None else {}
         r = run_wrk(srv.url, script, c, args.duration)
         runs.append(r)
         print(fmt_wrk(r), flush=True)
+        if users is not None:
+            r["refreshes"] = moved = count_changes(before, srv.refreshes())
+            if moved:
+                print(fmt_refreshes(moved), flush=True)
         if users is not None and getattr(args, "rate", None) and c > 1:
             # the same mix offered at --rate req/s: latency at that load, not at saturation
             pr = paced_run(args, srv, script, users, c)

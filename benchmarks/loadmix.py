@@ -454,6 +454,24 @@ class Server:
         finally:
             conn.close()
 
+    def refreshes(self) -> dict[str, float]:
+        """The server's `recsys_list_refreshes` counts by outcome (all its processes):
+        "handed" counts users an events request gave to the refresher process."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5.0)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        except OSError:
+            return {}
+        finally:
+            conn.close()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            m = re.match(r'recsys_list_refreshes_total\{outcome="(\w+)"\} (\S+)', line)
+            if m:
+                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+        return out
+
     def owner(self, client_port: int, pids: list[int] | None = None) -> int | None:
         """Which worker holds the server side of the loopback connection from
         `client_port`."""

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import logging
 import math
+import os
 import pathlib
 import threading
 import time
@@ -671,6 +672,10 @@ def app_from_env() -> Guard:
         client = RefreshClient(settings.refresh_socket, settings.refresher_handoff == "always")
         service.handoff = client.send
     bundle = settings.bundle
+    if settings.workers > 1:  # a worker of `recsys serve`: it goes when its master does
+        from serving.workers import exit_with_parent
+
+        exit_with_parent(os.getppid())
 
     def load() -> None:
         try:

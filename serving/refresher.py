@@ -107,11 +107,14 @@ def serve_refresh(
     stop: threading.Event | None = None,
     on_bound: Callable[[], None] | None = None,
     on_done: Callable[[str], None] | None = None,
+    parent: int | None = None,
 ) -> None:
     """The refresher's loop over a loaded `RecService`: bind `path`, then for each
     message take the shared state's new events (`service.sync`, which also follows a
     reload) and rank each user's list unless a list ranked since the event is already
-    there. Every second without messages it syncs too, so that reloads are followed."""
+    there. Every second without messages it syncs too, so that reloads are followed,
+    and returns once `parent` is no longer its parent process (the master was killed
+    without stopping it)."""
     path = Path(path)
     path.unlink(missing_ok=True)  # a socket left by a refresher that died
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -125,6 +128,9 @@ def serve_refresh(
             try:
                 batch = [sock.recv(MAX_MESSAGE + 1)]
             except TimeoutError:
+                if parent is not None and os.getppid() != parent:
+                    log.warning("refresher: the server (pid %d) is gone; exiting", parent)
+                    return
                 service.sync()
                 continue
             sock.setblocking(False)
@@ -169,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a child p
     args = sys.argv[1:] if argv is None else argv
     path, log_level = args[0], args[1] if len(args) > 1 else "warning"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the master, which stops us
+    master = os.getppid()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     from serving.app import refresher_service
 
@@ -182,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a child p
     from serving.metrics import Metrics
 
     metrics = Metrics()  # with the workers' PROMETHEUS_MULTIPROC_DIR: summed into /metrics
-    serve_refresh(service, path, on_done=lambda o: metrics.refreshes.labels(o).inc())
+    serve_refresh(service, path, on_done=lambda o: metrics.refreshes.labels(o).inc(), parent=master)
 
 
 class RefresherProcess:

@@ -23,8 +23,12 @@ uvicorn's one socket.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +65,23 @@ class ReusePortProcess(multiprocess.Process):
     def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover
         sock = reuse_port_socket(self.config.host, self.config.port)
         super().target([sock])
+
+
+def exit_with_parent(parent: int, every: float = 1.0) -> threading.Thread:
+    """A daemon thread that stops this worker (SIGTERM: uvicorn's graceful shutdown)
+    once `parent`, its supervisor, is no longer its parent: a master killed with
+    SIGKILL left its workers serving the port with nobody to restart them, and a new
+    server could not bind it."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        log.warning("the server's master (pid %d) is gone; this worker stops", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    t.start()
+    return t
 
 
 MIGRATE = Path("/proc/sys/net/ipv4/tcp_migrate_req")

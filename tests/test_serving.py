@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,7 +10,9 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -457,6 +460,84 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
         proc.wait(timeout=60)
     assert not list(runs.iterdir()), "a stopped server leaves no files of its run"
     assert not psutil.pid_exists(second) or psutil.Process(second).status() == "zombie"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads on Linux")
+def test_a_killed_master_takes_its_workers_and_the_next_start_clears_its_files(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    """`kill -9` of the master skips its clean-up: its workers and refresher stop by
+    themselves (they served the port on, with nobody to restart them), and the next
+    server's start removes the dead master's run folder."""
+    import subprocess
+    import time
+
+    import psutil
+
+    from recsys.cli.serve import remove_stale_runs
+
+    with socket_port() as port:
+        pass
+    runs = tmp_path / "tmp"
+    runs.mkdir()
+    env = {**os.environ, "RECSYS_TREE_CACHE": str(tmp_path / "trees"), "TMPDIR": str(runs)}
+    exe = str(Path(sys.executable).parent / "recsys")
+    cmd = [exe, "serve", "--bundle", str(bundle_dir), "--port", str(port), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    kids: list[psutil.Process] = []
+    try:
+        end = time.monotonic() + 240
+        while time.monotonic() < end:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        kids = psutil.Process(proc.pid).children()
+        assert len(kids) >= 3  # two workers and the refresher (and a resource tracker)
+        (run,) = runs.glob("recsys-serve-*")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(kids, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+        assert run.exists()  # nobody cleaned up
+        alive_run = runs / "recsys-serve-alive"
+        alive_run.mkdir()
+        (alive_run / "master.pid").write_text(f"{os.getpid()}\n")
+        (runs / "recsys-serve-unknown").mkdir()  # no pid: not ours to judge
+        assert remove_stale_runs(runs) == [run]
+        assert alive_run.exists() and (runs / "recsys-serve-unknown").exists()
+    finally:
+        for p in kids:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+def socket_port() -> Any:
+    """A context whose value is a free TCP port on loopback (closed on exit)."""
+    import socket
+
+    @contextlib.contextmanager
+    def free() -> Iterator[int]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            yield s.getsockname()[1]
+
+    return free()
+
+
+def test_a_worker_stops_when_its_master_is_gone() -> None:
+    """The watch a worker of `recsys serve` runs: SIGTERM to itself once its parent is
+    not the master it started under."""
+    import subprocess
+
+    code = (
+        "import os, time; from serving.workers import exit_with_parent; "
+        "exit_with_parent(os.getppid() + 1, every=0.05); time.sleep(30)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGTERM, r.stderr
 
 
 def test_workers_share_their_files_in_memory_unless_tmpdir_says(

@@ -238,6 +238,12 @@ def test_the_refresher_process_ranks_an_events_users_and_workers_serve_its_list(
     stop.set()
     loop.join(10)
     assert not loop.is_alive() and not sock.exists()  # the refresher's socket goes with it
+    # a refresher whose server is gone (another parent) ends by itself
+    orphan = threading.Thread(target=serve_refresh, args=(refresher, sock),
+                              kwargs={"parent": os.getppid() + 1}, daemon=True)  # fmt: skip
+    orphan.start()
+    orphan.join(30)
+    assert not orphan.is_alive() and not sock.exists()
     worker.add_events([(uid, model.item_ids[6], 1_700_000_100)])
     assert ranked == [uid] and worker.refresher.outcomes["handed"] == 1  # ranked inline
     alone.add_events([(uid, model.item_ids[6], 1_700_000_100)])

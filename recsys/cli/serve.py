@@ -112,7 +112,9 @@ def serve(
         os.environ["RECSYS_REDIS_URL"] = redis_url
     run_dir = None
     if workers > 1:
-        run_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-", dir=runtime_dir()))
+        remove_stale_runs(runtime_dir() or tempfile.gettempdir())
+        run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=runtime_dir()))
+        (run_dir / MASTER_PID).write_text(f"{os.getpid()}\n")
         if not redis_url:
             state_dir = state_dir or run_dir / "state"
         metrics_dir = run_dir / "metrics"
@@ -155,6 +157,30 @@ def refreshes() -> bool:
     """RECSYS_REFRESH (default on): lists are recomputed off the read path."""
     value = os.environ.get("RECSYS_REFRESH", "true").strip().lower()
     return value not in ("0", "false", "no", "off")
+
+
+RUN_PREFIX = "recsys-serve-"
+MASTER_PID = "master.pid"
+
+
+def remove_stale_runs(parent: str | Path) -> list[Path]:
+    """Remove the run folders in `parent` of servers whose master is gone (killed
+    without its clean-up: SIGKILL, a crash of the machine's power aside); returns
+    them. A folder whose master is alive, or not known, stays."""
+    gone = []
+    for d in Path(parent).glob(RUN_PREFIX + "*"):
+        try:
+            pid = int((d / MASTER_PID).read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge (older servers wrote no pid)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+        except OSError:
+            pass  # alive, another user's
+    return gone
 
 
 def runtime_dir(min_free: int = 512 << 20) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import polars as pl
@@ -70,6 +72,33 @@ def model(bundle_dir: Path, tree_cache: Path):  # type: ignore[no-untyped-def]
     m = Model.load(bundle_dir, tree_cache)
     m.warm()
     return m
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `recsys serve` at `base` answers /readyz with 200; AssertionError when it
+    exits first or is not ready in `timeout` seconds."""
+    import httpx
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"{base}: the server exited ({proc.returncode})")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{base} was not ready after {timeout} s")
 
 
 def another_version(bundle_dir: Path, dst: Path) -> Path:

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import another_version
+from conftest import another_version, free_port, wait_ready
 
 from recsys.service import Model, RecService, ServiceLimits
 from recsys.state import CachedList, StateWriteError
@@ -34,16 +33,10 @@ redis = pytest.importorskip("redis", reason="the Redis client: pip install 'recs
 from recsys.redis_state import RedisState, RedisStateError, _pack, _unpack  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RedisServer:
     def __init__(self, workdir: Path) -> None:
         assert REDIS_SERVER is not None
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         workdir.mkdir(parents=True, exist_ok=True)
         self.log = open(workdir / "redis.log", "wb")  # noqa: SIM115 - closed by stop()
@@ -294,7 +287,7 @@ def test_a_full_redis_takes_no_event_of_a_batch(redis_server: RedisServer, prefi
 
 
 def test_no_server_is_a_clear_error_without_the_password() -> None:
-    url = f"redis://:hunter2@127.0.0.1:{_free_port()}/0"
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     with pytest.raises(RedisStateError) as e:
         RedisState(url, timeout_s=0.5)
     assert "127.0.0.1" in str(e.value) and "***" in str(e.value)
@@ -302,7 +295,7 @@ def test_no_server_is_a_clear_error_without_the_password() -> None:
 
 
 def test_serve_refuses_an_unreachable_redis_before_starting(bundle_dir: Path) -> None:
-    url = f"redis://:hunter2@127.0.0.1:{_free_port()}/0"
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     recsys = Path(sys.executable).parent / "recsys"
     r = subprocess.run(
         [recsys, "serve", "--bundle", str(bundle_dir), "--redis-url", url],
@@ -316,22 +309,6 @@ def test_serve_refuses_an_unreachable_redis_before_starting(bundle_dir: Path) ->
 
 
 # -- two `recsys serve` processes ------------------------------------------------------
-def _wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    import httpx
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"{base}: the server exited ({proc.returncode})")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{base} was not ready after {timeout} s")
-
-
 @pytest.mark.slow
 def test_two_servers_sharing_redis(
     bundle_dir: Path, model: Model, tree_cache: Path, redis_server: RedisServer, tmp_path: Path
@@ -350,7 +327,7 @@ def test_two_servers_sharing_redis(
     bases = []
     try:
         for n in range(2):
-            port = _free_port()
+            port = free_port()
             log = open(tmp_path / f"server{n}.log", "wb")  # noqa: SIM115 - the child's
             cmd = [recsys, "serve", "--bundle", str(bundle_dir), "--port", str(port)]
             procs.append(
@@ -360,7 +337,7 @@ def test_two_servers_sharing_redis(
             )
             bases.append(f"http://127.0.0.1:{port}")
         for base, proc in zip(bases, procs, strict=True):
-            _wait_ready(base, proc)
+            wait_ready(base, proc)
         one, other = bases
         uid = model.user_ids[3]
         before = httpx.get(f"{other}/v1/recommendations/{uid}", params={"k": 10}).json()

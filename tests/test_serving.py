@@ -10,13 +10,11 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from conftest import another_version
+from conftest import another_version, free_port, wait_ready
 from fastapi.testclient import TestClient
 
 from recsys.service import Model, RecService
@@ -470,14 +468,12 @@ def test_a_killed_master_takes_its_workers_and_the_next_start_clears_its_files(
     themselves (they served the port on, with nobody to restart them), and the next
     server's start removes the dead master's run folder."""
     import subprocess
-    import time
 
     import psutil
 
     from recsys.cli.serve import remove_stale_runs
 
-    with socket_port() as port:
-        pass
+    port = free_port()
     runs = tmp_path / "tmp"
     runs.mkdir()
     env = {**os.environ, "RECSYS_TREE_CACHE": str(tmp_path / "trees"), "TMPDIR": str(runs)}
@@ -486,14 +482,7 @@ def test_a_killed_master_takes_its_workers_and_the_next_start_clears_its_files(
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     kids: list[psutil.Process] = []
     try:
-        end = time.monotonic() + 240
-        while time.monotonic() < end:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=240)
         kids = psutil.Process(proc.pid).children()
         assert len(kids) >= 3  # two workers and the refresher (and a resource tracker)
         (run,) = runs.glob("recsys-serve-*")
@@ -512,19 +501,6 @@ def test_a_killed_master_takes_its_workers_and_the_next_start_clears_its_files(
         for p in kids:
             with contextlib.suppress(psutil.Error):
                 p.kill()
-
-
-def socket_port() -> Any:
-    """A context whose value is a free TCP port on loopback (closed on exit)."""
-    import socket
-
-    @contextlib.contextmanager
-    def free() -> Iterator[int]:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            yield s.getsockname()[1]
-
-    return free()
 
 
 def test_a_worker_stops_when_its_master_is_gone() -> None:

@@ -101,6 +101,17 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise AssertionError(f"{base} was not ready after {timeout} s")
 
 
+def list_refreshes(base: str) -> dict[str, float]:
+    """A running server's `recsys_list_refreshes` counts by outcome (/metrics)."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    found = re.findall(r'recsys_list_refreshes_total\{outcome="(\w+)"\} (\S+)', text)
+    return {k: float(v) for k, v in found}
+
+
 def another_version(bundle_dir: Path, dst: Path) -> Path:
     """A copy of the bundle that is another version of the same model (its manifest's
     time differs), for reload tests."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import another_version, free_port, wait_ready
+from conftest import another_version, free_port, list_refreshes, wait_ready
 
 from recsys.service import Model, RecService, ServiceLimits
 from recsys.state import CachedList, StateWriteError
@@ -314,7 +314,8 @@ def test_two_servers_sharing_redis(
     bundle_dir: Path, model: Model, tree_cache: Path, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     """The issue's figure: an event posted to one server changes the list the other
-    serves."""
+    serves. The first server has two workers, so its refresher process ranks the
+    event's list into Redis, and the other serves that list without a rank."""
     import httpx
 
     env = {
@@ -330,10 +331,10 @@ def test_two_servers_sharing_redis(
             port = free_port()
             log = open(tmp_path / f"server{n}.log", "wb")  # noqa: SIM115 - the child's
             cmd = [recsys, "serve", "--bundle", str(bundle_dir), "--port", str(port)]
+            workers = ["--workers", "2" if n == 0 else "1"]
+            env_n = {**env, "RECSYS_REFRESHER_HANDOFF": "always"}
             procs.append(
-                subprocess.Popen(
-                    [*cmd, "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT
-                )
+                subprocess.Popen([*cmd, *workers], env=env_n, stdout=log, stderr=subprocess.STDOUT)
             )
             bases.append(f"http://127.0.0.1:{port}")
         for base, proc in zip(bases, procs, strict=True):
@@ -344,7 +345,13 @@ def test_two_servers_sharing_redis(
         top = before["items"][0]["item_id"]
         r = httpx.post(f"{one}/v1/events", json={"events": [{"user_id": uid, "item_id": top}]})
         assert r.status_code == 200 and r.json() == {"accepted": 1}, r.text
-        after = httpx.get(f"{other}/v1/recommendations/{uid}", params={"k": 10}).json()
+        end = time.monotonic() + 60
+        while list_refreshes(one).get("done", 0) < 1 and time.monotonic() < end:
+            time.sleep(0.1)  # the first server's refresher ranks the list into Redis
+        assert list_refreshes(one) == {"handed": 1.0, "done": 1.0}
+        got = httpx.get(f"{other}/v1/recommendations/{uid}", params={"k": 10})
+        assert "age" in got.headers  # a list ranked before the read: the refresher's
+        after = got.json()
         assert after["items"] != before["items"]
         assert top not in [it["item_id"] for it in after["items"]]
     finally:

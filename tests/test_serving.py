@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import another_version, free_port, wait_ready
+from conftest import another_version, free_port, list_refreshes, wait_ready
 from fastapi.testclient import TestClient
 
 from recsys.service import Model, RecService
@@ -405,9 +404,7 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
         return pids
 
     def refreshes() -> dict[str, float]:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        found = re.findall(r'recsys_list_refreshes_total\{outcome="(\w+)"\} (\S+)', text)
-        return {k: float(v) for k, v in found}
+        return list_refreshes(f"http://127.0.0.1:{port}")
 
     def post_event(item: object) -> None:
         body = {"events": [{"user_id": model.user_ids[2], "item_id": item}]}

@@ -202,6 +202,7 @@ class RefresherProcess:
         self.check_s = check_s
         self._proc: subprocess.Popen[bytes] | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # no spawn after `stop`
         self._watch: threading.Thread | None = None
         self.restarts = 0
 
@@ -227,16 +228,19 @@ class RefresherProcess:
                     p.returncode,
                 )
                 self.restarts += 1
-                time.sleep(min(30.0, 0.5 * 2 ** min(self.restarts, 6)))  # no tight crash loop
-                if not self._stop.is_set():
-                    self._spawn()
+                if self._stop.wait(min(30.0, 0.5 * 2 ** min(self.restarts, 6))):
+                    return  # stopped during the pause (no tight crash loop)
+                with self._lock:
+                    if not self._stop.is_set():
+                        self._spawn()
 
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
         p = self._proc
         if p is None:
             return

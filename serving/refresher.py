@@ -24,7 +24,6 @@ other requests more than the rank inside the events request did.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -42,6 +41,29 @@ log = logging.getLogger("recsys")
 
 SOCKET_NAME = "refresh.sock"
 MAX_MESSAGE = 60_000  # bytes per datagram: a request's users, as JSON
+MAX_PATH = 100  # bytes of an AF_UNIX socket's path: 108 on Linux, 104 on macOS
+
+
+def socket_address(run_dir: Path) -> str | None:
+    """Where the refresher listens: its socket file in the run's folder; where that
+    path is too long for a Unix socket (a deep TMPDIR), a name in Linux's abstract
+    namespace, written "@name" (no file); None: neither (no refresher)."""
+    path = str(run_dir / SOCKET_NAME)
+    if len(os.fsencode(path)) <= MAX_PATH:
+        return path
+    if sys.platform.startswith("linux"):
+        return f"@recsys-refresh-{os.getpid()}-{run_dir.name}"
+    return None
+
+
+def _bind_name(address: str) -> str:
+    """The address as `socket` takes it: "@name" is the abstract name "\\0name"."""
+    return "\0" + address[1:] if address.startswith("@") else address
+
+
+def _remove(address: str) -> None:
+    if not address.startswith("@"):
+        Path(address).unlink(missing_ok=True)
 
 
 LOADAVG = Path("/proc/loadavg")
@@ -76,7 +98,7 @@ class RefreshClient:
     benchmarks/README.md."""
 
     def __init__(self, path: str | Path, always: bool = False) -> None:
-        self.path = str(path)
+        self.path = _bind_name(str(path))
         self.always = always  # hand over even while every core is busy
         self.n_cores = cores()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -115,12 +137,12 @@ def serve_refresh(
     there. Every second without messages it syncs too, so that reloads are followed,
     and returns once `parent` is no longer its parent process (the master was killed
     without stopping it)."""
-    path = Path(path)
-    path.unlink(missing_ok=True)  # a socket left by a refresher that died
+    address = str(path)
+    _remove(address)  # a socket left by a refresher that died
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.bind(str(path))
+        sock.bind(_bind_name(address))
         sock.settimeout(1.0)
         if on_bound is not None:
             on_bound()
@@ -165,13 +187,13 @@ def serve_refresh(
                     on_done(outcome)
     finally:
         sock.close()
-        path.unlink(missing_ok=True)
+        _remove(address)
 
 
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a child process
-    """`python -m serving.refresher SOCKET [LOG_LEVEL]`: the refresher process, with the
-    workers' settings from the environment: the bundle loaded, then `serve_refresh`
-    until terminated."""
+    """`python -m serving.refresher SOCKET [LOG_LEVEL]` (SOCKET "@name": an abstract
+    name): the refresher process, with the workers' settings from the environment: the
+    bundle loaded, then `serve_refresh` until terminated."""
     args = sys.argv[1:] if argv is None else argv
     path, log_level = args[0], args[1] if len(args) > 1 else "warning"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the master, which stops us
@@ -252,10 +274,9 @@ class RefresherProcess:
                 p.kill()
                 p.wait(timeout)
         try:
-            Path(self.path).unlink()
+            _remove(self.path)
         except OSError as e:
-            if e.errno != errno.ENOENT:
-                log.warning("could not remove %s: %s", self.path, e)
+            log.warning("could not remove %s: %s", self.path, e)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -65,10 +65,11 @@ class Settings(BaseSettings):
         description="users of one events request ranked before it is answered (a few ms "
         "each); the request's other users are ranked in the background (0: all)",
     )
-    refresh_socket: Path | None = Field(
+    refresh_socket: str | None = Field(
         None,
-        description="the server's refresher process (set by `recsys serve --workers N`): "
-        "an events request hands its users' lists to it instead of ranking them",
+        description="the server's refresher process (set by `recsys serve --workers N`; "
+        "a path, or @name in Linux's abstract namespace): an events request hands its "
+        "users' lists to it instead of ranking them",
     )
     refresher_handoff: Literal["idle", "always"] = Field(
         "idle",

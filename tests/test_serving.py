@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -387,8 +388,9 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
         port = s.getsockname()[1]
     exe = str(Path(sys.executable).parent / "recsys")
     cmd = [exe, "serve", "--bundle", str(bundle_dir), "--port", str(port), "--workers", "2"]
-    runs = tmp_path / "tmp"
-    runs.mkdir()
+    # a short TMPDIR: the refresher's socket is a file there (a deep one gets an
+    # abstract name, tested in test_serving_state.py)
+    runs = Path(tempfile.mkdtemp(prefix="rs-"))
     env = {**os.environ, "RECSYS_TREE_CACHE": str(tmp_path / "trees"), "TMPDIR": str(runs),
            "RECSYS_REFRESHER_HANDOFF": "always"}  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -440,6 +442,9 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
             time.sleep(0.2)
         assert refreshes().get("handed") == 1 and refreshes().get("done") == 1
         os.kill(first, signal.SIGKILL)
+        with contextlib.suppress(psutil.NoSuchProcess):  # gone: its socket takes nothing
+            while psutil.Process(first).status() != "zombie":
+                time.sleep(0.05)
         post_event(model.item_ids[6])  # no refresher: ranked in the request
         while refreshes().get("done", 0) < 2 and time.monotonic() < end:
             time.sleep(0.2)
@@ -454,6 +459,7 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
         proc.terminate()
         proc.wait(timeout=60)
     assert not list(runs.iterdir()), "a stopped server leaves no files of its run"
+    runs.rmdir()
     assert not psutil.pid_exists(second) or psutil.Process(second).status() == "zombie"
 
 

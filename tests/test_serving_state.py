@@ -250,6 +250,46 @@ def test_the_refresher_process_ranks_an_events_users_and_workers_serve_its_list(
     assert worker.recommend(uid, k=10).items == alone.recommend(uid, k=10).items
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract names: Linux")
+def test_a_run_folder_too_deep_for_a_socket_path_gets_an_abstract_name(tmp_path: Path) -> None:
+    """AF_UNIX paths hold about 100 bytes; a deep TMPDIR (a test's, a container's) put
+    the refresher's socket past that, and it could not bind. Such a run gets a name in
+    Linux's abstract namespace, which leaves no file."""
+    from serving.refresher import RefreshClient, serve_refresh, socket_address
+
+    short = tmp_path.parent / "r"
+    assert socket_address(short) == str(short / "refresh.sock")
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    address = socket_address(deep)
+    assert address is not None and address.startswith("@") and deep.name in address
+
+    class Service:  # what the loop calls: sync, then each user's rank
+        def __init__(self) -> None:
+            self.ranked: list[object] = []
+
+        def sync(self) -> None:
+            pass
+
+        def refresh_user(self, user: object, asked: float) -> bool:
+            self.ranked.append(user)
+            return True
+
+    svc = Service()
+    stop, bound = threading.Event(), threading.Event()
+    loop = threading.Thread(target=serve_refresh, args=(svc, address, stop, bound.set),
+                            daemon=True)  # fmt: skip
+    loop.start()
+    assert bound.wait(10)
+    assert RefreshClient(address, always=True).send(["u1", 7])
+    end = time.monotonic() + 10
+    while len(svc.ranked) < 2 and time.monotonic() < end:
+        time.sleep(0.01)
+    assert svc.ranked == ["u1", 7]
+    stop.set()
+    loop.join(5)
+    assert not loop.is_alive() and not list(tmp_path.iterdir())
+
+
 def test_users_are_handed_to_the_refresher_only_while_a_core_is_idle(tmp_path: Path) -> None:
     """/proc/loadavg's fourth field counts the tasks runnable now, the caller included:
     fewer than the cores means one is idle. Unreadable: no hand-over (rank inline). A

@@ -124,12 +124,15 @@ def serve(
         os.environ["RECSYS_STATE_DIR"] = str(state_dir)
     refresh_proc = None
     if run_dir is not None and cache and refresher and refreshes():
-        from serving.refresher import SOCKET_NAME, RefresherProcess
+        from serving.refresher import RefresherProcess, socket_address
 
-        sock = run_dir / SOCKET_NAME
-        os.environ["RECSYS_REFRESH_SOCKET"] = str(sock)
-        refresh_proc = RefresherProcess(sock, log_level)
-        refresh_proc.start()
+        sock = socket_address(run_dir)
+        if sock is None:
+            print(f"note: no refresher: the path of {run_dir} is too long for a Unix socket")
+        else:
+            os.environ["RECSYS_REFRESH_SOCKET"] = sock
+            refresh_proc = RefresherProcess(sock, log_level)
+            refresh_proc.start()
     app = "serving.app:app_from_env"
     kw: dict[str, Any] = {
         "factory": True, "host": host, "port": port, "workers": workers,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -72,6 +73,20 @@ def model(bundle_dir: Path, tree_cache: Path):  # type: ignore[no-untyped-def]
     m = Model.load(bundle_dir, tree_cache)
     m.warm()
     return m
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh folder with a short path (for Unix sockets, whose paths hold about 100
+    bytes), removed afterwards."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="rs-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def free_port() -> int:

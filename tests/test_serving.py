@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -370,7 +369,7 @@ def test_server_service_freezes_the_loaded_bundle_out_of_the_collector(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads on Linux")
 def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
-    bundle_dir: Path, tmp_path: Path, model: Model
+    bundle_dir: Path, tmp_path: Path, model: Model, short_tmp: Path
 ) -> None:
     """uvicorn's one shared socket lets the first worker to wake take a burst of
     connections (16 of 16 in a load test); a socket per worker lets the kernel spread
@@ -390,7 +389,7 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
     cmd = [exe, "serve", "--bundle", str(bundle_dir), "--port", str(port), "--workers", "2"]
     # a short TMPDIR: the refresher's socket is a file there (a deep one gets an
     # abstract name, tested in test_serving_state.py)
-    runs = Path(tempfile.mkdtemp(prefix="rs-"))
+    runs = short_tmp
     env = {**os.environ, "RECSYS_TREE_CACHE": str(tmp_path / "trees"), "TMPDIR": str(runs),
            "RECSYS_REFRESHER_HANDOFF": "always"}  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -459,7 +458,6 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
         proc.terminate()
         proc.wait(timeout=60)
     assert not list(runs.iterdir()), "a stopped server leaves no files of its run"
-    runs.rmdir()
     assert not psutil.pid_exists(second) or psutil.Process(second).status() == "zombie"
 
 

@@ -71,8 +71,9 @@ def serve(
         True,
         "--refresher/--no-refresher",
         help="With --workers > 1: one more process that ranks the lists of users with new "
-        "events, so an events request is answered without a rank (a read that comes "
-        "first ranks, as without it); --no-refresher: the events request ranks them.",
+        "events while a core is idle, so an events request is answered without a rank (a "
+        "read that comes first ranks, as without it; with every core busy the request "
+        "ranks them); --no-refresher: the events request always ranks them.",
     ),
     log_level: str = typer.Option("warning", "--log-level"),
 ) -> None:

@@ -87,6 +87,7 @@ def serve(
 
     from recsys.bundle import read_manifest
     from recsys.pseudonym import for_manifest
+    from serving.settings import Settings
     from serving.workers import reuse_port_available, run_workers
 
     # clear errors now rather than a worker that never gets ready: a damaged bundle, or
@@ -124,7 +125,7 @@ def serve(
     if state_dir is not None:
         os.environ["RECSYS_STATE_DIR"] = str(state_dir)
     refresh_proc = None
-    if run_dir is not None and cache and refresher and refreshes():
+    if run_dir is not None and cache and refresher and Settings().refresh:
         from serving.refresher import RefresherProcess, socket_address
 
         sock = socket_address(run_dir)
@@ -155,12 +156,6 @@ def serve(
             refresh_proc.stop()
         if run_dir is not None:  # this run's own files (not a --state-dir given)
             shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def refreshes() -> bool:
-    """RECSYS_REFRESH (default on): lists are recomputed off the read path."""
-    value = os.environ.get("RECSYS_REFRESH", "true").strip().lower()
-    return value not in ("0", "false", "no", "off")
 
 
 RUN_PREFIX = "recsys-serve-"

@@ -278,6 +278,9 @@ def write(
     chmod_as_created(tmp, directory=True)
     try:
         extra = write_files(tmp)
+        for f in tmp.iterdir():  # safetensors writes its files 0600 whatever the umask
+            if f.is_file() and not f.is_symlink():
+                chmod_as_created(f)
         write_manifest(tmp, config, data_fingerprint, extra)
         _replace_dir(tmp, path)
     except BaseException:

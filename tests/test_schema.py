@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -285,7 +286,10 @@ def test_atomic_writes_get_the_permissions_of_the_umask(
     from recsys.schema import current_umask
 
     def files(d: Path) -> dict[str, object]:
+        from safetensors.numpy import save_file
+
         (d / "table.parquet").write_bytes(b"")
+        save_file({"a": np.zeros(2)}, str(d / "arrays.safetensors"))  # (made 0600 by it)
         return {}
 
     old = os.umask(mask)

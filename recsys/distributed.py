@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from recsys.resources import usable_cpus
 from recsys.schema import ITEM
 
 log = logging.getLogger("recsys")
@@ -74,7 +75,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
             "logging_level": logging.ERROR,
         }
         if address is None:
-            kw["num_cpus"] = num_cpus or os.cpu_count() or 1
+            kw["num_cpus"] = num_cpus or usable_cpus()
 
         ray.init(address=address, runtime_env={"env_vars": SINGLE_THREAD}, **kw)
         ray.data.DataContext.get_current().enable_progress_bars = False

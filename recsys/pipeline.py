@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,6 +42,7 @@ from recsys.data import I, IdIndex, T, U, to_internal
 from recsys.lm.cold import ColdPool, cold_needed, cold_pool, merge, n_slots
 from recsys.memory import release_free_memory, rss_gib
 from recsys.ranker import Ranker
+from recsys.resources import usable_cpus
 from recsys.schema import ITEM, USER, DataError
 
 if TYPE_CHECKING:
@@ -429,7 +429,7 @@ class Pipeline:
             log.info("ranker trees compiled in %.1f s (%s)", time.perf_counter() - t0, te.backend)
             cached = self._compiled = (self.ranker_, te, [te.checked])
         te, checked = cached[1], cached[2]
-        te.n_jobs = threads or os.cpu_count() or 1
+        te.n_jobs = threads or usable_cpus()
 
         def predict(X: np.ndarray) -> np.ndarray:
             if not checked[0]:

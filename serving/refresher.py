@@ -37,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from recsys.resources import usable_cpus
+
 log = logging.getLogger("recsys")
 
 SOCKET_NAME = "refresh.sock"
@@ -70,10 +72,8 @@ LOADAVG = Path("/proc/loadavg")
 
 
 def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    """The CPUs the server may use (its affinity, no more than its cgroup's quota)."""
+    return usable_cpus()
 
 
 def idle_core(n_cores: int, loadavg: Path = LOADAVG) -> bool:

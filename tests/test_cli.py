@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,30 @@ def test_fit_then_recommend_writes_k_unseen_rows_per_user(
     seen = inter.select("user_id", "item_id").unique()
     assert recs.join(seen, on=["user_id", "item_id"], how="semi").height == 0
     assert not list(tmp_path.glob("*.parts"))  # parts cleaned once the file is complete
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_recommend_starts_a_worker_per_cpu_it_may_use(
+    cli_bundle: Path, synth_dir: Path, tmp_path: Path
+) -> None:
+    """Run on one CPU (`taskset -c N`), the default is one worker process, not one per
+    core of the machine (each holds the bundle)."""
+    inter = pl.read_parquet(synth_dir / "interactions.parquet")
+    users = tmp_path / "users.parquet"
+    pl.DataFrame({"user_id": inter["user_id"].unique().sort().head(40)}).write_parquet(users)
+    one = min(os.sched_getaffinity(0))
+    out = tmp_path / "recs.parquet"
+    args = ["recommend", "--bundle", str(cli_bundle), "--users", str(users), "--k", "3",
+            "--batch-size", "10", "--out", str(out)]  # fmt: skip
+    r = subprocess.run(
+        [RECSYS, *args], capture_output=True, text=True, timeout=600,
+        preexec_fn=lambda: os.sched_setaffinity(0, {one}),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "recommend: 1 worker process, one per CPU: 1 usable CPU" in r.stderr, r.stderr
+    if (os.cpu_count() or 1) > 1:
+        assert f"affinity 1 of {os.cpu_count()} cores" in r.stderr
+    assert pl.read_parquet(out).height == 40 * 3
 
 
 def test_fit_on_bad_input_names_file_column_and_exits_nonzero(

@@ -6,7 +6,11 @@ import logging
 import os
 import sys
 
-from recsys.cli.app import app
+from recsys.resources import limit_threads_to_quota
+
+limit_threads_to_quota()  # before the numeric libraries load and size their thread pools
+
+from recsys.cli.app import app  # noqa: E402
 
 __all__ = ["app", "main"]
 

@@ -160,7 +160,8 @@ def recommend(
         "--workers",
         min=0,
         help="Processes ranking parts side by side (each holds the bundle once); 0: one per "
-        "CPU core. With --engine ray: actors (0: one per CPU of the cluster).",
+        "CPU this process may use (its affinity, within a container's CPU quota). With "
+        "--engine ray: actors (0: one per CPU of the cluster).",
     ),
     address: str | None = typer.Option(
         None, "--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else local)."
@@ -170,19 +171,26 @@ def recommend(
 
     Memory is one bundle and one part per worker, whatever the number of users; a
     rerun after an interruption skips the parts already written."""
-    import os
-
     from recsys.batch import recommend_file
     from recsys.schema import check_id_file
 
     if engine not in ("local", "ray"):
         raise typer.BadParameter("'local' or 'ray'", param_hint="--engine")
     check_id_file(users)  # a list or float user_id column is refused before any work
+    if engine == "local" and not workers:
+        from recsys import resources
+
+        workers = resources.usable_cpus()
+        log.info(
+            "recommend: %d worker process%s, one per CPU: %s",
+            workers,
+            "" if workers == 1 else "es",
+            resources.describe(),
+        )
     t0 = time.perf_counter()
     n_users, n_rows = recommend_file(
         bundle, users, out, k=k, batch_size=batch_size, new_item_every=new_item_every,
-        engine=engine, workers=workers or (os.cpu_count() or 1) if engine == "local" else workers,
-        address=address,
+        engine=engine, workers=workers, address=address,
     )  # fmt: skip
     dt = time.perf_counter() - t0
     console.print(

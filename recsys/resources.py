@@ -1,0 +1,130 @@
+"""The CPUs this process may use: its CPU affinity and its cgroup's CPU quota.
+
+`os.cpu_count()` counts the machine's cores. In a container limited to 4 CPUs on a
+64-core host (`docker run --cpus 4`, a Kubernetes CPU limit) it says 64, and a default
+of one worker process per core starts 64 processes that each hold the bundle, on 4
+CPUs' worth of time. Every default here that counts processes or threads takes
+`usable_cpus()` instead: the CPUs of the affinity mask (`taskset`, cpusets), no more
+than the quota of the cgroup the process runs in (v2 `cpu.max`, v1
+`cpu.cfs_quota_us` / `cpu.cfs_period_us`, the lowest along its path), rounded down,
+at least 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def affinity_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), else the machine's cores."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _lineage(root: Path, rel: str) -> list[Path]:
+    """The cgroup folder at `rel` under `root` and each of its parents up to `root`."""
+    parts = [p for p in rel.split("/") if p and p not in (".", "..")]
+    return [root.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def _quota_v2(d: Path) -> float | None:
+    text = _read(d / "cpu.max")  # "max 100000" (no limit) or "200000 100000"
+    if text is None:
+        return None
+    fields = text.split()
+    try:
+        if len(fields) == 2 and fields[0] != "max" and int(fields[1]) > 0:
+            return int(fields[0]) / int(fields[1])
+    except ValueError:
+        pass
+    return None
+
+
+def _quota_v1(d: Path) -> float | None:
+    quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
+    try:
+        q, p = int(quota or ""), int(period or "")
+    except ValueError:
+        return None
+    return q / p if q > 0 and p > 0 else None  # -1: no limit
+
+
+def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
+    """The CPUs' worth of time this process's cgroup allows (2.5 for a quota of 250 ms
+    per 100 ms), the lowest along its path; None without a quota or off Linux."""
+    text = _read(proc_cgroup)
+    if text is None:
+        return None
+    found: list[float] = []
+    for line in text.splitlines():
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, rel = fields
+        if controllers == "":  # v2: one hierarchy, mounted at the root
+            dirs, read = _lineage(root, rel), _quota_v2
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own mount
+            mounts = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
+            mount = next((m for m in mounts if m.is_dir()), None)
+            if mount is None:
+                continue
+            dirs, read = _lineage(mount, rel), _quota_v1
+        else:
+            continue
+        found += [q for q in map(read, dirs) if q is not None]
+    return min(found) if found else None
+
+
+@functools.cache
+def usable_cpus() -> int:
+    """The processes or threads a default should run at once: the affinity's CPUs, no
+    more than the cgroup's quota rounded down (a quota of 1.5 CPUs: 1), at least 1."""
+    n = affinity_cpus()
+    q = cpu_quota()
+    if q is not None:
+        n = min(n, max(1, math.floor(q)))
+    return max(1, n)
+
+
+def describe() -> str:
+    """For logs: "4 usable CPUs (cgroup quota 4.0 of 64 cores)" or "2 usable CPUs"."""
+    n, aff, q = usable_cpus(), affinity_cpus(), cpu_quota()
+    total = os.cpu_count() or aff
+    why = []
+    if aff < total:
+        why.append(f"affinity {aff} of {total} cores")
+    if q is not None and math.floor(q) < aff:
+        why.append(f"cgroup quota {q:g} CPU{'s' if q != 1 else ''}")
+    return f"{n} usable CPU{'s' if n != 1 else ''}" + (f" ({'; '.join(why)})" if why else "")
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "POLARS_MAX_THREADS")
+
+
+def limit_threads_to_quota() -> dict[str, str]:
+    """Where a cgroup quota allows fewer CPUs than the affinity mask shows, make it the
+    default thread count of the numeric libraries (OpenMP: torch and LightGBM; BLAS;
+    polars), unless the environment names one: they size their pools by the cores
+    they see and, on a quota, wait for CPU time with every extra thread. Call before
+    they load. Returns what was set."""
+    n = usable_cpus()
+    if n >= affinity_cpus():
+        return {}
+    set_ = {k: str(n) for k in THREAD_VARS if k not in os.environ}
+    os.environ.update(set_)
+    return set_

@@ -127,4 +127,13 @@ def limit_threads_to_quota() -> dict[str, str]:
         return {}
     set_ = {k: str(n) for k in THREAD_VARS if k not in os.environ}
     os.environ.update(set_)
+    QUOTA_SET.update(set_)
     return set_
+
+
+QUOTA_SET: dict[str, str] = {}  # what `limit_threads_to_quota` set (not the user)
+
+
+def user_set(var: str) -> bool:
+    """Whether the environment's `var` is the user's, not `limit_threads_to_quota`'s."""
+    return var in os.environ and os.environ[var] != QUOTA_SET.get(var)

@@ -66,6 +66,7 @@ def test_thread_pools_default_to_the_quota_where_it_binds(monkeypatch: pytest.Mo
     for k in resources.THREAD_VARS:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MKL_NUM_THREADS", "3")  # the user's own choice stays
+    monkeypatch.setattr(resources, "QUOTA_SET", {})
     monkeypatch.setattr(resources, "affinity_cpus", lambda: 64)
     monkeypatch.setattr(resources, "cpu_quota", lambda: 4.0)
     resources.usable_cpus.cache_clear()
@@ -74,6 +75,8 @@ def test_thread_pools_default_to_the_quota_where_it_binds(monkeypatch: pytest.Mo
             "OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "4", "POLARS_MAX_THREADS": "4"
         }  # fmt: skip
         assert os.environ["MKL_NUM_THREADS"] == "3"
+        # `recsys serve` makes its workers single-threaded unless the user said otherwise
+        assert not resources.user_set("OMP_NUM_THREADS") and resources.user_set("MKL_NUM_THREADS")
         monkeypatch.setattr(resources, "cpu_quota", lambda: None)
         resources.usable_cpus.cache_clear()
         monkeypatch.delenv("OMP_NUM_THREADS")

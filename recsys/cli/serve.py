@@ -85,6 +85,7 @@ def serve(
     """
     import uvicorn
 
+    from recsys import resources
     from recsys.bundle import read_manifest
     from recsys.pseudonym import for_manifest
     from serving.settings import Settings
@@ -102,7 +103,8 @@ def serve(
     os.environ["RECSYS_CACHE"] = "true" if cache else "false"
     os.environ["RECSYS_PREFILL"] = "true" if prefill else "false"
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, "1")  # workers are the parallelism
+        if not resources.user_set(var):
+            os.environ[var] = "1"  # workers are the parallelism
     if redis_url:  # checked now: a clear error rather than workers that exit
         from recsys.redis_state import RedisState, RedisStateError
 

@@ -102,7 +102,8 @@ def usable_cpus() -> int:
 
 
 def describe() -> str:
-    """For logs: "4 usable CPUs (cgroup quota 4.0 of 64 cores)" or "2 usable CPUs"."""
+    """For logs: "4 usable CPUs (cgroup quota 4 CPUs)", "1 usable CPU (affinity 1 of 2
+    cores)" or "2 usable CPUs"."""
     n, aff, q = usable_cpus(), affinity_cpus(), cpu_quota()
     total = os.cpu_count() or aff
     why = []

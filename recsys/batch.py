@@ -16,12 +16,14 @@ Engines: `local` ranks in this process or in `workers` processes on this machine
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
@@ -121,6 +123,13 @@ class PartJob:
         self._pipe = pipe
         self._users = read_users(self.users_path)
 
+    def load(self) -> float:
+        """Load the bundle (once); returns the memory a part's work takes beside it, in
+        GiB: the chunk budget of the bundle's settings."""
+        if self._pipe is None:
+            self._load()
+        return float(self._pipe.config.chunk_memory_mb) / 1024
+
     def lists(self, users: pl.Series) -> pl.DataFrame:
         """(user_id, item_id, rank, score) for a slice of users."""
         if self._pipe is None:
@@ -155,6 +164,18 @@ def _run_part(index: int) -> int:
     return _JOB.run(index)
 
 
+def _load_worker() -> float:
+    """Load the job's bundle in this worker; returns what another worker would take,
+    in GiB: this one's memory now less the pages it shares with other processes, and
+    a part's working memory."""
+    from recsys.memory import rss_gib
+    from recsys.resources import shared_memory
+
+    assert _JOB is not None, "worker without a job"
+    part = _JOB.load()
+    return max(0.0, rss_gib()[0] - shared_memory() / 2**30) + part
+
+
 @contextmanager
 def _single_threaded_children() -> Iterator[None]:
     """Worker processes share the cores: one thread each for the numeric libraries
@@ -172,27 +193,91 @@ def _single_threaded_children() -> Iterator[None]:
                 os.environ[k] = v
 
 
+MEMORY_SHARE = 0.85  # of the memory available after the first worker, for the others
+
+
+def workers_that_fit(workers: int, worker_gib: float, available: int | None) -> int:
+    """How many workers of `worker_gib` each can run at once when one is already
+    running and `available` bytes are left (None: unknown, no cap): at least 1."""
+    if available is None or worker_gib <= 0:
+        return workers
+    more = int(MEMORY_SHARE * available / 2**30 // worker_gib)
+    return max(1, min(workers, 1 + more))
+
+
 def run_local(job: PartJob, todo: list[int], workers: int, on_done: Callable[[int], None]) -> None:
-    """Rank the parts `todo` in this process (workers <= 1) or in worker processes."""
+    """Rank the parts `todo` in this process (workers <= 1) or in worker processes.
+
+    Each worker holds the bundle, so the first worker loads it alone: the memory it
+    took for itself (its resident memory less what it shares) and a part's working
+    memory, against the memory still available (the machine's, within the cgroup's
+    limit), cap how many more workers start beside it. A worker killed meanwhile (the
+    system out of memory) raises `WorkerLost`; the parts written so far stay."""
     if workers <= 1 or len(todo) <= 1:
         for index in todo:
             on_done(job.run(index))
         return
     job.threads = 1
-    with (
-        _single_threaded_children(),
-        ProcessPoolExecutor(
-            max_workers=min(workers, len(todo)),
-            mp_context=get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(job,),
-        ) as pool,
-    ):
-        pending: set[Future[int]] = {pool.submit(_run_part, i) for i in todo}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                on_done(f.result())
+    want = min(workers, len(todo))
+
+    def pool(n: int) -> ProcessPoolExecutor:
+        ctx = get_context("spawn")
+        return ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(job,))
+
+    try:
+        _run_parts(pool, todo, want, on_done)
+    except BrokenProcessPool:
+        raise WorkerLost(
+            "a worker process was killed while ranking (out of memory?); the parts "
+            "written so far are kept: rerun with fewer --workers to go on"
+        ) from None
+
+
+class WorkerLost(RuntimeError):
+    """A worker process died while ranking a part (killed: out of memory, a signal)."""
+
+
+def _run_parts(
+    pool: Callable[[int], ProcessPoolExecutor],
+    todo: list[int],
+    want: int,
+    on_done: Callable[[int], None],
+) -> None:
+    from recsys.resources import available_memory
+
+    with _single_threaded_children(), pool(1) as first:
+        gib = first.submit(_load_worker).result()
+        avail = available_memory()
+        n = workers_that_fit(want, gib, avail)
+        if n < want:
+            log.warning(
+                "recommend: running %d of %d workers: each takes %.2f GiB of its own and "
+                "%.2f GiB is available",
+                n,
+                want,
+                gib,
+                (avail or 0) / 2**30,
+            )
+        # the first worker goes on beside a pool of the others: processes never
+        # exceed n (a pool may start a process per task it is given)
+        pools = [(first, 1)] if n == 1 else [(first, 1), (pool(n - 1), n - 1)]
+        try:
+            rest = iter(todo)
+            running: dict[Future[int], ProcessPoolExecutor] = {}
+            while True:
+                for p, cap in pools:
+                    busy = sum(q is p for q in running.values())
+                    for index in itertools.islice(rest, max(0, cap - busy)):
+                        running[p.submit(_run_part, index)] = p
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    del running[f]
+                    on_done(f.result())
+        finally:
+            for p, _ in pools[1:]:
+                p.shutdown()
 
 
 def merge_parts(

@@ -12,6 +12,7 @@ at least 1.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -138,3 +139,87 @@ QUOTA_SET: dict[str, str] = {}  # what `limit_threads_to_quota` set (not the use
 def user_set(var: str) -> bool:
     """Whether the environment's `var` is the user's, not `limit_threads_to_quota`'s."""
     return var in os.environ and os.environ[var] != QUOTA_SET.get(var)
+
+
+MEMINFO = Path("/proc/meminfo")
+NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _meminfo_available(meminfo: Path) -> int | None:
+    for line in (_read(meminfo) or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            try:
+                return int(line.split()[1]) * 1024
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def _stat(d: Path, key: str) -> int:
+    """A counter of the cgroup's memory.stat (0 where absent)."""
+    for line in (_read(d / "memory.stat") or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+def _room_v2(d: Path) -> int | None:
+    limit, used = _read(d / "memory.max"), _read(d / "memory.current")
+    if limit is None or used is None or limit == "max":
+        return None
+    try:  # the usage counts the page cache; its inactive part is reclaimed first
+        return int(limit) - (int(used) - _stat(d, "inactive_file"))
+    except ValueError:
+        return None
+
+
+def _room_v1(d: Path) -> int | None:
+    limit, used = _read(d / "memory.limit_in_bytes"), _read(d / "memory.usage_in_bytes")
+    try:
+        lim, use = int(limit or ""), int(used or "")
+    except ValueError:
+        return None
+    if lim >= NO_LIMIT:
+        return None
+    return lim - (use - _stat(d, "total_inactive_file"))
+
+
+def available_memory(
+    root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP, meminfo: Path = MEMINFO
+) -> int | None:
+    """Bytes this process's tree could still take: the machine's available memory
+    (MemAvailable), no more than the room left under its cgroup's memory limit (the
+    lowest along its path); None where neither can be read (not Linux)."""
+    found = [m for m in [_meminfo_available(meminfo)] if m is not None]
+    for line in (_read(proc_cgroup) or "").splitlines():
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, rel = fields
+        if controllers == "":
+            dirs, room = _lineage(root, rel), _room_v2
+        elif "memory" in controllers.split(","):
+            mount = root / controllers if (root / controllers).is_dir() else root / "memory"
+            if not mount.is_dir():
+                continue
+            dirs, room = _lineage(mount, rel), _room_v1
+        else:
+            continue
+        found += [r for r in map(room, dirs) if r is not None]
+    return max(0, min(found)) if found else None
+
+
+def shared_memory(smaps: Path = Path("/proc/self/smaps_rollup")) -> int:
+    """Bytes of this process's resident memory that other processes map too (shared
+    libraries, files): what a second process of the same program does not add. 0 where
+    it cannot be read."""
+    total = 0
+    for line in (_read(smaps) or "").splitlines():
+        if line.startswith(("Shared_Clean:", "Shared_Dirty:")):
+            with contextlib.suppress(IndexError, ValueError):
+                total += int(line.split()[1]) * 1024
+    return total

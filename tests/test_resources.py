@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,3 +85,96 @@ def test_thread_pools_default_to_the_quota_where_it_binds(monkeypatch: pytest.Mo
         assert "OMP_NUM_THREADS" not in os.environ
     finally:
         resources.usable_cpus.cache_clear()
+
+
+def test_available_memory_is_the_least_room_of_the_machine_and_the_cgroups(tmp_path: Path) -> None:
+    from recsys.resources import available_memory
+
+    root, proc, meminfo = tmp_path / "cgroup", tmp_path / "proc_cgroup", tmp_path / "meminfo"
+    write(meminfo, "MemTotal:       24000000 kB\nMemAvailable:    8000000 kB\n")
+    write(proc, "0::/ctr\n")
+    assert available_memory(root, proc, meminfo) == 8_000_000 * 1024  # no limit files
+    write(root / "ctr" / "memory.max", "max\n")
+    write(root / "ctr" / "memory.current", "100\n")
+    assert available_memory(root, proc, meminfo) == 8_000_000 * 1024
+    write(root / "ctr" / "memory.max", str(3 << 30) + "\n")  # a 3 GiB container
+    write(root / "ctr" / "memory.current", str(1 << 30) + "\n")
+    assert available_memory(root, proc, meminfo) == 2 << 30
+    write(proc, "7:memory:/docker/x\n")  # v1, "no limit" written as a huge number
+    v1 = root / "memory" / "docker" / "x"
+    write(v1 / "memory.limit_in_bytes", "9223372036854771712\n")
+    write(v1 / "memory.usage_in_bytes", "5\n")
+    assert available_memory(root, proc, meminfo) == 8_000_000 * 1024
+    write(v1 / "memory.limit_in_bytes", str(1 << 30) + "\n")
+    assert available_memory(root, proc, meminfo) == (1 << 30) - 5
+    assert available_memory(root, tmp_path / "none", tmp_path / "none") is None
+
+
+def test_workers_that_fit_beside_the_first() -> None:
+    from recsys.batch import workers_that_fit
+
+    assert workers_that_fit(8, 0.7, None) == 8  # unknown: no cap
+    assert workers_that_fit(8, 0.7, 2 << 30) == 1 + int(0.85 * 2 / 0.7)
+    assert workers_that_fit(8, 0.7, 100 << 30) == 8
+    assert workers_that_fit(8, 0.7, 0) == 1  # the first goes on alone
+
+
+def test_recommend_starts_no_more_workers_than_memory_holds(
+    bundle_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each worker holds the bundle: with room for none beside the first, the first
+    ranks every part, and the file is the one two workers write."""
+    import polars as pl
+
+    from recsys import batch
+    from recsys.batch import recommend_file
+    from recsys.pipeline import Pipeline
+
+    ids = Pipeline.load(str(bundle_dir)).user_index_.ids.head(60)
+    users = tmp_path / "users.parquet"
+    pl.DataFrame({"user_id": ids}).write_parquet(users)
+    pools: list[int] = []  # the processes each pool may start
+
+    class Pool(batch.ProcessPoolExecutor):
+        def __init__(self, n: int, **kw: Any) -> None:
+            pools.append(n)
+            super().__init__(n, **kw)
+
+    monkeypatch.setattr(batch, "ProcessPoolExecutor", Pool)
+    two, one = tmp_path / "two.parquet", tmp_path / "one.parquet"
+    recommend_file(bundle_dir, users, two, k=5, batch_size=10, workers=2)
+    assert pools == [1, 1]  # the first worker, then one more beside it
+    monkeypatch.setattr(resources, "available_memory", lambda: 0)
+    pools.clear()
+    with caplog.at_level("WARNING", logger="recsys"):
+        recommend_file(bundle_dir, users, one, k=5, batch_size=10, workers=2)
+    assert pools == [1] and "running 1 of 2 workers" in caplog.text
+    assert pl.read_parquet(one).equals(pl.read_parquet(two))
+    assert pl.read_parquet(one).height == 60 * 5
+
+
+class DyingJob:
+    """A batch job whose worker process dies on every part but the first (as the
+    system's out-of-memory killer would end it)."""
+
+    threads: int | None = None
+
+    def load(self) -> float:
+        return 0.0
+
+    def run(self, index: int) -> int:
+        if index:
+            os._exit(9)
+        return 10
+
+
+def test_a_killed_worker_is_a_clear_error_after_the_parts_done() -> None:
+    from recsys.batch import WorkerLost, run_local
+
+    done: list[int] = []
+    with pytest.raises(WorkerLost, match="rerun with fewer --workers"):
+        run_local(DyingJob(), [0, 1, 2, 3], 2, done.append)  # type: ignore[arg-type]
+    assert done in ([], [10])  # only the part that was written

@@ -171,7 +171,7 @@ def recommend(
 
     Memory is one bundle and one part per worker, whatever the number of users; a
     rerun after an interruption skips the parts already written."""
-    from recsys.batch import recommend_file
+    from recsys.batch import WorkerLost, recommend_file
     from recsys.schema import check_id_file
 
     if engine not in ("local", "ray"):
@@ -188,10 +188,14 @@ def recommend(
             resources.describe(),
         )
     t0 = time.perf_counter()
-    n_users, n_rows = recommend_file(
-        bundle, users, out, k=k, batch_size=batch_size, new_item_every=new_item_every,
-        engine=engine, workers=workers, address=address,
-    )  # fmt: skip
+    try:
+        n_users, n_rows = recommend_file(
+            bundle, users, out, k=k, batch_size=batch_size, new_item_every=new_item_every,
+            engine=engine, workers=workers, address=address,
+        )  # fmt: skip
+    except WorkerLost as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     dt = time.perf_counter() - t0
     console.print(
         f"{n_rows} rows for {n_users} users written to [bold]{out}[/] in {dt:.1f} s "

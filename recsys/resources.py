@@ -65,29 +65,31 @@ def _quota_v1(d: Path) -> float | None:
     return q / p if q > 0 and p > 0 else None  # -1: no limit
 
 
-def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
-    """The CPUs' worth of time this process's cgroup allows (2.5 for a quota of 250 ms
-    per 100 ms), the lowest along its path; None without a quota or off Linux."""
-    text = _read(proc_cgroup)
-    if text is None:
-        return None
-    found: list[float] = []
-    for line in text.splitlines():
+def _cgroup_dirs(controller: str, root: Path, proc_cgroup: Path) -> list[tuple[Path, int]]:
+    """This process's cgroup folders for `controller` ("cpu", "memory"): its own and
+    each parent's, with their hierarchy's version (2: the unified one, mounted at
+    `root`; 1: the controller's own mount under it)."""
+    out: list[tuple[Path, int]] = []
+    for line in (_read(proc_cgroup) or "").splitlines():
         fields = line.split(":", 2)
         if len(fields) != 3:
             continue
         _, controllers, rel = fields
-        if controllers == "":  # v2: one hierarchy, mounted at the root
-            dirs, read = _lineage(root, rel), _quota_v2
-        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own mount
-            mounts = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
+        if controllers == "":
+            out += [(d, 2) for d in _lineage(root, rel)]
+        elif controller in controllers.split(","):
+            mounts = (root / controllers, root / controller)
             mount = next((m for m in mounts if m.is_dir()), None)
-            if mount is None:
-                continue
-            dirs, read = _lineage(mount, rel), _quota_v1
-        else:
-            continue
-        found += [q for q in map(read, dirs) if q is not None]
+            if mount is not None:
+                out += [(d, 1) for d in _lineage(mount, rel)]
+    return out
+
+
+def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
+    """The CPUs' worth of time this process's cgroup allows (2.5 for a quota of 250 ms
+    per 100 ms), the lowest along its path; None without a quota or off Linux."""
+    dirs = _cgroup_dirs("cpu", root, proc_cgroup)
+    found = [q for d, v in dirs if (q := (_quota_v2 if v == 2 else _quota_v1)(d)) is not None]
     return min(found) if found else None
 
 
@@ -195,21 +197,8 @@ def available_memory(
     (MemAvailable), no more than the room left under its cgroup's memory limit (the
     lowest along its path); None where neither can be read (not Linux)."""
     found = [m for m in [_meminfo_available(meminfo)] if m is not None]
-    for line in (_read(proc_cgroup) or "").splitlines():
-        fields = line.split(":", 2)
-        if len(fields) != 3:
-            continue
-        _, controllers, rel = fields
-        if controllers == "":
-            dirs, room = _lineage(root, rel), _room_v2
-        elif "memory" in controllers.split(","):
-            mount = root / controllers if (root / controllers).is_dir() else root / "memory"
-            if not mount.is_dir():
-                continue
-            dirs, room = _lineage(mount, rel), _room_v1
-        else:
-            continue
-        found += [r for r in map(room, dirs) if r is not None]
+    dirs = _cgroup_dirs("memory", root, proc_cgroup)
+    found += [r for d, v in dirs if (r := (_room_v2 if v == 2 else _room_v1)(d)) is not None]
     return max(0, min(found)) if found else None
 
 

@@ -160,7 +160,8 @@ def recommend(
         "--workers",
         min=0,
         help="Processes ranking parts side by side (each holds the bundle once); 0: one per "
-        "CPU this process may use (its affinity, within a container's CPU quota). With "
+        "CPU this process may use (its affinity, within a container's CPU quota). Fewer "
+        "start when the memory available would not hold them (a warning says so). With "
         "--engine ray: actors (0: one per CPU of the cluster).",
     ),
     address: str | None = typer.Option(

@@ -56,13 +56,24 @@ def _quota_v2(d: Path) -> float | None:
     return None
 
 
+def _ints(d: Path, *names: str) -> list[int] | None:
+    """The integer in each of the files `names` of folder `d`; None where one is
+    missing or not an integer (cgroup v2 writes "max" for no limit)."""
+    out = []
+    for name in names:
+        text = _read(d / name)
+        if text is None:
+            return None
+        try:
+            out.append(int(text))
+        except ValueError:
+            return None
+    return out
+
+
 def _quota_v1(d: Path) -> float | None:
-    quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
-    try:
-        q, p = int(quota or ""), int(period or "")
-    except ValueError:
-        return None
-    return q / p if q > 0 and p > 0 else None  # -1: no limit
+    qp = _ints(d, "cpu.cfs_quota_us", "cpu.cfs_period_us")
+    return qp[0] / qp[1] if qp and qp[0] > 0 and qp[1] > 0 else None  # -1: no limit
 
 
 def _cgroup_dirs(controller: str, root: Path, proc_cgroup: Path) -> list[tuple[Path, int]]:
@@ -147,47 +158,32 @@ MEMINFO = Path("/proc/meminfo")
 NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
 
 
-def _meminfo_available(meminfo: Path) -> int | None:
-    for line in (_read(meminfo) or "").splitlines():
-        if line.startswith("MemAvailable:"):
-            try:
-                return int(line.split()[1]) * 1024
-            except (IndexError, ValueError):
-                return None
-    return None
-
-
-def _stat(d: Path, key: str) -> int:
-    """A counter of the cgroup's memory.stat (0 where absent)."""
-    for line in (_read(d / "memory.stat") or "").splitlines():
-        name, _, value = line.partition(" ")
-        if name == key:
-            try:
-                return int(value)
-            except ValueError:
-                return 0
-    return 0
+def _counters(path: Path) -> dict[str, int]:
+    """The "name value" or "Name: value kB" lines of a counters file (/proc/meminfo, a
+    cgroup's memory.stat, /proc/self/smaps_rollup) by name, as written (kB stay kB);
+    empty where it cannot be read."""
+    out: dict[str, int] = {}
+    for line in (_read(path) or "").splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            with contextlib.suppress(ValueError):
+                out[fields[0].rstrip(":")] = int(fields[1])
+    return out
 
 
 def _room_v2(d: Path) -> int | None:
-    limit, used = _read(d / "memory.max"), _read(d / "memory.current")
-    if limit is None or used is None or limit == "max":
+    lu = _ints(d, "memory.max", "memory.current")  # "max": no limit
+    if lu is None:
         return None
-    try:  # the usage counts the page cache; its inactive part is reclaimed first
-        return int(limit) - (int(used) - _stat(d, "inactive_file"))
-    except ValueError:
-        return None
+    # the usage counts the page cache; its inactive part is reclaimed first
+    return lu[0] - (lu[1] - _counters(d / "memory.stat").get("inactive_file", 0))
 
 
 def _room_v1(d: Path) -> int | None:
-    limit, used = _read(d / "memory.limit_in_bytes"), _read(d / "memory.usage_in_bytes")
-    try:
-        lim, use = int(limit or ""), int(used or "")
-    except ValueError:
+    lu = _ints(d, "memory.limit_in_bytes", "memory.usage_in_bytes")
+    if lu is None or lu[0] >= NO_LIMIT:
         return None
-    if lim >= NO_LIMIT:
-        return None
-    return lim - (use - _stat(d, "total_inactive_file"))
+    return lu[0] - (lu[1] - _counters(d / "memory.stat").get("total_inactive_file", 0))
 
 
 def available_memory(
@@ -196,7 +192,8 @@ def available_memory(
     """Bytes this process's tree could still take: the machine's available memory
     (MemAvailable), no more than the room left under its cgroup's memory limit (the
     lowest along its path); None where neither can be read (not Linux)."""
-    found = [m for m in [_meminfo_available(meminfo)] if m is not None]
+    mem = _counters(meminfo)
+    found = [mem["MemAvailable"] * 1024] if "MemAvailable" in mem else []
     dirs = _cgroup_dirs("memory", root, proc_cgroup)
     found += [r for d, v in dirs if (r := (_room_v2 if v == 2 else _room_v1)(d)) is not None]
     return max(0, min(found)) if found else None
@@ -206,9 +203,5 @@ def shared_memory(smaps: Path = Path("/proc/self/smaps_rollup")) -> int:
     """Bytes of this process's resident memory that other processes map too (shared
     libraries, files): what a second process of the same program does not add. 0 where
     it cannot be read."""
-    total = 0
-    for line in (_read(smaps) or "").splitlines():
-        if line.startswith(("Shared_Clean:", "Shared_Dirty:")):
-            with contextlib.suppress(IndexError, ValueError):
-                total += int(line.split()[1]) * 1024
-    return total
+    c = _counters(smaps)
+    return (c.get("Shared_Clean", 0) + c.get("Shared_Dirty", 0)) * 1024

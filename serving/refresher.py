@@ -71,11 +71,6 @@ def _remove(address: str) -> None:
 LOADAVG = Path("/proc/loadavg")
 
 
-def cores() -> int:
-    """The CPUs the server may use (its affinity, no more than its cgroup's quota)."""
-    return usable_cpus()
-
-
 def idle_core(n_cores: int, loadavg: Path = LOADAVG) -> bool:
     """Whether a core is idle now: fewer tasks runnable on the machine, the caller
     included, than `n_cores` (the fourth field of /proc/loadavg counts them at this
@@ -100,7 +95,7 @@ class RefreshClient:
     def __init__(self, path: str | Path, always: bool = False) -> None:
         self.path = _bind_name(str(path))
         self.always = always  # hand over even while every core is busy
-        self.n_cores = cores()
+        self.n_cores = usable_cpus()  # its affinity, within its cgroup's CPU quota
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)  # a full queue refuses at once; the worker ranks
 

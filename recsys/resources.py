@@ -16,6 +16,7 @@ import contextlib
 import functools
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -102,6 +103,43 @@ def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> floa
     dirs = _cgroup_dirs("cpu", root, proc_cgroup)
     found = [q for d, v in dirs if (q := (_quota_v2 if v == 2 else _quota_v1)(d)) is not None]
     return min(found) if found else None
+
+
+def _usage_v2(d: Path) -> float | None:
+    usec = _counters(d / "cpu.stat").get("usage_usec")
+    return None if usec is None else usec / 1e6
+
+
+def _usage_v1(d: Path) -> float | None:
+    ns = _ints(d, "cpuacct.usage")
+    return None if ns is None else ns[0] / 1e9
+
+
+def cpu_time_reader(
+    root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP
+) -> Callable[[], float | None] | None:
+    """A reader of the CPU seconds used so far by the cgroup whose CPUs this process
+    shares: the one with the lowest quota along its path (a container's or pod's
+    limit), else its own cgroup (a cpuset). v2 reads `cpu.stat`'s `usage_usec`; v1
+    `cpuacct.usage` beside the quota (`cpu,cpuacct` mounted together) or in the
+    `cpuacct` hierarchy's folder at the same place. None where there is none to read
+    (not Linux, no cgroup files)."""
+    dirs = _cgroup_dirs("cpu", root, proc_cgroup)
+    quotas = [
+        (q, i)
+        for i, (d, v) in enumerate(dirs)
+        if (q := (_quota_v2 if v == 2 else _quota_v1)(d)) is not None
+    ]
+    at = min(quotas)[1] if quotas else 0
+    candidates: list[tuple[Path, int]] = dirs[at : at + 1]
+    if candidates and candidates[0][1] == 1:  # v1: cpuacct may be its own hierarchy
+        acct = _cgroup_dirs("cpuacct", root, proc_cgroup)
+        candidates += acct[at : at + 1] if len(acct) == len(dirs) else acct[:1]
+    for d, v in candidates:
+        read = functools.partial(_usage_v2 if v == 2 else _usage_v1, d)
+        if read() is not None:
+            return read
+    return None
 
 
 @functools.cache

@@ -24,6 +24,7 @@ other requests more than the rank inside the events request did.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from recsys.resources import usable_cpus
+from recsys.resources import cpu_time_reader, usable_cpus
 
 log = logging.getLogger("recsys")
 
@@ -82,10 +83,60 @@ def idle_core(n_cores: int, loadavg: Path = LOADAVG) -> bool:
     return running < n_cores
 
 
+class CgroupIdle:
+    """Whether a core of a container is idle: the CPU time its cgroup used since the
+    last look, per second, is at least half a CPU under the CPUs it may use.
+
+    In a container /proc/loadavg counts the host's tasks, not the container's, against
+    the few CPUs of its quota or cpuset, so `idle_core` would say "busy" nearly always
+    on a busy host (and the refresher would sit unused) or "idle" on a quiet host
+    whatever the container's own load. The cgroup's CPU time counts only this
+    container's processes. A look within `min_window` seconds of the last one gives
+    the last answer: over a shorter window the rate is mostly rounding."""
+
+    def __init__(
+        self,
+        n_cores: int,
+        cpu_time: Callable[[], float | None],
+        clock: Callable[[], float] = time.monotonic,
+        min_window: float = 0.02,
+    ) -> None:
+        self.n_cores = n_cores
+        self.cpu_time = cpu_time
+        self.clock = clock
+        self.min_window = min_window
+        self.last = (clock(), cpu_time())
+        self.idle = True
+        self.busy = 0.0  # CPUs' worth of time used in the last window (for logs, tests)
+
+    def __call__(self) -> bool:
+        now, used = self.clock(), self.cpu_time()
+        t0, u0 = self.last
+        if used is None or u0 is None:
+            self.last = (now, used)
+            return False
+        if now - t0 >= self.min_window:
+            self.busy = (used - u0) / (now - t0)
+            self.idle = self.busy <= self.n_cores - 0.5
+            self.last = (now, used)
+        return self.idle
+
+
+def idleness(n_cores: int) -> Callable[[], bool]:
+    """How a worker tells whether a core is idle: /proc/loadavg on a machine whose
+    cores are all this server's; its cgroup's CPU time where a quota or cpuset gives it
+    fewer (a container), if the cgroup's counter can be read."""
+    if n_cores < (os.cpu_count() or n_cores):
+        cpu_time = cpu_time_reader()
+        if cpu_time is not None:
+            return CgroupIdle(n_cores, cpu_time)
+    return functools.partial(idle_core, n_cores)
+
+
 class RefreshClient:
     """A worker's side: hand users to the refresher (`send`), or say it could not.
 
-    Users are handed over only while a core is idle (`idle_core`): then their rank
+    Users are handed over only while a core is idle (`idleness`): then their rank
     runs beside this worker's next requests instead of before its answer. When every
     core is busy the rank costs the same CPU wherever it runs, and done inside the
     events request it is done once: in the refresher it would wait for a core, and the
@@ -96,6 +147,7 @@ class RefreshClient:
         self.path = _bind_name(str(path))
         self.always = always  # hand over even while every core is busy
         self.n_cores = usable_cpus()  # its affinity, within its cgroup's CPU quota
+        self.idle = idleness(self.n_cores)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)  # a full queue refuses at once; the worker ranks
 
@@ -103,7 +155,7 @@ class RefreshClient:
         """True once the refresher has the users queued; False when it is not there
         (starting, restarting), its queue is full, or the ids do not fit one message:
         the caller ranks them itself then, as it does while no core is idle."""
-        if not (self.always or idle_core(self.n_cores)):
+        if not (self.always or self.idle()):
             return False
         msg = json.dumps({"t": time.time(), "u": users}, separators=(",", ":")).encode()
         if len(msg) > MAX_MESSAGE:

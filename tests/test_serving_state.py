@@ -316,6 +316,62 @@ def test_users_are_handed_to_the_refresher_only_while_a_core_is_idle(tmp_path: P
     assert not client.send(["u1"])  # nobody listening
 
 
+def test_in_a_container_idle_cores_come_from_its_cgroup_cpu_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container's /proc/loadavg counts the host's tasks; its cgroup's CPU time
+    counts its own. With a quota of 2 CPUs, a window in which the container used 1.2
+    CPUs leaves one idle; 1.8 does not. The counter is the quota's cgroup's (v2
+    `cpu.stat`, v1 `cpuacct.usage` in its own hierarchy), and the worker reads it
+    whenever its CPUs are fewer than the machine's."""
+    from recsys.resources import cpu_time_reader
+    from serving import refresher
+    from serving.refresher import CgroupIdle, RefreshClient
+
+    root, proc = tmp_path / "cgroup", tmp_path / "proc_cgroup"
+    pod = root / "kubepods" / "pod1"
+    (pod / "ctr").mkdir(parents=True)
+    proc.write_text("0::/kubepods/pod1/ctr\n")
+    (pod / "cpu.max").write_text("200000 100000\n")  # the pod's limit: 2 CPUs
+    (pod / "ctr" / "cpu.stat").write_text("usage_usec 1\n")  # not the quota's cgroup
+    (pod / "cpu.stat").write_text("usage_usec 5000000\nuser_usec 4000000\n")
+    read = cpu_time_reader(root, proc)
+    assert read is not None and read() == 5.0
+    now = [100.0]
+    idle = CgroupIdle(2, read, clock=lambda: now[0])
+    for used, expected in [(1.2, True), (1.8, False), (0.0, True)]:
+        t0 = read()
+        now[0] += 0.5
+        (pod / "cpu.stat").write_text(f"usage_usec {round((t0 + used * 0.5) * 1e6)}\n")
+        assert idle() is expected, used
+        assert idle.busy == pytest.approx(used)
+    (pod / "cpu.stat").write_text("usage_usec 99999999\n")
+    now[0] += 0.001  # within the minimum window: the last answer
+    assert idle() is True
+    (pod / "cpu.stat").unlink()  # unreadable: no hand-over
+    now[0] += 1
+    assert idle() is False
+
+    # v1 with cpu and cpuacct mounted apart, as on many hosts
+    proc.write_text("4:cpu:/docker/abc\n3:cpuacct:/docker/abc\n0::/\n")
+    (root / "cpu" / "docker" / "abc").mkdir(parents=True)
+    (root / "cpu" / "docker" / "abc" / "cpu.cfs_quota_us").write_text("100000\n")
+    (root / "cpu" / "docker" / "abc" / "cpu.cfs_period_us").write_text("100000\n")
+    (root / "cpuacct" / "docker" / "abc").mkdir(parents=True)
+    (root / "cpuacct" / "docker" / "abc" / "cpuacct.usage").write_text("2500000000\n")
+    (root / "cpuacct" / "docker" / "cpuacct.usage").write_text("9900000000\n")
+    read = cpu_time_reader(root, proc)
+    assert read is not None and read() == 2.5
+    assert cpu_time_reader(root, tmp_path / "missing") is None
+
+    # the worker's choice: the cgroup where its CPUs are fewer than the machine's
+    monkeypatch.setattr(refresher, "cpu_time_reader", lambda: cpu_time_reader(root, proc))
+    for usable, cores, cgroup in [(2, 64, True), (2, 2, False)]:
+        monkeypatch.setattr(refresher, "usable_cpus", lambda u=usable: u)
+        monkeypatch.setattr(refresher.os, "cpu_count", lambda c=cores: c)
+        assert isinstance(RefreshClient(tmp_path / "r.sock").idle, CgroupIdle) is cgroup
+
+
 def test_a_refresh_skips_a_list_ranked_since_it_was_asked(
     model: Model, monkeypatch: pytest.MonkeyPatch
 ) -> None:

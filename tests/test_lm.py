@@ -186,6 +186,38 @@ def test_fit_gives_unit_item_vectors_and_learns(synth_data, lm_config) -> None: 
     assert cos.min() > 0.9, cos
 
 
+def test_encoder_phase_keeps_the_trained_heads_at_a_share_of_their_rate(  # type: ignore[no-untyped-def]
+    synth_data, lm_config, monkeypatch
+) -> None:
+    """The heads come to the encoder phase trained: a new optimizer at their full rate
+    undid them in its first steps (the loss rose by a third on Amazon Magazine), so that
+    phase trains them at `encoder_phase_heads_lr` of `lr`; the encoder keeps its own rate."""
+    import torch
+
+    from recsys.candidates import History
+    from recsys.data import IdIndex, to_internal
+    from recsys.lm.model import LanguageModel
+
+    rates: list[list[float]] = []
+    adamw = torch.optim.AdamW
+
+    def recording(groups, **kw):  # type: ignore[no-untyped-def]
+        rates.append([g["lr"] for g in groups])
+        return adamw(groups, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    inter, items = synth_data
+    ev = to_internal(inter, IdIndex.from_values(inter["user_id"]), IdIndex(items["item_id"]))
+    h = History(ev, int(ev["u"].max()) + 1, len(items))
+    cfg = lm_config.lm.model_copy(update={"encoder_phase_heads_lr": 0.25})
+    LanguageModel(cfg).fit(h, items)
+    heads, encoder = rates[0], rates[-1]
+    assert heads == [cfg.lr]
+    assert len(encoder) == 2, rates
+    assert encoder[0] == pytest.approx(0.25 * cfg.lr)
+    assert encoder[1] == pytest.approx(cfg.encoder_lr * (10 if cfg.finetune == "lora" else 1))
+
+
 def test_checkpoint_resumes(synth_data, lm_config, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from recsys.candidates import History
     from recsys.data import IdIndex, to_internal

@@ -69,10 +69,17 @@ class LMConfig(BaseModel):
         description="transformer blocks over the history, in order, before the user tower's "
         "pooling (0: attention pooling with positions alone)",
     )
-    batch_size: int = Field(256, ge=8, description="CPU batch; CUDA uses 4x")
+    batch_size: int = Field(256, ge=8, description="examples per step, CPU and CUDA")
     negatives: int = Field(1024, ge=0, description="uniformly sampled negatives per batch")
     lr: float = Field(2e-3, gt=0, description="heads (projection, user tower)")
     encoder_lr: float = Field(1e-4, gt=0, description="encoder (x10 for LoRA)")
+    encoder_phase_heads_lr: float = Field(
+        0.1,
+        ge=0,
+        description="the heads' rate while the encoder is fine-tuned, as a share of lr: "
+        "they are trained already (at the full rate the loss rose by a third after the "
+        "phase's first step on Amazon Magazine)",
+    )
     weight_decay: float = Field(1e-4, ge=0)
     epochs: int = Field(30, ge=1, description="most epochs of the head phase")
     encoder_epochs: int = Field(3, ge=0, description="most epochs of encoder fine-tuning")

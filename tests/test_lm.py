@@ -218,6 +218,37 @@ def test_encoder_phase_keeps_the_trained_heads_at_a_share_of_their_rate(  # type
     assert encoder[1] == pytest.approx(cfg.encoder_lr * (10 if cfg.finetune == "lora" else 1))
 
 
+def test_on_cpu_the_default_fit_trains_the_heads_over_the_pretrained_encoder(  # type: ignore[no-untyped-def]
+    synth_data, lm_config
+) -> None:
+    """By default a CPU fit does not fine-tune the encoder (a fine-tuned top layer lost
+    validation to the heads in every fit measured since they run to patience, and the
+    time budget cut it): the
+    heads train, no encoder epoch runs, and the item tower's encoder is the pretrained
+    one, weight for weight."""
+    import torch
+
+    from recsys.candidates import History
+    from recsys.data import IdIndex, to_internal
+    from recsys.lm.config import LMConfig
+    from recsys.lm.encoder import load_pretrained
+    from recsys.lm.model import LanguageModel
+
+    inter, items = synth_data
+    ev = to_internal(inter, IdIndex.from_values(inter["user_id"]), IdIndex(items["item_id"]))
+    h = History(ev, int(ev["u"].max()) + 1, len(items))
+    cfg = lm_config.lm.model_copy(update={"cpu_train_layers": LMConfig().cpu_train_layers})
+    lm = LanguageModel(cfg).fit(h, items)
+    assert lm.history_["heads"] and not lm.history_["encoder"]
+    assert not lm.encoder_tuned_
+    _, pretrained = load_pretrained(cfg.model)
+    ref = pretrained.state_dict()
+    got = lm.tower_.encoder.state_dict()
+    assert set(ref) <= set(got)
+    for k, v in ref.items():
+        assert torch.equal(got[k].float(), v.float()), k
+
+
 def test_checkpoint_resumes(synth_data, lm_config, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from recsys.candidates import History
     from recsys.data import IdIndex, to_internal
@@ -657,7 +688,9 @@ def test_packaged_minilm_encodes_and_fine_tunes(synth_data, tmp_path, monkeypatc
     inter, items = synth_data
     ev = to_internal(inter, IdIndex.from_values(inter["user_id"]), IdIndex(items["item_id"]))
     h = History(ev, int(ev["u"].max()) + 1, len(items))
-    cfg = LMConfig(epochs=2, encoder_epochs=1, cpu_time_budget_s=60, device="cpu")
+    cfg = LMConfig(
+        epochs=2, encoder_epochs=1, cpu_time_budget_s=60, device="cpu", cpu_train_layers=1
+    )
     lm = LanguageModel(cfg).fit(h, items)
     assert lm.item_vectors_.shape == (len(items), 128)
     assert lm.history_["heads"] and lm.history_["encoder"], "both phases ran"

@@ -223,9 +223,8 @@ def test_on_cpu_the_default_fit_trains_the_heads_over_the_pretrained_encoder(  #
 ) -> None:
     """By default a CPU fit does not fine-tune the encoder (a fine-tuned top layer lost
     validation to the heads in every fit measured since they run to patience, and the
-    time budget cut it): the
-    heads train, no encoder epoch runs, and the item tower's encoder is the pretrained
-    one, weight for weight."""
+    time budget cut it): the heads train, no encoder epoch runs, and the item tower's
+    encoder is the pretrained one, weight for weight."""
     import torch
 
     from recsys.candidates import History

@@ -10,7 +10,8 @@ user's last training event):
    head and the user tower train on every step's batch (cheap, many epochs);
 2. encoder: the top `train_layers` blocks (LoRA or full) train together with the heads,
    from cached hidden states entering those blocks; negatives and history come from a
-   table of vectors refreshed each epoch, the targets run through the blocks.
+   table of vectors refreshed each epoch, the targets run through the blocks. On CPU
+   by default there are none (`cpu_train_layers` = 0) and this phase does not run.
 On CPU the whole of it keeps within `cpu_time_budget_s`; on CUDA bf16 autocast is on and
 every layer is fine-tuned unless configured (the batches are the same size: four times
 larger ones left a small log a few steps an epoch, and lost NDCG).

@@ -165,6 +165,91 @@ def test_frozen_pass_keeps_the_same_hidden_states_on_every_worker_count(tiny_ber
         assert torch.equal(h1[j], h3[j])
 
 
+def test_item_texts_are_cut_where_the_catalogue_fits_its_token_budget(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    """With `max_length` None a catalogue's texts are cut at the longest of 256, 192,
+    128, 96, 64, 48 tokens whose total fits `max_tokens` (48 when none does; never past
+    the encoder's positions): the tokenizer's own cut at that length, recorded with the
+    tokens and kept by their cache file. An explicit `max_length` is taken as given."""
+    from recsys.lm.encoder import Tokens, load_pretrained, load_tokens, save_tokens
+
+    tok, _ = load_pretrained(str(tiny_bert))
+    texts = [" ".join(["word"] * 300) + f" {i}" for i in range(10)] + [
+        " ".join(["item"] * 20) + f" {i}" for i in range(10)
+    ]
+    full = Tokens.from_texts(tok, texts, 1000)
+    assert full.lengths.min() > 20 and full.lengths[:10].min() > 256
+    short = int(full.lengths[10:].sum())  # the short texts are never cut
+    for budget, cut in [
+        (10 * 256 + short, 256),
+        (10 * 256 + short - 1, 192),
+        (10 * 100 + short, 96),
+        (10 * 64 + short, 64),
+        (10, 48),
+    ]:
+        t = Tokens.for_catalogue(tok, texts, None, budget)
+        want = Tokens.from_texts(tok, texts, cut)
+        assert t.max_length == cut, budget
+        assert t.lengths.tolist() == want.lengths.tolist()
+        assert all(np.array_equal(a, b) for a, b in zip(t.ids, want.ids, strict=True))
+    assert Tokens.for_catalogue(tok, texts, None, 10**9, limit=100).max_length == 96
+    assert Tokens.for_catalogue(tok, texts, 30, 10).max_length == 30
+    save_tokens(tmp_path / "t.safetensors", Tokens.for_catalogue(tok, texts, None, 10))
+    back = load_tokens(tmp_path / "t.safetensors")
+    assert back.max_length == 48 and back.lengths.tolist() == want.lengths.tolist()
+
+
+def test_encoder_batches_of_long_texts_hold_the_tokens_of_short_ones() -> None:
+    """Batches of long texts (sorted by length) hold fewer of them, so that a batch never
+    pads to more tokens than `batch_size` texts of 48; texts of 48 tokens or fewer keep
+    batches of `batch_size`. Every text is in exactly one batch."""
+    from recsys.lm.encoder import Tokens
+
+    rng = np.random.default_rng(0)
+    for hi in (48, 300):
+        n = rng.integers(3, hi + 1, 2000)
+        b = Tokens([np.zeros(k, np.int64) for k in n], n).batches(32)
+        assert sorted(np.concatenate(b).tolist()) == list(range(2000))
+        assert max(len(x) * int(n[x].max()) for x in b) <= 32 * 48
+        assert max(len(x) for x in b) == 32
+        if hi == 48:
+            assert [len(x) for x in b] == [32] * 62 + [16]
+        else:
+            assert min(len(x) for x in b[:-1]) < 32
+
+
+def test_fit_records_the_cut_it_chose_and_a_loaded_model_encodes_at_it(  # type: ignore[no-untyped-def]
+    synth_data, lm_config, tmp_path
+) -> None:
+    from recsys.candidates import History
+    from recsys.data import IdIndex, to_internal
+    from recsys.lm.encoder import Tokens, load_pretrained
+    from recsys.lm.model import LanguageModel
+    from recsys.lm.text import item_texts
+
+    inter, items = synth_data
+    # a description that makes every text longer than 48 tokens
+    items = items.with_columns(description=pl.lit(" ".join(["a"] * 60)))
+    tok, _ = load_pretrained(lm_config.lm.model)
+    texts = item_texts(items)
+    at = {n: int(Tokens.from_texts(tok, texts, n).lengths.sum()) for n in (48, 64)}
+    assert at[64] > at[48]
+    ev = to_internal(inter, IdIndex.from_values(inter["user_id"]), IdIndex(items["item_id"]))
+    h = History(ev, int(ev["u"].max()) + 1, len(items))
+    for budget, cut in [(at[64], 64), (at[64] - 1, 48)]:  # the tiny encoder has 64 positions
+        cfg = lm_config.lm.model_copy(update={"max_length": None, "max_tokens": budget})
+        lm = LanguageModel(cfg).fit(h, items)
+        assert lm.max_length_ == cut and lm.tokens_.max_length == cut
+        section = lm.save(tmp_path)
+        assert section["max_length"] == cut
+        loaded = LanguageModel.load(tmp_path, section, cfg)
+        assert loaded.max_length_ == cut
+        np.testing.assert_allclose(
+            loaded.encode_items(items.head(5)), lm.encode_items(items.head(5)), atol=1e-5
+        )
+
+
 def test_fit_gives_unit_item_vectors_and_learns(synth_data, lm_config) -> None:  # type: ignore[no-untyped-def]
     from recsys.candidates import History
     from recsys.data import IdIndex, to_internal

@@ -22,7 +22,19 @@ class LMConfig(BaseModel):
         description="item text, e.g. '{title}. {genres}'; None = every string column "
         "but the id as 'column: value' pairs",
     )
-    max_length: int = Field(48, ge=8, description="tokens per item text")
+    max_length: int | None = Field(
+        None,
+        ge=8,
+        description="tokens per item text; None = the longest of 256, 192, 128, 96, 64 and "
+        "48 whose total over the catalogue stays within `max_tokens`",
+    )
+    max_tokens: int = Field(
+        1_000_000,
+        ge=1,
+        description="with `max_length` None: the catalogue's tokens in all that choose the "
+        "cut (the encoder's cost grows with them). A million keeps 256 tokens for 3,900 "
+        "long descriptions and 48 for 20,000 (the cut before 2026-12-04)",
+    )
     dim: int = Field(128, ge=0, description="item/user vector size; 0 = encoder size")
     finetune: Literal["lora", "full", "none"] = Field(
         "lora", description="how the encoder is fine-tuned"

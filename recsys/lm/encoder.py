@@ -82,12 +82,18 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return None
 
 
+# the cuts `Tokens.for_catalogue` chooses from, longest first (the last is the least)
+TEXT_LENGTHS = (256, 192, 128, 96, 64, 48)
+
+
 @dataclass
 class Tokens:
-    """Token ids of every item text, ragged, with their lengths (cached tokenisation)."""
+    """Token ids of every item text, ragged, with their lengths (cached tokenisation)
+    and the length they were cut at (0: not recorded)."""
 
     ids: list[np.ndarray]
     lengths: np.ndarray
+    max_length: int = 0
 
     @classmethod
     def from_texts(cls, tokenizer: object, texts: list[str], max_length: int) -> Tokens:
@@ -97,12 +103,58 @@ class Tokens:
         )["input_ids"]
         arrs = [np.asarray(e, dtype=np.int64) for e in enc]
         ids = [arrs[j] for j in inverse.tolist()]
-        return cls(ids, np.array([len(x) for x in ids], dtype=np.int64))
+        return cls(ids, np.array([len(x) for x in ids], dtype=np.int64), max_length)
+
+    @classmethod
+    def for_catalogue(
+        cls,
+        tokenizer: object,
+        texts: list[str],
+        max_length: int | None,
+        max_tokens: int,
+        limit: int | None = None,
+    ) -> Tokens:
+        """The catalogue's tokens cut at `max_length`; with None, at the longest of
+        `TEXT_LENGTHS` (those up to the encoder's `limit` on positions) whose total over
+        the catalogue stays within `max_tokens` (the shortest when none does). The
+        encoder's cost grows with that total, so a small catalogue keeps its long
+        descriptions and a large one is cut as short as before; the choice depends on
+        the texts alone, not on the machine."""
+        if max_length is not None:
+            return cls.from_texts(tokenizer, texts, max_length)
+        lengths = [n for n in TEXT_LENGTHS if limit is None or n <= limit] or [int(limit or 8)]
+        full = cls.from_texts(tokenizer, texts, lengths[0])
+        cut = next(
+            (n for n in lengths if int(np.minimum(full.lengths, n).sum()) <= max_tokens),
+            lengths[-1],
+        )
+        if cut == lengths[0]:
+            return full
+        # the tokenizer cuts the texts that are longer (its own special tokens kept)
+        longer = np.flatnonzero(full.lengths > cut)
+        short = cls.from_texts(tokenizer, [texts[j] for j in longer.tolist()], cut)
+        ids = list(full.ids)
+        for j, x in zip(longer.tolist(), short.ids, strict=True):
+            ids[j] = x
+        return cls(ids, np.array([len(x) for x in ids], dtype=np.int64), cut)
 
     def batches(self, batch_size: int, order: np.ndarray | None = None) -> list[np.ndarray]:
-        """Index batches of similar length (sorted by length), so padding stays small."""
+        """Index batches of similar length (sorted by length), so padding stays small:
+        at most `batch_size` texts, and no more padded tokens than `batch_size` texts
+        of `TEXT_LENGTHS[-1]` (48), so that batches of long texts hold fewer of them
+        and the encoder's memory stays what it was at 48 tokens (its attention grows
+        with the square of the length)."""
         idx = np.argsort(self.lengths, kind="stable") if order is None else order
-        return [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]
+        cap = batch_size * TEXT_LENGTHS[-1]
+        out, start, longest = [], 0, 0
+        for j, n in enumerate(self.lengths[idx].tolist()):
+            longest = max(longest, n)
+            if j > start and (j - start == batch_size or (j - start + 1) * longest > cap):
+                out.append(idx[start:j])
+                start, longest = j, n
+        if start < len(idx):
+            out.append(idx[start:])
+        return out
 
     def pad(self, idx: np.ndarray, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         L = int(self.lengths[idx].max()) if len(idx) else 1
@@ -579,17 +631,39 @@ def encode_pooled(
     return out
 
 
+def position_limit(tokenizer: object, encoder: object) -> int | None:
+    """The most tokens the encoder takes per text: the least of the tokenizer's
+    `model_max_length` (when set) and the model's position embeddings; None: no limit
+    known."""
+    known = []
+    n = getattr(tokenizer, "model_max_length", None)
+    if isinstance(n, int) and 0 < n < 1_000_000:  # unset is a huge sentinel
+        known.append(n)
+    n = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
+    if isinstance(n, int) and n > 0:
+        known.append(n)
+    return min(known) if known else None
+
+
 def save_tokens(path: Path, tokens: Tokens) -> None:
     from safetensors.numpy import save_file
 
     flat = np.concatenate(tokens.ids) if tokens.ids else np.zeros(0, np.int64)
-    save_file({"flat": flat, "lengths": tokens.lengths}, str(path))
+    save_file(
+        {"flat": flat, "lengths": tokens.lengths},
+        str(path),
+        metadata={"max_length": str(tokens.max_length)},
+    )
 
 
 def load_tokens(path: Path) -> Tokens:
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     t = load_file(str(path))
+    with safe_open(str(path), framework="numpy") as f:
+        cut = int((f.metadata() or {}).get("max_length", 0))
     ends = np.cumsum(t["lengths"])
     starts = ends - t["lengths"]
-    return Tokens([t["flat"][s:e] for s, e in zip(starts, ends, strict=True)], t["lengths"])
+    ids = [t["flat"][s:e] for s, e in zip(starts, ends, strict=True)]
+    return Tokens(ids, t["lengths"], cut)

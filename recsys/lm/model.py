@@ -163,10 +163,25 @@ class LanguageModel:
         if tok_path is not None and tok_path.is_file():
             tokens = lm_encoder.load_tokens(tok_path)
         else:
-            tokens = lm_encoder.Tokens.from_texts(tokenizer, self.texts_, cfg.max_length)
+            tokens = lm_encoder.Tokens.for_catalogue(
+                tokenizer,
+                self.texts_,
+                cfg.max_length,
+                cfg.max_tokens,
+                lm_encoder.position_limit(tokenizer, encoder),
+            )
             if tok_path is not None:
                 lm_encoder.save_tokens(tok_path, tokens)
         self.tokens_ = tokens
+        self.max_length_ = tokens.max_length or cfg.max_length or lm_encoder.TEXT_LENGTHS[-1]
+        if cfg.max_length is None:
+            at_cut = float(np.mean(tokens.lengths >= self.max_length_)) if len(tokens.ids) else 0.0
+            log.info(
+                "lm: item texts cut at %d tokens (%s tokens in all, %.0f%% of texts at the cut)",
+                self.max_length_,
+                f"{int(tokens.lengths.sum()):,}",
+                100 * at_cut,
+            )
         self.timings_["tokenise"] = time.perf_counter() - t0
 
         train_layers = 0 if cfg.finetune == "none" else cfg.train_layers
@@ -391,7 +406,7 @@ class LanguageModel:
         if not keep_hidden or tower.start == 0:
             # the frozen encoder's output depends only on the model and the texts: cached
             key = hashlib.sha256(
-                f"{lm_encoder.resolve_model(cfg.model)}|{cfg.max_length}|{precision}|{dev.type}|"
+                f"{lm_encoder.resolve_model(cfg.model)}|{self.max_length_}|{precision}|{dev.type}|"
                 f"{sorted(getattr(enc, 'recsys_fused', {}).items())}".encode()
                 + "\x1f".join(self.texts_).encode()
             ).hexdigest()[:20]
@@ -488,7 +503,7 @@ class LanguageModel:
         self._check()
         tower = self.tower_
         dev = _device(self.config)
-        tokens = lm_encoder.Tokens.from_texts(self.tokenizer_, texts, self.config.max_length)
+        tokens = lm_encoder.Tokens.from_texts(self.tokenizer_, texts, self.max_length_)
         enc = tower.encoder
         if dev.type == "cpu" and self.config.quantize_cpu:
             if getattr(self, "_quantized", None) is None:
@@ -533,7 +548,7 @@ class LanguageModel:
             "tokenizer": self.config.model,
             "resolved_path": lm_encoder.resolve_model(self.config.model),
             "template": self.config.template,
-            "max_length": self.config.max_length,
+            "max_length": self.max_length_,
             "dim": self.dim_,
             "history_len": self.config.history_len,
             "user_layers": len(self.user_tower_.blocks),
@@ -577,6 +592,7 @@ class LanguageModel:
             int(section.get("user_layers", 0)),
         )
         lm.dim_ = int(section["dim"])
+        lm.max_length_ = int(section.get("max_length") or config.max_length or 48)
         vecs = load_file(str(d / files["item_vectors"]))
         lm.item_vectors_ = vecs["item_vectors"]
         lm.text_vectors_ = vecs.get("text_vectors", vecs["item_vectors"])

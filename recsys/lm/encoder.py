@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recsys.lm.config import DEFAULT_MODEL
+from recsys.lm.config import DEFAULT_MODEL, TEXT_LENGTHS
 from recsys.memory import release_free_memory
 
 log = logging.getLogger("recsys")
@@ -80,10 +80,6 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList | None:
         if isinstance(obj, nn.ModuleList):
             return obj
     return None
-
-
-# the cuts `Tokens.for_catalogue` chooses from, longest first (the last is the least)
-TEXT_LENGTHS = (256, 192, 128, 96, 64, 48)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from features.batch import Histories
 from recsys.candidates import History
-from recsys.lm.config import LMConfig
+from recsys.lm.config import TEXT_LENGTHS, LMConfig
 from recsys.lm.numpy_tower import history_matrix, user_vectors_numpy
 from recsys.lm.text import item_texts
 from recsys.memory import mapped_large_blocks, release_free_memory, rss_gib
@@ -173,7 +173,7 @@ class LanguageModel:
             if tok_path is not None:
                 lm_encoder.save_tokens(tok_path, tokens)
         self.tokens_ = tokens
-        self.max_length_ = tokens.max_length or cfg.max_length or lm_encoder.TEXT_LENGTHS[-1]
+        self.max_length_ = tokens.max_length or cfg.max_length or TEXT_LENGTHS[-1]
         if cfg.max_length is None:
             at_cut = float(np.mean(tokens.lengths >= self.max_length_)) if len(tokens.ids) else 0.0
             log.info(
@@ -592,7 +592,7 @@ class LanguageModel:
             int(section.get("user_layers", 0)),
         )
         lm.dim_ = int(section["dim"])
-        lm.max_length_ = int(section.get("max_length") or config.max_length or 48)
+        lm.max_length_ = int(section.get("max_length") or config.max_length or TEXT_LENGTHS[-1])
         vecs = load_file(str(d / files["item_vectors"]))
         lm.item_vectors_ = vecs["item_vectors"]
         lm.text_vectors_ = vecs.get("text_vectors", vecs["item_vectors"])

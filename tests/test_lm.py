@@ -250,6 +250,46 @@ def test_fit_records_the_cut_it_chose_and_a_loaded_model_encodes_at_it(  # type:
         )
 
 
+def test_an_encoder_phase_out_of_device_memory_keeps_the_heads_model(  # type: ignore[no-untyped-def]
+    synth_data, lm_config, monkeypatch, caplog
+) -> None:
+    """A device too small for the encoder's training steps (long texts on a small GPU)
+    ends the fine-tuning, not the fit: the model keeps the heads over the pretrained
+    encoder, which scores as the same fit's heads did, and the log says what to lower."""
+    import logging
+
+    from recsys.candidates import History
+    from recsys.data import IdIndex, to_internal
+    from recsys.lm import model as lm_model
+    from recsys.lm.model import LanguageModel
+
+    inter, items = synth_data
+    ev = to_internal(inter, IdIndex.from_values(inter["user_id"]), IdIndex(items["item_id"]))
+    h = History(ev, int(ev["u"].max()) + 1, len(items))
+    pooled = lm_model._TrainState._pooled
+    steps = []
+
+    def pooled_until_full(self, idx, cache):  # type: ignore[no-untyped-def]
+        if torch.is_grad_enabled():  # a training step (validation passes run without grad)
+            steps.append(len(idx))
+            if len(steps) == 3:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return pooled(self, idx, cache)
+
+    monkeypatch.setattr(lm_model._TrainState, "_pooled", pooled_until_full)
+    with caplog.at_level(logging.WARNING, logger="recsys"):
+        lm = LanguageModel(lm_config.lm).fit(h, items)
+    assert len(steps) == 3, "the encoder phase ran until the device was full"
+    assert not lm.encoder_tuned_ and lm.history_["heads"] and not lm.history_["encoder"]
+    assert "ran out of CPU memory" in caplog.text and "max_length" in caplog.text
+    # the failed step's gradients are not kept alive with the model
+    assert all(p.grad is None for p in lm.tower_.parameters())
+    assert all(p.grad is None for p in lm.user_tower_.parameters())
+    assert np.isfinite(lm.item_vectors_).all()
+    best = max(e["recall@50"] for e in lm.history_["heads"])
+    assert lm.best_recall_ == best
+
+
 def test_fit_gives_unit_item_vectors_and_learns(synth_data, lm_config) -> None:  # type: ignore[no-untyped-def]
     from recsys.candidates import History
     from recsys.data import IdIndex, to_internal

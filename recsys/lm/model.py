@@ -272,21 +272,37 @@ class LanguageModel:
                 )
             release_free_memory()  # what the heads' epochs freed, before the encoder's
             if finetune and (deadline is None or time.perf_counter() < deadline - 30):
-                state.run_phase(
-                    "encoder",
-                    cfg,
-                    train_ex,
-                    valid_ex,
-                    seen_rows,
-                    P0,
-                    (tokens, hidden),
-                    bs,
-                    rng,
-                    deadline,
-                    ckdir,
-                    resumed,
-                    self.seed,
-                )
+                out_of_memory = False
+                try:
+                    state.run_phase(
+                        "encoder",
+                        cfg,
+                        train_ex,
+                        valid_ex,
+                        seen_rows,
+                        P0,
+                        (tokens, hidden),
+                        bs,
+                        rng,
+                        deadline,
+                        ckdir,
+                        resumed,
+                        self.seed,
+                    )
+                except torch.cuda.OutOfMemoryError:
+                    out_of_memory = True  # freed below, once the failed step's frames are
+                if out_of_memory:
+                    state.abandon_phase()
+                    log.warning(
+                        "language model: fine-tuning the encoder ran out of %s memory (a "
+                        "step runs up to %d texts of up to %d tokens through it); the model "
+                        "keeps its best epoch so far (the heads over the pretrained encoder "
+                        "unless an encoder epoch had won). A smaller [lm] max_length (e.g. "
+                        "48) or batch_size lets the encoder train",
+                        dev.type.upper(),
+                        bs,
+                        self.max_length_,
+                    )
             state.finish(ckdir)
         self.timings_["train"] = time.perf_counter() - t0
         self.history_: dict[str, list[dict[str, float]]] = state.history
@@ -831,6 +847,19 @@ class _TrainState:
 
     def finish(self, ckdir: Path | None) -> None:
         self.save_checkpoint(ckdir, {"done": True, "where": "done"})
+
+    def abandon_phase(self) -> None:
+        """After a phase that failed mid-step (out of memory): drop its gradients, freeze
+        the encoder again and give the device's cached blocks back."""
+        for p in itertools.chain(
+            self.tower.parameters(), self.user_tower.parameters(), [self.scale]
+        ):
+            p.grad = None
+        for p in self.encoder_params().values():
+            p.requires_grad_(False)
+        release_free_memory()
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
 
     def restore_best(self) -> None:
         if self.best_state:

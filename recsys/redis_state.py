@@ -299,7 +299,7 @@ class RedisState(SharedState):
 class RedisLists(ListCache):
     """Ranked lists in Redis, shared by every server of the fleet. `capacity` only
     turns the cache off (0); Redis bounds the lists by their time-to-live and its
-    `maxmemory` policy. Reading one is one round trip, which also reads the user's
+    `maxmemory` policy. Reading one is one command (MGET), which also reads the user's
     version for the service's check."""
 
     shared = True
@@ -318,9 +318,10 @@ class RedisLists(ListCache):
     def get_checked_many(
         self, users: list[Id], state: SharedState, batch: int = 1000
     ) -> list[tuple[CachedList | None, int]]:
-        """Each user's list and version, read together (one transaction), one round
-        trip per `batch` of users (seeding 50,000 lists one round trip at a time took
-        most of a 40 s start)."""
+        """Each user's list and version, read together by one MGET (a single command,
+        so atomic as a transaction would be, for a third less of a read's round trip
+        than MULTI, two GETs and EXEC), one round trip per `batch` of users (seeding
+        50,000 lists one round trip at a time took most of a 40 s start)."""
         s = self.state
         out: list[tuple[CachedList | None, int]] = []
         for lo in range(0, len(users), batch):
@@ -328,12 +329,8 @@ class RedisLists(ListCache):
             if self.capacity <= 0 or s._down():
                 out += [(None, 0)] * len(keys)
                 continue
-            p = s.r.pipeline(transaction=True)
-            for key in keys:
-                p.get(s._list_key(key))
-                p.get(s._ver_key(key))
             try:
-                got = p.execute()
+                got = s.r.mget([k for key in keys for k in (s._list_key(key), s._ver_key(key))])
             except s._errors as e:
                 s._lost(e, "reading a list")
                 out += [(None, 0)] * len(keys)

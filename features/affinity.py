@@ -9,34 +9,40 @@ from features.batch import Candidates, Histories, gather_rows, lookup, segment_i
 
 AFFINITY_COLUMNS = ("cat_aff_mean", "cat_aff_max", "cat_aff_recent_max", "item_n_cats")
 
+# users x categories up to which the shares are counted in dense arrays: a request (one
+# user) or a chunk over a short category list, where sorting the (user, category) keys
+# and searching them cost more than the array (8 MB at this size)
+DENSE_CELLS = 1 << 20
+
 
 def user_category_affinity(
-    item_cats: sp.csr_matrix, h: Histories, c: Candidates, recent_n: int = 20
+    item_cats: sp.csr_matrix,
+    h: Histories,
+    c: Candidates,
+    recent_n: int = 20,
+    dense_cells: int = DENSE_CELLS,
 ) -> dict[str, np.ndarray]:
     """cat_aff_mean, cat_aff_max, cat_aff_recent_max, item_n_cats per candidate pair.
 
     item_cats: [n_items, n_categories] binary. A user's affinity to a category is the
     share of their events on items in it (over all their events, or over their last
     `recent_n`, divided by `recent_n`); a candidate gets the mean and the max over its
-    own categories (0 for a category the user never met)."""
+    own categories (0 for a category the user never met). Up to `dense_cells` users x
+    categories the shares are counted in dense arrays, else as sorted (user, category)
+    keys; both give the same values."""
     n_cats = item_cats.shape[1]
     n = len(c)
-    # the user's share of events per category, over all their events and the recent ones
-    lens, cats, _ = gather_rows(item_cats, h.items)
-    rows = np.repeat(segment_index(h.ptr), lens)
-    keys, k = np.unique(rows * n_cats + cats, return_counts=True)
-    aff = k / np.maximum(h.lengths, 1)[keys // n_cats]
     rptr, recent = h.last(recent_n)
-    lens, cats, _ = gather_rows(item_cats, recent)
-    rows = np.repeat(segment_index(rptr), lens)
-    rkeys, rk = np.unique(rows * n_cats + cats, return_counts=True)
-    raff = rk / recent_n
-    # each candidate's categories
+    # each candidate's categories, as (user, category) cells
     n_c, cats, _ = gather_rows(item_cats, c.items)
     pair = np.repeat(np.arange(n, dtype=np.int64), n_c)
     q = c.rows[pair] * n_cats + cats
-    a = lookup(keys, aff, q)
-    ra = lookup(rkeys, raff, q)
+    if len(h) * n_cats <= dense_cells:
+        a = _dense_shares(item_cats, h.ptr, h.items, np.maximum(h.lengths, 1)[:, None])[q]
+        ra = _dense_shares(item_cats, rptr, recent, recent_n)[q]
+    else:
+        a = _sparse_shares(item_cats, h.ptr, h.items, np.maximum(h.lengths, 1), q)
+        ra = _sparse_shares(item_cats, rptr, recent, recent_n, q)
     ptr = np.concatenate([[0], np.cumsum(n_c)]).astype(np.int64)
     return {
         "cat_aff_mean": np.where(
@@ -46,3 +52,33 @@ def user_category_affinity(
         "cat_aff_recent_max": segment_max(ra, ptr),
         "item_n_cats": n_c.astype(np.float64),
     }
+
+
+def _cells(item_cats: sp.csr_matrix, ptr: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """The (user, category) cell of each category of each user's events."""
+    lens, cats, _ = gather_rows(item_cats, items)
+    return np.repeat(segment_index(ptr), lens) * item_cats.shape[1] + cats
+
+
+def _dense_shares(
+    item_cats: sp.csr_matrix, ptr: np.ndarray, items: np.ndarray, per: np.ndarray | int
+) -> np.ndarray:
+    """Every (user, category) cell's events over `per` (per user, or one divisor),
+    flattened; 0 where the user met no item of the category."""
+    B, n_cats = len(ptr) - 1, item_cats.shape[1]
+    k = np.bincount(_cells(item_cats, ptr, items), minlength=B * n_cats).reshape(B, n_cats)
+    return (k / per).ravel()
+
+
+def _sparse_shares(
+    item_cats: sp.csr_matrix,
+    ptr: np.ndarray,
+    items: np.ndarray,
+    per: np.ndarray | int,
+    q: np.ndarray,
+) -> np.ndarray:
+    """`_dense_shares(...)[q]` from the sorted cells the users met."""
+    keys, k = np.unique(_cells(item_cats, ptr, items), return_counts=True)
+    n_cats = item_cats.shape[1]
+    shares = k / (per[keys // n_cats] if isinstance(per, np.ndarray) else per)
+    return lookup(keys, shares, q)

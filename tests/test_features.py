@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+import scipy.sparse as sp
 from polars.testing import assert_frame_equal
 
 from features.batch import Candidates, Histories
@@ -159,3 +160,49 @@ def test_two_level_search_gives_numpys_positions(n: int, monkeypatch: pytest.Mon
     for q in (np.sort(v), v, v[:10]):  # sorted, in any order, and few queries
         got = searchsorted_right(a, a[::BLOCK].copy(), q)
         assert np.array_equal(got, np.searchsorted(a, q, side="right"))
+
+
+def test_category_affinity_is_the_users_share_of_events_per_category() -> None:
+    from features.affinity import user_category_affinity
+
+    # items 0, 1: category 0; item 2: categories 0 and 1; item 3: category 2; item 4: none
+    cats = sp.csr_matrix((np.ones(5), ([0, 1, 2, 2, 3], [0, 0, 0, 1, 2])), shape=(5, 3))
+    # a user who met items 0, 1, 3, 3 (the last two are the recent ones, recent_n 2)
+    h = Histories(
+        np.array([0, 4]), np.array([0, 1, 3, 3]), np.arange(4), np.array([0]), np.array([False])
+    )
+    c = Candidates(np.array([0, 3]), np.array([2, 3, 4]), {})
+    for dense in (0, 1 << 20):  # sorted keys, dense arrays
+        got = user_category_affinity(cats, h, c, recent_n=2, dense_cells=dense)
+        # item 2: categories 0 (2 of 4 events) and 1 (none); item 3: 2 of 4, and both
+        # recent; item 4 has no category
+        np.testing.assert_array_equal(got["cat_aff_mean"], [0.25, 0.5, 0.0])
+        np.testing.assert_array_equal(got["cat_aff_max"], [0.5, 0.5, 0.0])
+        np.testing.assert_array_equal(got["cat_aff_recent_max"], [0.0, 1.0, 0.0])
+        np.testing.assert_array_equal(got["item_n_cats"], [2.0, 1.0, 0.0])
+
+
+@pytest.mark.parametrize("n_users", [1, 7])
+def test_category_affinity_counts_the_same_in_dense_arrays_and_sorted_keys(n_users: int) -> None:
+    """A request (dense arrays) and a large chunk (sorted keys) get the same bits."""
+    from features.affinity import user_category_affinity
+
+    rng = np.random.default_rng(n_users)
+    for n_cats in (1, 5, 40):
+        n_items = 60
+        per_item = np.minimum(rng.integers(0, 4, n_items), n_cats)
+        rows = np.repeat(np.arange(n_items), per_item)
+        cols = np.concatenate([rng.choice(n_cats, k, replace=False) for k in per_item])
+        cats = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_items, n_cats))
+        lens = rng.integers(1, 30, n_users)
+        ptr = np.concatenate([[0], np.cumsum(lens)])
+        h = Histories(ptr, rng.integers(0, n_items, ptr[-1]), np.arange(ptr[-1]),
+                      np.arange(n_users), np.zeros(n_users, bool))  # fmt: skip
+        cands = [np.sort(rng.choice(n_items, rng.integers(1, 40), replace=False)) for _ in lens]
+        c = Candidates(np.concatenate([[0], np.cumsum([len(x) for x in cands])]),
+                       np.concatenate(cands).astype(np.int64), {})  # fmt: skip
+        keyed = user_category_affinity(cats, h, c, recent_n=6, dense_cells=0)
+        dense = user_category_affinity(cats, h, c, recent_n=6)
+        assert keyed.keys() == dense.keys()
+        for k in keyed:
+            np.testing.assert_array_equal(dense[k], keyed[k], err_msg=k)

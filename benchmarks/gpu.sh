@@ -9,6 +9,12 @@
 #                text-rich set (default /work/data/amazon2018-magazine/min2, made by
 #                benchmarks/get_amazon_magazine.sh); skipped when absent
 #   SEED=0       the pipeline's seed
+#   ONLY=...     the sets to run, comma-separated (text-rich,ml-latest-small: the default,
+#                the shorter first)
+#   STEP_TIMEOUT=0  seconds each encode, fit or evaluate may take (0: no limit), so that
+#                one slow step cannot spend a lent machine's whole time
+# Each set's line of the summary is appended to WORK/summary.txt as soon as the set is
+# done, and every step's output is in WORK as it runs: a run cut short keeps what it did.
 # Exits 1 without a CUDA device; every other failure stops the script (set -e).
 set -euo pipefail
 
@@ -18,8 +24,11 @@ WORK="${1:-/tmp/recsys-gpu}"
 ML_RAW="${ML_RAW:-$HERE/../shared/datasets/ml-latest-small}"
 TEXT_RICH="${TEXT_RICH:-/work/data/amazon2018-magazine/min2}"
 SEED="${SEED:-0}"
+ONLY="${ONLY:-text-rich,ml-latest-small}"
+STEP_TIMEOUT="${STEP_TIMEOUT:-0}"
 mkdir -p "$WORK"
 cd "$HERE"
+step() { timeout "$STEP_TIMEOUT" "$@"; } # timeout 0: no limit
 
 "$BIN/python" - <<'EOF' || { echo "no CUDA device: torch.cuda.is_available() is False" >&2; exit 1; }
 import sys, torch
@@ -33,17 +42,31 @@ echo "== gpu tests"
 "$BIN/python" -m pytest -q -m gpu -p no:cacheprovider tests/
 
 sets=()
-if [ -d "$ML_RAW" ]; then
-    [ -f "$WORK/ml/interactions.parquet" ] || "$BIN/recsys" ingest movielens "$ML_RAW" "$WORK/ml"
-    sets+=("ml-latest-small=$WORK/ml")
-else
-    echo "ml-latest-small not found at $ML_RAW: skipped" >&2
-fi
-if [ -f "$TEXT_RICH/interactions.parquet" ]; then
-    sets+=("text-rich=$TEXT_RICH")
-else
-    echo "text-rich set not found at $TEXT_RICH: skipped (benchmarks/get_amazon_magazine.sh)" >&2
-fi
+IFS=, read -ra wanted <<<"$ONLY"
+for want in "${wanted[@]}"; do
+    case "$want" in
+    text-rich)
+        if [ -f "$TEXT_RICH/interactions.parquet" ]; then
+            sets+=("text-rich=$TEXT_RICH")
+        else
+            echo "text-rich set not found at $TEXT_RICH: skipped (benchmarks/get_amazon_magazine.sh)" >&2
+        fi
+        ;;
+    ml-latest-small)
+        if [ -d "$ML_RAW" ]; then
+            [ -f "$WORK/ml/interactions.parquet" ] ||
+                "$BIN/recsys" ingest movielens "$ML_RAW" "$WORK/ml"
+            sets+=("ml-latest-small=$WORK/ml")
+        else
+            echo "ml-latest-small not found at $ML_RAW: skipped" >&2
+        fi
+        ;;
+    *)
+        echo "unknown set in ONLY: $want (text-rich, ml-latest-small)" >&2
+        exit 2
+        ;;
+    esac
+done
 
 printf 'seed = %s\n' "$SEED" > "$WORK/seed.toml"
 summary=()
@@ -51,15 +74,15 @@ for entry in "${sets[@]}"; do
     name="${entry%%=*}"
     data="${entry#*=}"
     echo "== $name ($data)"
-    "$BIN/recsys" bench encode --items "$data/items.parquet" --device cuda --n 5000 \
+    step "$BIN/recsys" bench encode --items "$data/items.parquet" --device cuda --n 5000 \
         | tee "$WORK/encode_$name.txt"
-    /usr/bin/time -v "$BIN/recsys" fit --config "$WORK/seed.toml" \
+    step /usr/bin/time -v "$BIN/recsys" fit --config "$WORK/seed.toml" \
         --interactions "$data/interactions.parquet" --items "$data/items.parquet" \
         --out "$WORK/bundle_$name" 2> >(tee "$WORK/fit_$name.log" >&2)
-    "$BIN/recsys" evaluate --config "$WORK/seed.toml" \
+    step "$BIN/recsys" evaluate --config "$WORK/seed.toml" \
         --interactions "$data/interactions.parquet" --items "$data/items.parquet" \
         --out "$WORK/eval_$name" 2> "$WORK/eval_$name.log"
-    summary+=("$("$BIN/python" - "$name" "$WORK" <<'EOF'
+    line="$("$BIN/python" - "$name" "$WORK" <<'EOF'
 import json, re, sys
 from pathlib import Path
 
@@ -76,7 +99,9 @@ ndcg = {k: v.get("ndcg@10") for k, v in m["models"].items() if isinstance(v, dic
 print(f"{name}: fit {wall} (peak {peak:.1f} GiB), frozen encoding in the fit {rate}, "
       f"NDCG@10 " + ", ".join(f"{k} {v:.4f}" for k, v in ndcg.items() if v is not None))
 EOF
-)")
+)"
+    echo "$line" | tee -a "$WORK/summary.txt"
+    summary+=("$line")
 done
 
 echo

@@ -290,7 +290,7 @@ class LanguageModel:
                         self.seed,
                     )
                 except torch.cuda.OutOfMemoryError:
-                    out_of_memory = True  # freed below, once the failed step's frames are
+                    out_of_memory = True  # freed below, once the failed step's frames are gone
                 if out_of_memory:
                     state.abandon_phase()
                     log.warning(

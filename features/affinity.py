@@ -37,12 +37,9 @@ def user_category_affinity(
     n_c, cats, _ = gather_rows(item_cats, c.items)
     pair = np.repeat(np.arange(n, dtype=np.int64), n_c)
     q = c.rows[pair] * n_cats + cats
-    if len(h) * n_cats <= dense_cells:
-        a = _dense_shares(item_cats, h.ptr, h.items, np.maximum(h.lengths, 1)[:, None])[q]
-        ra = _dense_shares(item_cats, rptr, recent, recent_n)[q]
-    else:
-        a = _sparse_shares(item_cats, h.ptr, h.items, np.maximum(h.lengths, 1), q)
-        ra = _sparse_shares(item_cats, rptr, recent, recent_n, q)
+    shares = _dense_shares if len(h) * n_cats <= dense_cells else _sparse_shares
+    a = shares(item_cats, h.ptr, h.items, np.maximum(h.lengths, 1), q)
+    ra = shares(item_cats, rptr, recent, np.full(len(h), recent_n), q)
     ptr = np.concatenate([[0], np.cumsum(n_c)]).astype(np.int64)
     return {
         "cat_aff_mean": np.where(
@@ -61,24 +58,22 @@ def _cells(item_cats: sp.csr_matrix, ptr: np.ndarray, items: np.ndarray) -> np.n
 
 
 def _dense_shares(
-    item_cats: sp.csr_matrix, ptr: np.ndarray, items: np.ndarray, per: np.ndarray | int
+    item_cats: sp.csr_matrix, ptr: np.ndarray, items: np.ndarray, per: np.ndarray, q: np.ndarray
 ) -> np.ndarray:
-    """Every (user, category) cell's events over `per` (per user, or one divisor),
-    flattened; 0 where the user met no item of the category."""
+    """Each cell of `q`: the user's events in the category over the user's `per`; 0 where
+    they met no item of it. Counted for every cell in a dense array."""
     B, n_cats = len(ptr) - 1, item_cats.shape[1]
     k = np.bincount(_cells(item_cats, ptr, items), minlength=B * n_cats).reshape(B, n_cats)
-    return (k / per).ravel()
+    return (k / per[:, None]).ravel()[q]
 
 
 def _sparse_shares(
     item_cats: sp.csr_matrix,
     ptr: np.ndarray,
     items: np.ndarray,
-    per: np.ndarray | int,
+    per: np.ndarray,
     q: np.ndarray,
 ) -> np.ndarray:
-    """`_dense_shares(...)[q]` from the sorted cells the users met."""
+    """`_dense_shares` from the sorted cells the users met, searched for `q`."""
     keys, k = np.unique(_cells(item_cats, ptr, items), return_counts=True)
-    n_cats = item_cats.shape[1]
-    shares = k / (per[keys // n_cats] if isinstance(per, np.ndarray) else per)
-    return lookup(keys, shares, q)
+    return lookup(keys, k / per[keys // item_cats.shape[1]], q)

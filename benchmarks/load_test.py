@@ -27,7 +27,9 @@ until every worker answers /readyz, runs its scenario and stops the server.
   same bundle in the middle; errors and the reload's time.
 
 Prints req/s, p50/p90/p99 and errors (non-2xx responses plus socket errors); exits 1
-when any request failed. Needs wrk (Debian: apt-get install wrk).
+when any request failed. The percentiles are wrk's, which it corrects for coordinated
+omission; beside them, in brackets, the requests' own (the histogram wrk reports, with
+its correction undone: see loadmix.HIST_LUA). Needs wrk (Debian: apt-get install wrk).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from typing import Any
 import polars as pl
 import psutil
 from loadmix import (
+    HIST_LUA,
     FreshnessProbe,
     RssSampler,
     Server,
@@ -93,7 +96,8 @@ def uniform_script(args: argparse.Namespace, path: Path) -> int:
     ids = users + [f"unknown-{j}" for j in range(n_unknown)]
     items = pl.read_parquet(args.bundle / "items.parquet")["item_id"].head(2000).to_list()
     path.write_text(
-        UNIFORM_LUA
+        HIST_LUA
+        + UNIFORM_LUA
         % {
             "ids_path": ",".join(lua_str(path_id(x)) for x in ids),
             "ids_json": ",".join(lua_str(json_id(x)) for x in ids),

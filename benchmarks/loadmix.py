@@ -172,19 +172,24 @@ def mix_lua(users: list[Any], items: list[Any], *, pace_ms: float = 0.0, **mix: 
     m = Mix(**mix)
     cdf = zipf_cdf(len(users), m.exponent)
     pace = PACE_LUA % {"pace_ms": pace_ms} if pace_ms > 0 else ""
-    return pace + MIX_LUA % {
-        "users_path": ",".join(lua_str(path_id(u)) for u in users),
-        "users_json": ",".join(lua_str(json_id(u)) for u in users),
-        "cdf": ",".join(f"{p:.10g}" for p in cdf),
-        "items": ",".join(lua_str(json_id(i)) for i in items),
-        "k": m.k,
-        "event_share": m.event_share,
-        "unknown_share": m.unknown_share,
-        "hist_min": m.hist_min,
-        "hist_max": m.hist_max,
-        "tag": m.tag,
-        "seed": m.seed,
-    }
+    return (
+        pace
+        + HIST_LUA
+        + MIX_LUA
+        % {
+            "users_path": ",".join(lua_str(path_id(u)) for u in users),
+            "users_json": ",".join(lua_str(json_id(u)) for u in users),
+            "cdf": ",".join(f"{p:.10g}" for p in cdf),
+            "items": ",".join(lua_str(json_id(i)) for i in items),
+            "k": m.k,
+            "event_share": m.event_share,
+            "unknown_share": m.unknown_share,
+            "hist_min": m.hist_min,
+            "hist_max": m.hist_max,
+            "tag": m.tag,
+            "seed": m.seed,
+        }
+    )
 
 
 # -- every request timed on its own ---------------------------------------------------
@@ -286,10 +291,93 @@ def wrk_cmd(url: str, script: Path, conns: int, duration: float) -> list[str]:
     ]
 
 
+# wrk corrects its latency histogram for coordinated omission before it reports (and
+# before `done` sees it): with e = the run's time / (requests / connections), the mean
+# interval between a connection's requests, every sample n >= 2e adds one more sample
+# at each of n - e, n - 2e, ... while that is above e, the latencies of requests that
+# an open-loop client would have sent on schedule behind the slow one. Every script
+# of the load test ends with this `done`, which prints the corrected histogram
+# (microseconds: count), so that the requests' own latencies can be recovered.
+HIST_LUA = """
+done = function(summary, latency, requests)
+  local parts = {}
+  for i = 1, #latency do
+    local v, c = latency(i)
+    parts[#parts + 1] = string.format("%d:%d", v, c)
+  end
+  io.write(string.format("recsys-latency-us %d %d %s\\n", summary.duration,
+    summary.requests, table.concat(parts, ",")))
+end
+"""
+
+
+def wrk_interval_us(duration_us: int, requests: int, conns: int) -> int:
+    """wrk's expected interval between a connection's requests (integer arithmetic as
+    in its C); 0 when wrk made no correction."""
+    per_conn = requests // conns
+    return duration_us // per_conn if per_conn > 0 else 0
+
+
+def wrk_correct(raw: np.ndarray, e: int) -> np.ndarray:
+    """wrk's `stats_correct` over a histogram indexed by microseconds (kept to test
+    `wrk_uncorrect` against)."""
+    out = raw.copy()
+    if e <= 0:
+        return out
+    for n in range(2 * e, len(raw)):
+        m = n - e
+        while raw[n] and m > e:
+            out[m] += raw[n]
+            m -= e
+    return out
+
+
+def wrk_uncorrect(corrected: np.ndarray, e: int) -> np.ndarray:
+    """The histogram before wrk's correction. For m > e the corrected count is the sum
+    of the raw counts at m, m + e, m + 2e, ..., so raw[m] = corrected[m] -
+    corrected[m + e]; at m <= e nothing was added."""
+    raw = corrected.copy()
+    if e <= 0 or e + 1 >= len(raw):
+        return raw
+    raw[e + 1 : len(raw) - e] -= corrected[2 * e + 1 :]
+    return raw
+
+
+def wrk_percentile_ms(hist: np.ndarray, p: float) -> float:
+    """wrk's `stats_percentile`: the smallest value whose cumulative count reaches
+    round(p / 100 * count + 0.5)."""
+    total = int(hist.sum())
+    if total == 0:
+        return float("nan")
+    rank = math.floor(p / 100 * total + 0.5 + 0.5)  # C's round() of x + 0.5, x >= 0
+    return float(np.searchsorted(np.cumsum(hist), rank)) / 1000
+
+
+def parse_wrk_histogram(out: str, conns: int) -> dict[str, float]:
+    """From `HIST_LUA`'s line: p50/p90/p99 of the requests' own latencies (`raw_p*_ms`),
+    the same from the corrected histogram as wrk computes them (`cor_p*_ms`, a check
+    against its printed figures) and the correction's interval. Empty without the line."""
+    m = re.search(r"^recsys-latency-us (\d+) (\d+) ([\d:,]*)$", out, re.M)
+    if not m or not m.group(3):
+        return {}
+    pairs = np.array([x.split(":") for x in m.group(3).split(",")], dtype=np.int64)
+    corrected = np.zeros(int(pairs[:, 0].max()) + 1, dtype=np.int64)
+    np.add.at(corrected, pairs[:, 0], pairs[:, 1])
+    e = wrk_interval_us(int(m.group(1)), int(m.group(2)), conns)
+    raw = wrk_uncorrect(corrected, e)
+    res: dict[str, float] = {"correction_interval_ms": e / 1000}
+    for p in (50, 90, 99):
+        res[f"raw_p{p}_ms"] = wrk_percentile_ms(raw, p)
+        res[f"cor_p{p}_ms"] = wrk_percentile_ms(corrected, p)
+    return res
+
+
 def parse_wrk(out: str, conns: int) -> dict[str, float]:
     """req/s, requests, p50/p90/p99 in ms, and errors: non-2xx/3xx responses (wrk's
-    "Non-2xx or 3xx responses") plus socket errors (connect, read, write, timeout)."""
-    res: dict[str, float] = {"connections": conns}
+    "Non-2xx or 3xx responses") plus socket errors (connect, read, write, timeout).
+    p50/p90/p99 are wrk's, corrected for coordinated omission; with `HIST_LUA` in the
+    script, `raw_p*_ms` are the requests' own latencies."""
+    res: dict[str, float] = {"connections": conns, **parse_wrk_histogram(out, conns)}
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     res["req_s"] = float(m.group(1)) if m else float("nan")
     m = re.search(r"(\d+) requests in", out)
@@ -345,10 +433,19 @@ def _socket_kinds(r: dict[str, float]) -> str:
     return f": {', '.join(kinds)}" if r["socket_errors"] else ""
 
 
+def _raw(r: dict[str, float]) -> str:
+    if "raw_p99_ms" not in r:
+        return ""
+    return (
+        f" (requests' own: p50 {r['raw_p50_ms']:.2f} p90 {r['raw_p90_ms']:.2f} "
+        f"p99 {r['raw_p99_ms']:.2f} ms)"
+    )
+
+
 def fmt_wrk(r: dict[str, float]) -> str:
     return (
         f"{int(r['connections']):3d} conn: {r['req_s']:8.1f} req/s  p50 {r['p50_ms']:.2f} ms  "
-        f"p90 {r['p90_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  errors {int(r['errors'])} "
+        f"p90 {r['p90_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms{_raw(r)}  errors {int(r['errors'])} "
         f"(non-2xx {int(r['non_2xx'])}, socket {int(r['socket_errors'])}{_socket_kinds(r)}) "
         f"of {int(r['requests'])}"
     )

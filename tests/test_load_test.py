@@ -21,7 +21,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from loadmix import mix_lua, parse_wrk, users_by_activity, zipf_cdf
+from loadmix import (
+    mix_lua,
+    parse_wrk,
+    users_by_activity,
+    wrk_correct,
+    wrk_percentile_ms,
+    wrk_uncorrect,
+    zipf_cdf,
+)
 
 WRK_OUT = """Running 10s test @ http://127.0.0.1:8000
   1 threads and 16 connections
@@ -48,6 +56,26 @@ def test_wrk_report_counts_non_2xx_and_socket_errors() -> None:
     lines = [x for x in WRK_OUT.splitlines() if "errors" not in x and "Non-2xx" not in x]
     clean = parse_wrk("\n".join(lines), 16)
     assert clean["errors"] == 0
+
+
+def test_wrk_correction_is_undone_exactly() -> None:
+    """wrk adds, for a sample n >= 2e, samples at n - e, n - 2e, ... above e; the
+    requests' own latencies are recovered from what it reports."""
+    raw = np.zeros(12, np.int64)
+    raw[10], raw[2] = 1, 5
+    cor = wrk_correct(raw, 3)
+    assert cor.tolist() == [0, 0, 5, 0, 1, 0, 0, 1, 0, 0, 1, 0]  # 10 -> 7, 4 (not 1)
+    assert (wrk_uncorrect(cor, 3) == raw).all()
+    rng = np.random.default_rng(0)
+    for e in (1, 2, 7, 50, 400, 5000):
+        raw = rng.poisson(0.3, 3000) * (rng.random(3000) < 0.2)
+        assert (wrk_uncorrect(wrk_correct(raw, e), e) == raw).all()
+    assert (wrk_uncorrect(raw, 0) == raw).all()
+    # wrk's percentile: the first value whose cumulative count reaches round(p% n + 0.5)
+    h = np.zeros(5000, np.int64)
+    h[[1000, 2000, 4000]] = [98, 1, 1]
+    assert wrk_percentile_ms(h, 50) == 1.0  # rank round(50.5) = 51
+    assert wrk_percentile_ms(h, 98) == 2.0 and wrk_percentile_ms(h, 99) == 4.0  # 99, 100
 
 
 def test_users_are_ordered_by_their_events(tmp_path: Path) -> None:
@@ -97,13 +125,19 @@ def test_realistic_mix_sends_the_intended_traffic(tmp_path: Path) -> None:
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{srv.server_address[1]}"
-        cmd = ["wrk", "-t1", "-c2", "-d2s", "-s", str(script), url]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+        cmd = ["wrk", "-t1", "-c2", "-d2s", "--latency", "-s", str(script), url]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60)
     finally:
         srv.shutdown()
     seen = _Counting.seen
     n = len(seen)
     assert n > 1000
+    # the histogram the script prints is the one wrk reports from, and the requests'
+    # own latencies are no higher than that at any percentile here (no slow request)
+    r = parse_wrk(out.stdout, 2)
+    for p in ("50", "90", "99"):
+        assert abs(r[f"cor_p{p}_ms"] - r[f"p{p}_ms"]) <= 0.01 * max(1.0, r[f"p{p}_ms"]), r
+        assert 0 < r[f"raw_p{p}_ms"] <= r[f"cor_p{p}_ms"] + 1.0
     kinds = Counter()
     read_users: Counter[str] = Counter()
     for method, path, body in seen:

@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/load_test.py --bundle B --soak 60
     .venv/bin/python benchmarks/load_test.py --bundle B --kill-worker
     .venv/bin/python benchmarks/load_test.py --bundle B --reload-under-load
+    .venv/bin/python benchmarks/load_test.py --bundle B --mix realistic --haproxy
 
 Each run starts the server on 127.0.0.1 (a free port, `--workers` processes), waits
 until every worker answers /readyz, runs its scenario and stops the server.
@@ -25,6 +26,10 @@ until every worker answers /readyz, runs its scenario and stops the server.
   at 5 s; errors, the replacement's pid and when it answered again.
 - `--reload-under-load`: the mix at 16 connections for 20 s; POST /admin/reload of the
   same bundle in the middle; errors and the reload's time.
+- `--haproxy` (with any of the above): the server's workers also listen on ports of
+  their own (`--worker-ports`) and the load goes through haproxy with
+  serving/haproxy.cfg, which gives each worker one request at a time and queues the
+  rest in one queue; the freshness probe still reads on the workers themselves.
 
 Prints req/s, p50/p90/p99 and errors (non-2xx responses plus socket errors); exits 1
 when any request failed. The percentiles are wrk's, which it corrects for coordinated
@@ -52,12 +57,14 @@ import polars as pl
 import psutil
 from loadmix import (
     HIST_LUA,
+    Balancer,
     FreshnessProbe,
     RssSampler,
     Server,
     WrkRun,
     fmt_timed,
     fmt_wrk,
+    free_ports,
     json_id,
     lua_str,
     mix_lua,
@@ -148,11 +155,11 @@ def paced_run(
     pace_ms = target
     for _ in range(2):
         realistic_script(args, paced, users, pace_ms=pace_ms)
-        probe = run_wrk(srv.url, paced, c, max(2.0, args.duration / 5))
+        probe = run_wrk(srv.load_url, paced, c, max(2.0, args.duration / 5))
         latency_part = max(0.0, c * 1000.0 / max(probe["req_s"], 1e-9) - pace_ms)
         pace_ms = max(target / 10, target - latency_part)
     realistic_script(args, paced, users, pace_ms=pace_ms)
-    pr = run_wrk(srv.url, paced, c, args.duration)
+    pr = run_wrk(srv.load_url, paced, c, args.duration)
     pr["offered_rate"] = args.rate
     pr["think_ms"] = pace_ms
     return pr
@@ -176,7 +183,7 @@ def connection_runs(
     args: argparse.Namespace, srv: Server, script: Path, users: list[Any] | None
 ) -> dict[str, Any]:
     if args.warmup:
-        run_wrk(srv.url, script, 16, args.warmup)
+        run_wrk(srv.load_url, script, 16, args.warmup)
     conns = [int(x) for x in args.connections.split(",")]
     runs = []
     fresh = None
@@ -186,7 +193,7 @@ def connection_runs(
             probe = FreshnessProbe(srv, users, args.zipf, args.k, args.freshness)
             probe.start()
         before = srv.refreshes() if users is not None else {}
-        r = run_wrk(srv.url, script, c, args.duration)
+        r = run_wrk(srv.load_url, script, c, args.duration)
         runs.append(r)
         print(fmt_wrk(r), flush=True)
         if users is not None:
@@ -222,7 +229,7 @@ def connection_runs(
     if users is not None and args.per_request:
         items = pl.read_parquet(args.bundle / "items.parquet")["item_id"].to_list()
         timed = timed_mix(
-            srv.url, users, items, args.per_request, k=args.k, exponent=args.zipf,
+            srv.load_url, users, items, args.per_request, k=args.k, exponent=args.zipf,
             event_share=0.01 if args.event_share is None else args.event_share,
             unknown_share=0.05 if args.unknown_share is None else args.unknown_share,
             seed=args.seed, tag=secrets.token_hex(4),
@@ -239,12 +246,12 @@ def connection_runs(
 
 def soak(args: argparse.Namespace, srv: Server, script: Path) -> dict[str, Any]:
     c = args.soak_connections
-    warm = run_wrk(srv.url, script, c, args.soak_warmup) if args.soak_warmup else None
+    warm = run_wrk(srv.load_url, script, c, args.soak_warmup) if args.soak_warmup else None
     if warm:
         print("warm-up " + fmt_wrk(warm), flush=True)
     sampler = RssSampler(srv, 1.0)
     sampler.start()
-    r = run_wrk(srv.url, script, c, args.soak)
+    r = run_wrk(srv.load_url, script, c, args.soak)
     time.sleep(1.1)  # one sample after the load
     sampler.stop()
     rss = [s[1] for s in sampler.samples]
@@ -288,9 +295,9 @@ def _established(pid: int, port: int) -> int:
 
 def kill_worker(args: argparse.Namespace, srv: Server, script: Path) -> dict[str, Any]:
     if args.warmup:
-        run_wrk(srv.url, script, 16, args.warmup)
+        run_wrk(srv.load_url, script, 16, args.warmup)
     before = srv.worker_pids()
-    run = WrkRun(srv.url, script, 16, args.fault_duration)
+    run = WrkRun(srv.load_url, script, 16, args.fault_duration)
     time.sleep(args.kill_at)
     victim = before[0]
     conns = _established(victim, srv.port)
@@ -348,10 +355,10 @@ def reload_under_load(
     args: argparse.Namespace, srv: Server, script: Path, token: str
 ) -> dict[str, Any]:
     if args.warmup:
-        run_wrk(srv.url, script, 16, args.warmup)
+        run_wrk(srv.load_url, script, 16, args.warmup)
     sampler = RssSampler(srv, 0.5)
     sampler.start()
-    run = WrkRun(srv.url, script, 16, args.fault_duration)
+    run = WrkRun(srv.load_url, script, 16, args.fault_duration)
     time.sleep(args.fault_duration / 2 - 3)
     body = json.dumps({"bundle": str(args.bundle.resolve())})
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=600)
@@ -382,7 +389,7 @@ def reload_under_load(
         f"{gib(rss[-1])} at the end",
         flush=True,
     )
-    after = run_wrk(srv.url, script, 16, 5)  # what the reloaded server does (its caches)
+    after = run_wrk(srv.load_url, script, 16, 5)  # what the reloaded server does (its caches)
     print("after the reload, 5 s: " + fmt_wrk(after), flush=True)
     return {
         "wrk": r,
@@ -401,6 +408,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="send the load through haproxy (serving/haproxy.cfg) to the workers' own "
+        "ports (`recsys serve --worker-ports`): one queue for both workers",
+    )
     ap.add_argument("--connections", default="1,16")
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     ap.add_argument("--k", type=int, default=10)
@@ -512,10 +525,17 @@ def main() -> None:
         env["RECSYS_ADMIN_TOKEN"] = token
     srv = Server(args.bundle, args.workers, not args.no_cache, args.prefill, env)
     srv.extra = shlex.split(args.serve_args)
+    if args.haproxy:
+        base = free_ports(args.workers)
+        srv.extra += ["--worker-ports", str(base)]
+        srv.front = Balancer(list(range(base, base + args.workers)))
     srv.start()
     result: dict[str, Any] = {"scenario": scenario, "machine": cpu()}
     try:
         ready_s = srv.wait_ready(900)
+        if srv.front is not None:
+            srv.front.start()
+            what += f"; through haproxy (serving/haproxy.cfg) on port {srv.front.port}"
         cache = "off" if args.no_cache else "on, prefilled" if args.prefill else "on"
         print(
             f"server ready in {ready_s:.1f} s: {args.workers} worker(s) "

@@ -458,6 +458,69 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> int:
+    """The first of n consecutive free ports on 127.0.0.1."""
+    for _ in range(100):
+        base = free_port()
+        socks: list[socket.socket] = []
+        try:
+            for j in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + j))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+@dataclass
+class Balancer:
+    """haproxy with serving/haproxy.cfg in front of a server's workers' own ports
+    (`recsys serve --worker-ports`): each worker gets one request at a time and the rest
+    wait in the balancer's one queue."""
+
+    worker_ports: list[int]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        if len(self.worker_ports) != 2:
+            raise SystemExit("serving/haproxy.cfg has two workers' ports: use --workers 2")
+        env = {
+            **os.environ,
+            "RECSYS_LB_BIND": f"127.0.0.1:{self.port}",
+            "RECSYS_LB_W1": f"127.0.0.1:{self.worker_ports[0]}",
+            "RECSYS_LB_W2": f"127.0.0.1:{self.worker_ports[1]}",
+        }
+        cmd = ["haproxy", "-db", "-f", str(ROOT / "serving" / "haproxy.cfg")]
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise SystemExit("haproxy did not answer /readyz")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+            self.proc = None
+
+
 @dataclass
 class Server:
     """`recsys serve` on 127.0.0.1 in its own session (stopped with its whole group)."""
@@ -471,9 +534,16 @@ class Server:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
+    front: Balancer | None = None  # where the load goes, when not straight to the server
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def load_url(self) -> str:
+        """Where the load generator sends its requests: the balancer, when there is one."""
+        return self.front.url if self.front is not None else self.url
 
     def start(self) -> None:
         cmd = (
@@ -496,6 +566,8 @@ class Server:
         self.proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **self.env})
 
     def stop(self) -> None:
+        if self.front is not None:
+            self.front.stop()
         if self.proc is None:
             return
         try:

@@ -59,12 +59,46 @@ def reuse_port_socket(host: str, port: int, reuse_port: bool = True) -> socket.s
     return sock
 
 
+_claims: list[socket.socket] = []  # a worker's claim on its own port, held for its life
+
+
+def own_port_socket(host: str, base: int, n: int) -> socket.socket:
+    """A socket bound to the first port of base .. base + n - 1 that no other worker
+    holds, not yet listening (it listens once the worker serves, as its SO_REUSEPORT
+    socket does, so that a worker still loading refuses connections and a balancer
+    sends them to the others): a worker's own port, for a balancer in front. A worker
+    claims its port by a name in Linux's abstract socket namespace, which the kernel
+    frees when the process ends, so a replacement takes the port of the worker that
+    died. (Binding alone cannot claim it: sockets with SO_REUSEADDR, needed to bind
+    beside the dead worker's closing connections, may share a port until one listens.)"""
+    for port in range(base, base + n):
+        claim = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            claim.bind(f"\0recsys-worker-port-{host}-{port}")
+        except OSError:
+            claim.close()
+            continue
+        try:
+            sock = reuse_port_socket(host, port, reuse_port=False)
+        except OSError:
+            claim.close()
+            continue
+        _claims.append(claim)
+        return sock
+    raise OSError(f"none of the ports {base}-{base + n - 1} is free")
+
+
 class ReusePortProcess(multiprocess.Process):
-    """A uvicorn worker that listens on a socket of its own."""
+    """A uvicorn worker that listens on a socket of its own (and on a port of its own
+    when the server was given worker ports)."""
 
     def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover
         sock = reuse_port_socket(self.config.host, self.config.port)
-        super().target([sock])
+        own = []
+        base = getattr(self.config, "worker_port_base", None)  # `recsys serve --worker-ports`
+        if base is not None:
+            own = [own_port_socket(self.config.host, base, self.config.workers)]
+        super().target([sock, *own])
 
 
 def exit_with_parent(parent: int, every: float = 1.0) -> threading.Thread:
@@ -96,9 +130,10 @@ def migrates_requests() -> bool | None:
         return None
 
 
-def run_workers(config: Any) -> None:
+def run_workers(config: Any, port_base: int | None = None) -> None:
     """uvicorn's multiprocess supervisor over `config.workers` workers, each with its
-    own SO_REUSEPORT socket. Raises OSError when the address cannot be bound."""
+    own SO_REUSEPORT socket and, given `port_base`, a port of its own among port_base ..
+    port_base + workers - 1. Raises OSError when an address cannot be bound."""
     if not migrates_requests():
         log.warning(
             "net.ipv4.tcp_migrate_req is off: connections still queued on a worker that "
@@ -108,5 +143,9 @@ def run_workers(config: Any) -> None:
     # a clear error before spawning, and without SO_REUSEPORT so that a server already
     # on the port (even one of ours) refuses it rather than sharing its connections
     reuse_port_socket(config.host, config.port, reuse_port=False).close()
+    if port_base is not None:
+        for port in range(port_base, port_base + config.workers):
+            reuse_port_socket(config.host, port, reuse_port=False).close()
+    config.worker_port_base = port_base  # travels to the workers with their config
     multiprocess.Process = ReusePortProcess  # type: ignore[misc]  # what the supervisor spawns
     multiprocess.Multiprocess(config, sockets=[]).run()

@@ -467,6 +467,127 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads on Linux")
+def test_worker_ports_give_each_worker_a_port_that_its_replacement_takes_again(
+    bundle_dir: Path, tmp_path: Path, short_tmp: Path, model: Model
+) -> None:
+    """`--worker-ports BASE`: for a balancer in front, each worker also listens on a
+    port of its own, BASE and BASE + 1 for two workers; a worker killed with -9 is
+    replaced and the replacement answers on the port it left. Settings that cannot
+    give each worker a port are refused before anything loads. Where haproxy is
+    installed, the shipped serving/haproxy.cfg in front answers every request, also
+    while a worker is dead (the balancer sends them to the other)."""
+    import socket
+    import subprocess
+    import time
+
+    import psutil
+
+    def free_ports(n: int) -> int:
+        for _ in range(50):  # n free consecutive ports
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                base = s.getsockname()[1]
+            if base + n > 65535:
+                continue
+            try:
+                socks = [socket.create_server(("127.0.0.1", base + j)) for j in range(n)]
+            except OSError:
+                continue
+            for x in socks:
+                x.close()
+            return base
+        raise AssertionError("no free ports")
+
+    def balancer(base: int) -> tuple[subprocess.Popen[bytes], int]:
+        """haproxy with the shipped serving/haproxy.cfg in front of the workers' ports."""
+        front = free_ports(1)
+        env = {
+            **os.environ,
+            "RECSYS_LB_BIND": f"127.0.0.1:{front}",
+            "RECSYS_LB_W1": f"127.0.0.1:{base}",
+            "RECSYS_LB_W2": f"127.0.0.1:{base + 1}",
+        }
+        cfg = Path(__file__).resolve().parents[1] / "serving" / "haproxy.cfg"
+        lb = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], env=env)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and not ready(front):
+            time.sleep(0.2)
+        return lb, front
+
+    port, base = free_ports(1), free_ports(2)
+    exe = str(Path(sys.executable).parent / "recsys")
+    cmd = [exe, "serve", "--bundle", str(bundle_dir), "--port", str(port), "--workers", "2"]
+    env = {**os.environ, "RECSYS_TREE_CACHE": str(tmp_path / "trees"), "TMPDIR": str(short_tmp)}
+    for bad, says in (
+        (["--workers", "1", "--worker-ports", str(base)], "needs --workers 2 or more"),
+        (["--worker-ports", str(port - 1)], "must lie in 1-65535 and not hold --port"),
+        (["--worker-ports", "65535"], "must lie in 1-65535"),
+        (["--shared-socket", "--worker-ports", str(base)], "--reuse-port"),
+    ):
+        r = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 2 and says in r.stderr, (bad, r.stderr)
+
+    def owners() -> dict[int, int]:  # own port: the worker listening on it
+        out = {}
+        for c in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                for k in c.net_connections(kind="tcp"):
+                    if k.status == psutil.CONN_LISTEN and k.laddr.port in (base, base + 1):
+                        out[k.laddr.port] = c.pid
+            except psutil.NoSuchProcess:
+                continue
+        return out
+
+    def ready(p: int) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{p}/readyz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    proc = subprocess.Popen(
+        [*cmd, "--worker-ports", str(base)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        end = time.monotonic() + 240
+        while time.monotonic() < end:
+            if len(owners()) == 2 and ready(base) and ready(base + 1):
+                break
+            time.sleep(0.5)
+        first = owners()
+        assert len(first) == 2 and len(set(first.values())) == 2, first
+        lb = balancer(base) if shutil.which("haproxy") else None
+        lb_url = f"http://127.0.0.1:{lb[1]}" if lb else None
+        users = [str(u) for u in model.user_ids[:20]]
+        if lb_url:  # serving/haproxy.cfg in front: every request answered
+            assert all(
+                httpx.get(f"{lb_url}/v1/recommendations/{u}", timeout=10).status_code == 200
+                for u in users
+            )
+        os.kill(first[base], signal.SIGKILL)
+        if lb_url:  # the balancer sends them to the other worker at once, not after a
+            # second's wait for the dead one (haproxy's delay before a retry on the same
+            # server) nor after its replacement has loaded
+            assert all(
+                httpx.get(f"{lb_url}/v1/recommendations/{u}", timeout=0.5).status_code == 200
+                for u in users
+            )
+        while time.monotonic() < end:
+            now = owners()
+            if now.get(base) not in (None, first[base]) and ready(base):
+                break
+            time.sleep(0.5)
+        assert now[base] != first[base] and now[base + 1] == first[base + 1], (first, now)
+        assert ready(port) and ready(base + 1)
+    finally:
+        if lb:
+            lb[0].terminate()
+            lb[0].wait(timeout=30)
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads on Linux")
 def test_a_killed_master_takes_its_workers_and_the_next_start_clears_its_files(
     bundle_dir: Path, tmp_path: Path
 ) -> None:

@@ -75,6 +75,18 @@ def serve(
         "read that comes first ranks, as without it; with every core busy the request "
         "ranks them); --no-refresher: the events request always ranks them.",
     ),
+    worker_ports: int | None = typer.Option(
+        None,
+        "--worker-ports",
+        min=1,
+        max=65535,
+        metavar="BASE",
+        help="With --workers N > 1 and --reuse-port: each worker also listens on a port of "
+        "its own, BASE to BASE+N-1, for a balancer in front that sends each worker one "
+        "request at a time and queues the rest (serving/haproxy.cfg: `maxconn 1`), so "
+        "that a request waits for the first free worker, not behind the ranks of the "
+        "worker holding its connection (README: Serving behind a balancer).",
+    ),
     log_level: str = typer.Option("warning", "--log-level"),
 ) -> None:
     """Serve top-k lists over HTTP (GET/POST /v1/recommendations, POST /v1/events, ...).
@@ -91,6 +103,20 @@ def serve(
     from serving.settings import Settings
     from serving.workers import reuse_port_available, run_workers
 
+    if worker_ports is not None:
+        if workers < 2 or not reuse_port or not reuse_port_available(port):
+            print(
+                "error: --worker-ports needs --workers 2 or more and --reuse-port on Linux",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        if worker_ports <= port < worker_ports + workers or worker_ports + workers > 65536:
+            print(
+                f"error: --worker-ports {worker_ports}: the ports {worker_ports}-"
+                f"{worker_ports + workers - 1} must lie in 1-65535 and not hold --port {port}",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
     # clear errors now rather than a worker that never gets ready: a damaged bundle, or
     # one fitted on pseudonymized ids without the key they were hashed with
     for_manifest(read_manifest(bundle), str(bundle))
@@ -147,9 +173,12 @@ def serve(
             # a socket per worker: the kernel spreads connections over the workers
             # (serving/workers.py says why uvicorn's one shared socket does not)
             try:
-                run_workers(uvicorn.Config(app, **kw))
+                run_workers(uvicorn.Config(app, **kw), worker_ports)
             except OSError as e:
-                print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+                where = f"{host}:{port}"
+                if worker_ports is not None:
+                    where += f" and ports {worker_ports}-{worker_ports + workers - 1}"
+                print(f"error: cannot listen on {where}: {e.strerror or e}", file=sys.stderr)
                 raise SystemExit(2) from None
             return
         uvicorn.run(app, **kw)

@@ -303,7 +303,10 @@ def kill_worker(args: argparse.Namespace, srv: Server, script: Path) -> dict[str
     conns = _established(victim, srv.port)
     os.kill(victim, signal.SIGKILL)
     t_kill = time.perf_counter()
-    print(f"killed worker {victim} (it held {conns} connections) at {args.kill_at:.0f} s")
+    held = f"it held {conns} connections"
+    if srv.front is not None:  # the clients' connections are haproxy's
+        held += " of the server's port; the balancer sends it one request at a time"
+    print(f"killed worker {victim} ({held}) at {args.kill_at:.0f} s")
     new_pid = None
     t_spawn = t_first = t_ready = None
     first_status = None

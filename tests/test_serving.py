@@ -466,6 +466,61 @@ def test_each_worker_listens_on_its_own_socket_and_a_taken_port_is_refused(
     assert not psutil.pid_exists(second) or psutil.Process(second).status() == "zombie"
 
 
+def free_ports(n: int) -> int:
+    """The first of n consecutive ports that are free on 127.0.0.1 now."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        try:
+            socks = [socket.create_server(("127.0.0.1", base + j)) for j in range(n)]
+        except OSError:
+            continue
+        for x in socks:
+            x.close()
+        return base
+    raise AssertionError("no free ports")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract socket names")
+def test_each_worker_claims_a_port_of_its_own_until_it_ends() -> None:
+    """Two workers starting together take different ports of the range, bound but not
+    yet listening (a worker that still loads refuses connections); a third finds none;
+    the port of one that ended goes to the next to ask."""
+    import socket
+
+    from serving import workers
+
+    base = free_ports(2)
+    claims = list(workers._claims)
+    try:
+        a = workers.own_port_socket("127.0.0.1", base, 2)
+        b = workers.own_port_socket("127.0.0.1", base, 2)
+        assert {a.getsockname()[1], b.getsockname()[1]} == {base, base + 1}
+        with (
+            pytest.raises(ConnectionRefusedError),
+            socket.create_connection(("127.0.0.1", a.getsockname()[1]), timeout=2),
+        ):
+            pass  # bound, not listening
+        with pytest.raises(OSError, match="is free"):
+            workers.own_port_socket("127.0.0.1", base, 2)
+        port_a = a.getsockname()[1]
+        a.close()  # the worker holding port_a ends: its socket and its claim go
+        workers._claims.pop(-2).close()
+        c = workers.own_port_socket("127.0.0.1", base, 2)
+        assert c.getsockname()[1] == port_a
+        b.close()
+        c.close()
+    finally:
+        for x in workers._claims[len(claims) :]:
+            x.close()
+        workers._claims[:] = claims
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads on Linux")
 def test_worker_ports_give_each_worker_a_port_that_its_replacement_takes_again(
     bundle_dir: Path, tmp_path: Path, short_tmp: Path, model: Model
@@ -476,27 +531,10 @@ def test_worker_ports_give_each_worker_a_port_that_its_replacement_takes_again(
     give each worker a port are refused before anything loads. Where haproxy is
     installed, the shipped serving/haproxy.cfg in front answers every request, also
     while a worker is dead (the balancer sends them to the other)."""
-    import socket
     import subprocess
     import time
 
     import psutil
-
-    def free_ports(n: int) -> int:
-        for _ in range(50):  # n free consecutive ports
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                base = s.getsockname()[1]
-            if base + n > 65535:
-                continue
-            try:
-                socks = [socket.create_server(("127.0.0.1", base + j)) for j in range(n)]
-            except OSError:
-                continue
-            for x in socks:
-                x.close()
-            return base
-        raise AssertionError("no free ports")
 
     def balancer(base: int) -> tuple[subprocess.Popen[bytes], int]:
         """haproxy with the shipped serving/haproxy.cfg in front of the workers' ports."""

@@ -492,6 +492,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
+    if args.haproxy and args.workers != 2:
+        ap.error("--haproxy: serving/haproxy.cfg names two workers' ports; use --workers 2")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install -y wrk)")
     scenario = (

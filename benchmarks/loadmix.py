@@ -318,20 +318,6 @@ def wrk_interval_us(duration_us: int, requests: int, conns: int) -> int:
     return duration_us // per_conn if per_conn > 0 else 0
 
 
-def wrk_correct(raw: np.ndarray, e: int) -> np.ndarray:
-    """wrk's `stats_correct` over a histogram indexed by microseconds (kept to test
-    `wrk_uncorrect` against)."""
-    out = raw.copy()
-    if e <= 0:
-        return out
-    for n in range(2 * e, len(raw)):
-        m = n - e
-        while raw[n] and m > e:
-            out[m] += raw[n]
-            m -= e
-    return out
-
-
 def wrk_uncorrect(corrected: np.ndarray, e: int) -> np.ndarray:
     """The histogram before wrk's correction. For m > e the corrected count is the sum
     of the raw counts at m, m + e, m + 2e, ..., so raw[m] = corrected[m] -

@@ -6,6 +6,7 @@ import datetime as dt
 import gzip
 import json
 import logging
+import random
 from pathlib import Path
 
 import polars as pl
@@ -272,6 +273,27 @@ def test_amazon_ratings_csv_either_column_order_and_min_user_events(tmp_path: Pa
         ingest_amazon(tmp_path / "ratings_2018.csv", meta, tmp_path / "c", min_user_events=2)
     )
     assert c["user_id"].to_list() == ["A1", "A1"] and items["item_id"].to_list() == ["B1", "B2"]
+
+
+def test_amazon_same_day_reviews_are_not_ordered_by_item(tmp_path: Path) -> None:
+    """The 2018 files give days and group rows by item, so a user's reviews of one day
+    came out in item-id order, and the evaluation held out the later item id of the day.
+    Now the last of a day is any of its items, the same whatever the file's row order."""
+    meta = _amazon_meta(tmp_path)
+    day = 1_400_000_000
+    rows = [(f"U{n:03d}", item, day) for item in ("B1", "B2", "B3") for n in range(300)]
+    rows += [("V", "B3", day), ("V", "B1", day + 86_400)]  # different days keep time order
+    files = {"grouped": rows, "shuffled": random.Random(0).sample(rows, len(rows))}
+    out = {}
+    for name, rs in files.items():
+        (tmp_path / f"{name}.csv").write_text("".join(f"{i},{u},5.0,{t}\n" for u, i, t in rs))
+        out[name], _ = _read(ingest_amazon(tmp_path / f"{name}.csv", meta, tmp_path / name))
+    assert out["grouped"].equals(out["shuffled"])
+    last = out["grouped"].group_by("user_id", maintain_order=True).agg(pl.col("item_id").last())
+    share = last.filter(pl.col("user_id") != "V")["item_id"].value_counts(normalize=True)
+    assert sorted(share["item_id"]) == ["B1", "B2", "B3"]
+    assert share["proportion"].max() < 0.45  # a third each, not the later id every time
+    assert out["grouped"].filter(pl.col("user_id") == "V")["item_id"].to_list() == ["B3", "B1"]
 
 
 def test_amazon_2023_layout(tmp_path: Path) -> None:

@@ -23,9 +23,13 @@ from recsys.metrics import summarize
 from recsys.pipeline import Pipeline, is_lm_feature, item_categories
 from recsys.report import markdown, write_plots
 from recsys.schema import ITEM, USER
-from recsys.split import split_last_fraction
+from recsys.split import split_last_fraction, tied_holdout_share
 
 log = logging.getLogger("recsys")
+
+# share of held-out events tied in time with their user's training events above which
+# the evaluation warns that row order, not time, chose them
+TIED_WARN = 0.05
 
 
 def baselines(seed: int = 0) -> dict[str, Source]:
@@ -49,6 +53,7 @@ class Report:
     analysis: dict[str, Any] = field(default_factory=dict)
     importances: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ablation: dict[str, Any] = field(default_factory=dict)
+    tied_holdout: float = 0.0  # `recsys.split.tied_holdout_share` of the split
     # not in metrics.json: the pipelines fitted on the training part, for explanations
     pipelines: dict[str, Pipeline] = field(default_factory=dict, repr=False)
 
@@ -60,6 +65,7 @@ class Report:
             "items": self.n_items,
             "train_events": self.n_train,
             "test_events": self.n_test,
+            "tied_holdout": self.tied_holdout,
             "models": self.rows,
             "analysis": {a: v for a, v in self.analysis.items() if not a.startswith("_")},
             "importances": self.importances,
@@ -143,6 +149,16 @@ def evaluate(
     hist, test = split_last_fraction(ev, holdout)
     users = np.sort(test[U].unique().to_numpy()).astype(np.int64)
     rep = Report(k, len(users), len(item_index), len(hist), len(test))
+    rep.tied_holdout = tied_holdout_share(hist, test)
+    if rep.tied_holdout > TIED_WARN:
+        log.warning(
+            "%.0f%% of the held-out events have the time of their user's last training event "
+            "(times in whole days?), so the input's row order decided which were held out. If "
+            "that order follows the items (a file grouped by item), models learn it and the "
+            "figures flatter them; `recsys ingest amazon` writes such events in an order "
+            "drawn from the ids instead",
+            100 * rep.tied_holdout,
+        )
     h = History(hist, len(user_index), len(item_index))
     lists: dict[str, np.ndarray] = {}
     if with_baselines:

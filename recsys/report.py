@@ -370,6 +370,14 @@ def markdown(d: dict[str, Any]) -> str:
         "training is ranked; binary relevance; metrics averaged over users.",
         "",
     ]
+    tied = d.get("tied_holdout", 0.0)
+    if tied > 0.01:
+        lines[-1:-1] = [
+            "",
+            f"{100 * tied:.1f}% of the held-out events have the same time as their user's "
+            "last training event, so for them the order of the input's rows, not time, "
+            "decided what was held out.",
+        ]
     if not a:
         lines += _table(
             ["model", f"NDCG@{k}", f"Recall@{k}", f"HR@{k}", f"MRR@{k}", "coverage", "seconds"],

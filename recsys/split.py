@@ -24,3 +24,15 @@ def split_last_fraction(
     hist = marked.filter(~pl.col("_hold")).drop("_hold")
     hold = marked.filter(pl.col("_hold")).drop("_hold")
     return hist, hold
+
+
+def tied_holdout_share(hist: pl.DataFrame, hold: pl.DataFrame) -> float:
+    """The share of held-out events whose time equals the time of their user's last
+    training event: for them, no time tells held-out from training, and the order of
+    the input's rows decided which was held out. (Users without training events do not
+    count as tied.)"""
+    if hold.height == 0:
+        return 0.0
+    last = hist.group_by(U).agg(pl.col(T).max().alias("_last"))
+    tied = hold.join(last, on=U, how="left").select((pl.col(T) == pl.col("_last")).sum())
+    return float(tied.item() or 0) / hold.height

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from recsys.metrics import summarize
-from recsys.split import split_last_fraction
+from recsys.split import split_last_fraction, tied_holdout_share
 
 
 def _ev(rows: list[tuple[int, int, int]]) -> pl.DataFrame:
@@ -37,3 +37,20 @@ def test_split_holds_out_last_fifth_at_least_one() -> None:
     assert hold.filter(pl.col("u") == 1).height == 1 and hist.filter(pl.col("u") == 1).height == 0
     assert hold.filter(pl.col("u") == 2)["t"].to_list() == [100]
     assert hist.height + hold.height == ev.height
+
+
+def test_tied_holdout_share_counts_held_out_events_timed_as_the_last_training_one() -> None:
+    from recsys.report import markdown
+
+    # user 0: held out at t=2, trained up to t=2 (tied); user 1: 5 after 4; user 2: one
+    # event, held out with nothing to tie with; user 3: two of ten held out, both at 7,
+    # the time of the last trained one (tied)
+    rows = [(0, 1, 1), (0, 2, 2), (0, 3, 2), (1, 1, 4), (1, 2, 5), (2, 1, 3)]
+    rows += [(3, i, min(i, 7)) for i in range(10)]
+    hist, hold = split_last_fraction(_ev(rows).sort(["u", "t"], maintain_order=True), 0.2)
+    assert hold.height == 5
+    assert tied_holdout_share(hist, hold) == pytest.approx(3 / 5)
+    assert tied_holdout_share(hist, hold.clear()) == 0.0
+    d = {"k": 10, "models": {}, "users": 4, "items": 10, "train_events": 11, "test_events": 5}
+    assert "held-out events have the same time" not in markdown(d | {"tied_holdout": 0.0})
+    assert "60.0% of the held-out events have the same time" in markdown(d | {"tied_holdout": 0.6})

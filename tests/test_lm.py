@@ -85,6 +85,50 @@ def test_next_item_examples_and_logq_loss() -> None:
     assert torch.isfinite(val)
 
 
+def test_events_of_one_time_train_as_a_set_with_ties_as_sets() -> None:
+    """A day's events have no order: each is a target with the day's others (then the
+    earlier events) as its history; a log without ties gives the same examples."""
+    from recsys.candidates import History
+    from recsys.lm.train import next_item_examples
+
+    # user 0: 0 at t=1, then 1, 2 and 3 on one day, then 4; user 1: 5 and 6 on one day
+    ev = pl.DataFrame(
+        {"u": [0, 0, 0, 0, 0, 1, 1, 2], "i": [0, 1, 2, 3, 4, 5, 6, 7]}
+        | {"t": [1, 2, 2, 2, 3, 5, 5, 1]}
+    ).cast({"u": pl.Int32, "i": pl.Int32})
+    h = History(ev, 3, 8)
+    ex = next_item_examples(h, history_len=4, ties_as_sets=True)
+    got = {(int(t), tuple(int(x) for x in r)) for t, r in zip(ex.target, ex.history, strict=True)}
+    assert got == {
+        (1, (3, 2, 0, -1)),
+        (2, (3, 1, 0, -1)),
+        (3, (2, 1, 0, -1)),
+        (4, (3, 2, 1, 0)),
+        (5, (6, -1, -1, -1)),
+        (6, (5, -1, -1, -1)),
+    }
+    assert ex.users.tolist() == [0, 0, 0, 0, 1, 1]
+    ordered = next_item_examples(h, history_len=4)
+    assert ordered.target.tolist() == [1, 2, 3, 4, 6]  # the rows' order: one way only
+    distinct = ev.with_columns(pl.int_range(pl.len()).alias("t"))
+    a = next_item_examples(History(distinct, 3, 8), history_len=4, ties_as_sets=True)
+    b = next_item_examples(History(distinct, 3, 8), history_len=4)
+    assert np.array_equal(a.history, b.history) and np.array_equal(a.target, b.target)
+
+
+def test_ties_train_as_sets_by_default_where_times_are_whole_days() -> None:
+    from recsys.candidates import History
+    from recsys.lm.config import LMConfig
+    from recsys.lm.model import ties_as_sets
+
+    ev = pl.DataFrame({"u": [0, 0, 1], "i": [0, 1, 2], "t": [86_400, 86_400, 5 * 86_400]})
+    days = History(ev.cast({"u": pl.Int32, "i": pl.Int32}), 2, 3)
+    seconds = History(ev.with_columns(pl.col("t") + 1).cast({"u": pl.Int32, "i": pl.Int32}), 2, 3)
+    assert ties_as_sets(LMConfig(), days) and not ties_as_sets(LMConfig(), seconds)
+    assert not ties_as_sets(LMConfig(ties_as_sets=False), days)
+    assert ties_as_sets(LMConfig(ties_as_sets=True), seconds)
+
+
 def test_a_sparse_log_keeps_most_examples_for_training() -> None:
     from recsys.candidates import History
     from recsys.lm.config import LMConfig

@@ -85,6 +85,13 @@ class LMConfig(BaseModel):
         "candidates; the ranker rarely keeps them: `new_item_every` gives them places in "
         "the lists",
     )
+    ties_as_sets: bool | None = Field(
+        None,
+        description="a user's events of the same time train as a set: each is a target with "
+        "the others in its history, rather than in the order of the rows. None: when every "
+        "event time is a whole day (UTC midnight), as in the Amazon review files, where the "
+        "order within a day is unknown",
+    )
     history_len: int = Field(20, ge=1, description="recent items the user tower attends to")
     user_layers: int = Field(
         0,

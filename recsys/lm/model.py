@@ -85,6 +85,14 @@ def deterministic(on: bool = True) -> Iterator[None]:
         torch.use_deterministic_algorithms(before)
 
 
+def ties_as_sets(cfg: LMConfig, h: History) -> bool:
+    """`cfg.ties_as_sets`, or where it is None whether every event time of `h` is a
+    whole day (a day's events then have no known order)."""
+    if cfg.ties_as_sets is not None:
+        return cfg.ties_as_sets
+    return bool(len(h.times)) and not np.any(h.times % 86_400)
+
+
 def half_epoch_fits(seen: int, elapsed: float, left: float, epoch: int) -> bool:
     """Whether at the rate so far (`seen` examples in `elapsed` seconds) at least half
     of an `epoch` of examples would be done in the `left` seconds of the budget."""
@@ -211,16 +219,22 @@ class LanguageModel:
         )
 
         ex = lm_train.next_item_examples(
-            h, cfg.history_len, cfg.target_window, self.seed, max_examples=cfg.max_examples
+            h,
+            cfg.history_len,
+            cfg.target_window,
+            self.seed,
+            max_examples=cfg.max_examples,
+            ties_as_sets=ties_as_sets(cfg, h),
         )
         train_ex, valid_ex = lm_train.split_validation(
             ex, rng, cfg.valid_users, cfg.valid_per_user, cfg.valid_share
         )
         log.info(
-            "lm: %d training examples, %d for validation (%d users)",
+            "lm: %d training examples, %d for validation (%d users)%s",
             len(train_ex),
             len(valid_ex),
             len(np.unique(valid_ex.users)),
+            "; a user's events of one time train as a set" if ties_as_sets(cfg, h) else "",
         )
         user_tower = lm_user_tower.UserTower(self.dim_, cfg.history_len, cfg.user_layers)
         scale = nn.Parameter(torch.tensor(np.log(20.0), dtype=torch.float32))
@@ -357,6 +371,7 @@ class LanguageModel:
             cfg.target_window,
             self.seed,
             max_examples=min(cfg.max_examples, cfg.refresh_examples),
+            ties_as_sets=ties_as_sets(cfg, h),
         )
         if len(ex) == 0:
             return self

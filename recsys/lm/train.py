@@ -37,6 +37,7 @@ def next_item_examples(
     target_window: int = 1,
     seed: int = 0,
     max_examples: int | None = None,
+    ties_as_sets: bool = False,
 ) -> Examples:
     """Every event with at least one earlier event of the same user (with
     `max_examples`, the most recent that many by time, so that memory stays at
@@ -46,6 +47,11 @@ def next_item_examples(
     events rather than the very next one: the model then learns what a user takes up
     over the coming events, which is what a top-k list is judged on, not only the
     immediate successor. The user's last event is always its own target.
+
+    With `ties_as_sets`, a user's events of the same time have no order among them:
+    each is a target whose history holds the others of its time (then the earlier
+    events), so a day's two magazines give two examples, one each way, where the rows'
+    order gave one. Without ties the examples are the same.
     """
     u = h.ev[U].to_numpy().astype(np.int64)
     i = h.ev[I].to_numpy().astype(np.int64)
@@ -53,21 +59,33 @@ def next_item_examples(
     first = np.ones(n, dtype=bool)
     first[1:] = u[1:] != u[:-1]
     start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
-    pos = np.arange(n) - start
-    keep = np.flatnonzero(pos >= 1)
+    # `top`: one past the newest event a target's history may hold (the end of its run
+    # of equal times with ties_as_sets, else the target itself, which is skipped)
+    top = np.arange(n) + 1
+    if ties_as_sets and n:
+        t_all = h.ev[T].to_numpy()
+        run_start = first.copy()
+        run_start[1:] |= t_all[1:] != t_all[:-1]
+        run_end = np.r_[np.flatnonzero(run_start)[1:], n]
+        top = np.repeat(run_end, np.diff(np.r_[np.flatnonzero(run_start), n]))
+    others = top - 1 - start  # events of the user the history may hold
+    keep = np.flatnonzero(others >= 1)
     if max_examples is not None and len(keep) > max_examples:
         t = h.ev[T].to_numpy()[keep]
         keep = np.sort(keep[np.argsort(-t, kind="stable")[:max_examples]])
     hist = np.full((len(keep), history_len), -1, dtype=np.int64)
+    above = top[keep] - 1 - keep  # events after the target in its run
     for j in range(history_len):
-        ok = pos[keep] > j
-        hist[ok, j] = i[keep[ok] - 1 - j]
+        ok = others[keep] > j
+        q = top[keep] - 1 - j - (j >= above)  # counting down from the run's end, past the target
+        hist[ok, j] = i[q[ok]]
     target = keep
     if target_window > 1:
         end = np.r_[np.flatnonzero(first)[1:], n]  # one past each user's last event
-        remaining = np.repeat(end, np.diff(np.r_[np.flatnonzero(first), n]))[keep] - keep
+        # the target itself, or one of the events after its run (ties are in its history)
+        remaining = np.repeat(end, np.diff(np.r_[np.flatnonzero(first), n]))[keep] - top[keep] + 1
         step = np.random.default_rng(seed).integers(0, np.minimum(remaining, target_window))
-        target = keep + step
+        target = np.where(step == 0, keep, top[keep] - 1 + step)
     return Examples(u[keep], hist, i[target])
 
 

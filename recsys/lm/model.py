@@ -218,13 +218,14 @@ class LanguageModel:
             rss_gib()[0],
         )
 
+        as_sets = ties_as_sets(cfg, h)
         ex = lm_train.next_item_examples(
             h,
             cfg.history_len,
             cfg.target_window,
             self.seed,
             max_examples=cfg.max_examples,
-            ties_as_sets=ties_as_sets(cfg, h),
+            ties_as_sets=as_sets,
         )
         train_ex, valid_ex = lm_train.split_validation(
             ex, rng, cfg.valid_users, cfg.valid_per_user, cfg.valid_share
@@ -234,7 +235,7 @@ class LanguageModel:
             len(train_ex),
             len(valid_ex),
             len(np.unique(valid_ex.users)),
-            "; a user's events of one time train as a set" if ties_as_sets(cfg, h) else "",
+            "; a user's events of one time train as a set" if as_sets else "",
         )
         user_tower = lm_user_tower.UserTower(self.dim_, cfg.history_len, cfg.user_layers)
         scale = nn.Parameter(torch.tensor(np.log(20.0), dtype=torch.float32))

@@ -74,10 +74,11 @@ def next_item_examples(
         t = h.ev[T].to_numpy()[keep]
         keep = np.sort(keep[np.argsort(-t, kind="stable")[:max_examples]])
     hist = np.full((len(keep), history_len), -1, dtype=np.int64)
-    above = top[keep] - 1 - keep  # events after the target in its run
+    newest = top[keep] - 1  # the newest event the history may hold (or the target)
+    above, n_hist = newest - keep, others[keep]  # events after the target in its run
     for j in range(history_len):
-        ok = others[keep] > j
-        q = top[keep] - 1 - j - (j >= above)  # counting down from the run's end, past the target
+        ok = n_hist > j
+        q = newest - j - (j >= above)  # counting down from the run's end, past the target
         hist[ok, j] = i[q[ok]]
     target = keep
     if target_window > 1:

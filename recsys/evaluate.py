@@ -22,6 +22,7 @@ from recsys.data import IdIndex, U, to_canonical, to_internal
 from recsys.metrics import summarize
 from recsys.pipeline import Pipeline, is_lm_feature, item_categories
 from recsys.report import markdown, write_plots
+from recsys.resources import machine
 from recsys.schema import ITEM, USER
 from recsys.split import split_last_fraction, tied_holdout_share
 
@@ -54,6 +55,9 @@ class Report:
     importances: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ablation: dict[str, Any] = field(default_factory=dict)
     tied_holdout: float = 0.0  # `recsys.split.tied_holdout_share` of the split
+    # `recsys.resources.machine()`, with "lm": the path that encoded the items when
+    # a language model was fitted
+    machine: dict[str, Any] = field(default_factory=dict)
     # not in metrics.json: the pipelines fitted on the training part, for explanations
     pipelines: dict[str, Pipeline] = field(default_factory=dict, repr=False)
 
@@ -66,6 +70,7 @@ class Report:
             "train_events": self.n_train,
             "test_events": self.n_test,
             "tied_holdout": self.tied_holdout,
+            "machine": self.machine,
             "models": self.rows,
             "analysis": {a: v for a, v in self.analysis.items() if not a.startswith("_")},
             "importances": self.importances,
@@ -150,6 +155,7 @@ def evaluate(
     users = np.sort(test[U].unique().to_numpy()).astype(np.int64)
     rep = Report(k, len(users), len(item_index), len(hist), len(test))
     rep.tied_holdout = tied_holdout_share(hist, test)
+    rep.machine = machine()
     if rep.tied_holdout > TIED_WARN:
         log.warning(
             "%.0f%% of the held-out events have the time of their user's last training event "
@@ -184,6 +190,9 @@ def evaluate(
         }
         rep.importances[name] = pipe.ranker_.importances().to_dicts()
         rep.pipelines[name] = pipe
+        lm = getattr(pipe, "lm", None)
+        if lm is not None and getattr(lm, "precision_", None):
+            rep.machine["lm"] = lm.precision_
         log.info("%-10s ndcg@%d %.4f", name, k, rep.rows[name][f"ndcg@{k}"])
         if ablation and cfg.use_lm and len(variants) == 1:
             if uses_lm(pipe):

@@ -356,6 +356,25 @@ def markdown_section(d: dict[str, Any], title: str) -> str:
     return text[start : end if end >= 0 else len(text)].strip() + "\n"
 
 
+def machine_line(m: dict[str, Any] | None) -> str:
+    """report.md's sentence on what the run ran on (`recsys.resources.machine()`): the
+    same seed can give other figures on another CPU (bf16 or int8 encoding, other
+    BLAS and LightGBM kernels), so a comparison across reports starts here."""
+    if not m:
+        return ""
+    cpus = m.get("usable_cpus")
+    text = f"Run on: {m.get('cpu') or '?'} ({m.get('arch') or '?'})"
+    if cpus:
+        text += f", {cpus} usable CPU{'s' if cpus != 1 else ''}"
+    text += f"; CPU flags: {' '.join(m.get('flags') or []) or 'none of those the kernels use'}"
+    limits = m.get("isa_limits") or {}
+    if limits:
+        text += "; instruction sets limited by " + ", ".join(f"{k}={v}" for k, v in limits.items())
+    if m.get("lm"):
+        text += f"; the language model encoded the items in {m['lm']}"
+    return text + "."
+
+
 def markdown(d: dict[str, Any]) -> str:
     """report.md: what was measured, the headline with its interval, and every view."""
     a = d.get("analysis")
@@ -370,6 +389,9 @@ def markdown(d: dict[str, Any]) -> str:
         "training is ranked; binary relevance; metrics averaged over users.",
         "",
     ]
+    run_on = machine_line(d.get("machine"))
+    if run_on:
+        lines[-1:-1] = ["", run_on]
     tied = d.get("tied_holdout", 0.0)
     if tied > 0.01:
         lines[-1:-1] = [

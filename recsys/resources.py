@@ -8,6 +8,9 @@ CPUs' worth of time. Every default here that counts processes or threads takes
 than the quota of the cgroup the process runs in (v2 `cpu.max`, v1
 `cpu.cfs_quota_us` / `cpu.cfs_period_us`, the lowest along its path), rounded down,
 at least 1.
+
+Also what the CPU is (`cpu_flags`, `machine`), for the reports that compare runs
+made on different machines.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import contextlib
 import functools
 import math
 import os
+import platform
+import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
@@ -164,6 +170,54 @@ def describe() -> str:
     if q is not None and math.floor(q) < aff:
         why.append(f"cgroup quota {q:g} CPU{'s' if q != 1 else ''}")
     return f"{n} usable CPU{'s' if n != 1 else ''}" + (f" ({'; '.join(why)})" if why else "")
+
+
+# environment variables that limit the instruction sets torch's CPU libraries use
+ISA_LIMITS = (
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "FBGEMM_ENABLE_INSTRUCTIONS",
+    "MKL_ENABLE_INSTRUCTIONS",
+)
+_X86_FLAGS = re.compile(r"^(avx2|fma|f16c|avx512.*|amx.*|avx_vnni.*|avx_ne_convert)$")
+_ARM_FLAGS = re.compile(r"^(asimd|asimddp|asimdhp|fphp|bf16|i8mm|sve.*|sme.*)$")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> tuple[str, list[str]]:
+    """The CPU's model name and the flags that decide the encoding precision (x86:
+    AVX2, AVX-512, AMX, AVX-VNNI; ARM: NEON, dot product, bf16, i8mm, SVE), from
+    /proc/cpuinfo (Linux); the machine's name and no flags elsewhere."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model, flags, pattern = "", list[str](), _X86_FLAGS
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:  # x86, ARM
+            flags, pattern = value.split(), _X86_FLAGS if key == "flags" else _ARM_FLAGS
+    keep = sorted(f for f in flags if pattern.match(f))
+    return model or platform.processor() or platform.machine(), keep
+
+
+def machine() -> dict[str, Any]:
+    """What a run ran on, for the reports that compare runs across machines: the CPU's
+    model and architecture, the usable CPUs, the flags that decide the numeric kernels
+    (`cpu_flags`) and any instruction-set limit set in the environment (`ISA_LIMITS`).
+    Reads no more than /proc and the cgroup files: torch is not imported."""
+    model, flags = cpu_flags()
+    return {
+        "cpu": model,
+        "arch": platform.machine(),
+        "usable_cpus": usable_cpus(),
+        "flags": flags,
+        "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)},
+    }
 
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "POLARS_MAX_THREADS")

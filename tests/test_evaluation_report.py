@@ -116,3 +116,28 @@ def test_report_states_the_ablation_when_it_ran(report) -> None:  # type: ignore
     md = markdown(d)
     assert f"`{pipe}` against `variant`" in md and "+0.0100" in md
     assert ablation_table(d).height == 2
+
+
+def test_report_says_what_machine_it_ran_on(report) -> None:  # type: ignore[no-untyped-def]
+    from recsys.report import markdown
+    from recsys.resources import machine
+
+    d = report.to_dict()
+    assert d["machine"] == machine()  # fast_config fits no language model: no "lm"
+    assert f"Run on: {d['machine']['cpu']}" in markdown(d)
+    d["machine"] = {
+        "cpu": "Some CPU",
+        "arch": "x86_64",
+        "usable_cpus": 2,
+        "flags": ["avx2", "avx512_bf16"],
+        "isa_limits": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+        "lm": "int8-mixed on cpu",
+    }
+    line = next(s for s in markdown(d).splitlines() if s.startswith("Run on:"))
+    assert line == (
+        "Run on: Some CPU (x86_64), 2 usable CPUs; CPU flags: avx2 avx512_bf16; instruction "
+        "sets limited by ONEDNN_MAX_CPU_ISA=AVX2; the language model encoded the items in "
+        "int8-mixed on cpu."
+    )
+    del d["machine"]  # a metrics.json written before the machine was recorded
+    assert "Run on:" not in markdown(d)

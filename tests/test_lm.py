@@ -347,6 +347,8 @@ def test_fit_gives_unit_item_vectors_and_learns(synth_data, lm_config) -> None: 
     np.testing.assert_allclose(np.linalg.norm(lm.item_vectors_, axis=1), 1.0, atol=1e-4)
     assert lm.history_["heads"], "a validation recall per epoch"
     assert lm.best_recall_ > 0.0
+    # what reports state as the items' encoding path (`recsys evaluate`'s machine line)
+    assert lm.precision_ in {f"{p} on cpu" for p in ("fp32", "bf16", "int8-mixed", "int8")}
     u = lm.user_vectors(np.arange(5), h)
     assert u.shape == (5, 16)
     # the fast encoding path gives (nearly) the training-time vectors
@@ -598,8 +600,8 @@ def test_bench_encode_cli_reports_items_per_second(tiny_bert: Path) -> None:
     from typer.testing import CliRunner
 
     from recsys.cli import app, commands  # noqa: F401  (registers the commands)
-    from recsys.lm.bench import cpu_flags
     from recsys.lm.encoder import cpu_precision
+    from recsys.resources import cpu_flags
 
     r = CliRunner().invoke(
         app,
@@ -614,17 +616,6 @@ def test_bench_encode_cli_reports_items_per_second(tiny_bert: Path) -> None:
     assert "items/s" in out and "naive" in out and "sorted, fp32" in out
     assert f"sorted + {picked} (auto)" in out and "sorted + int8" in out
     assert f"picked {picked}:" in out and "x sorted fp32" in out and "cosine to fp32" in out
-
-
-def test_cpu_flags_read_x86_and_arm_cpuinfo() -> None:
-    from recsys.lm.bench import cpu_flags
-
-    x86 = (
-        "model name\t: Some CPU\nflags\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 amx_tile smep\n"
-    )
-    assert cpu_flags(x86) == ("Some CPU", ["amx_tile", "avx2", "avx512_bf16", "avx512f", "fma"])
-    arm = "processor\t: 0\nFeatures\t: fp asimd aes asimddp sve sve2 i8mm bf16 svebf16 rng\n"
-    assert cpu_flags(arm)[1] == ["asimd", "asimddp", "bf16", "i8mm", "sve", "sve2", "svebf16"]
 
 
 def test_cpu_inference_copy_stays_close_to_fp32_and_int8_runs(tiny_bert: Path) -> None:

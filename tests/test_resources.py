@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from recsys import resources
-from recsys.resources import cpu_quota
+from recsys.resources import cpu_flags, cpu_quota
 
 
 def write(path: Path, text: str) -> None:
@@ -178,3 +178,26 @@ def test_a_killed_worker_is_a_clear_error_after_the_parts_done() -> None:
     with pytest.raises(WorkerLost, match="rerun with fewer --workers"):
         run_local(DyingJob(), [0, 1, 2, 3], 2, done.append)  # type: ignore[arg-type]
     assert done in ([], [10])  # only the part that was written
+
+
+def test_cpu_flags_read_x86_and_arm_cpuinfo() -> None:
+    x86 = (
+        "model name\t: Some CPU\nflags\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 amx_tile smep\n"
+    )
+    assert cpu_flags(x86) == ("Some CPU", ["amx_tile", "avx2", "avx512_bf16", "avx512f", "fma"])
+    arm = "processor\t: 0\nFeatures\t: fp asimd aes asimddp sve sve2 i8mm bf16 svebf16 rng\n"
+    assert cpu_flags(arm)[1] == ["asimd", "asimddp", "bf16", "i8mm", "sve", "sve2", "svebf16"]
+
+
+def test_machine_names_the_cpu_its_flags_and_the_environment_limits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(resources, "cpu_flags", lambda: ("Some CPU", ["avx2", "avx512_bf16"]))
+    monkeypatch.setattr(resources, "usable_cpus", lambda: 3)
+    for var in resources.ISA_LIMITS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    m = resources.machine()
+    assert m["cpu"] == "Some CPU" and m["flags"] == ["avx2", "avx512_bf16"]
+    assert m["usable_cpus"] == 3 and m["arch"]
+    assert m["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,38 +33,7 @@ from recsys.lm.encoder import (
     load_pretrained,
     mean_pool,
 )
-
-# environment variables that limit the instruction sets torch's CPU libraries use
-ISA_LIMITS = (
-    "ONEDNN_MAX_CPU_ISA",
-    "DNNL_MAX_CPU_ISA",
-    "ATEN_CPU_CAPABILITY",
-    "FBGEMM_ENABLE_INSTRUCTIONS",
-    "MKL_ENABLE_INSTRUCTIONS",
-)
-_X86_FLAGS = re.compile(r"^(avx2|fma|f16c|avx512.*|amx.*|avx_vnni.*|avx_ne_convert)$")
-_ARM_FLAGS = re.compile(r"^(asimd|asimddp|asimdhp|fphp|bf16|i8mm|sve.*|sme.*)$")
-
-
-def cpu_flags(cpuinfo: str | None = None) -> tuple[str, list[str]]:
-    """The CPU's model name and the flags that decide the encoding precision (x86:
-    AVX2, AVX-512, AMX, AVX-VNNI; ARM: NEON, dot product, bf16, i8mm, SVE), from
-    /proc/cpuinfo (Linux); the machine's name and no flags elsewhere."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    model, flags, pattern = "", list[str](), _X86_FLAGS
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "cpu model") and not model:
-            model = value.strip()
-        elif key in ("flags", "features") and not flags:  # x86, ARM
-            flags, pattern = value.split(), _X86_FLAGS if key == "flags" else _ARM_FLAGS
-    keep = sorted(f for f in flags if pattern.match(f))
-    return model or platform.processor() or platform.machine(), keep
+from recsys.resources import ISA_LIMITS, cpu_flags
 
 
 def cpu_report() -> dict[str, Any]:

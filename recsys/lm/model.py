@@ -207,6 +207,7 @@ class LanguageModel:
         with lm_encoder.ops_threads(getattr(self, "_encode_threads", torch.get_num_threads())):
             pooled0, hidden, precision = self._frozen_pass(tower, tokens, dev, keep_hidden=finetune)
         self.timings_["encode (frozen)"] = dt = time.perf_counter() - t0
+        self.precision_ = f"{precision} on {dev.type}"  # the frozen pass's path, for reports
         log.info(
             "lm: frozen pass over %d items in %.1f s (%.0f items/s, %s on %s%s), RSS %.2f GiB",
             h.n_items,

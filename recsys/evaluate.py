@@ -55,6 +55,7 @@ class Report:
     importances: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ablation: dict[str, Any] = field(default_factory=dict)
     tied_holdout: float = 0.0  # `recsys.split.tied_holdout_share` of the split
+    seed: int = 0  # the settings' seed: of the fits, the baselines' and the bootstrap
     # `recsys.resources.machine()`, with "lm": the path that encoded the items when
     # a language model was fitted
     machine: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +70,7 @@ class Report:
             "items": self.n_items,
             "train_events": self.n_train,
             "test_events": self.n_test,
+            "seed": self.seed,
             "tied_holdout": self.tied_holdout,
             "machine": self.machine,
             "models": self.rows,
@@ -156,6 +158,7 @@ def evaluate(
     rep = Report(k, len(users), len(item_index), len(hist), len(test))
     rep.tied_holdout = tied_holdout_share(hist, test)
     rep.machine = machine()
+    rep.seed = config.seed
     if rep.tied_holdout > TIED_WARN:
         log.warning(
             "%.0f%% of the held-out events have the time of their user's last training event "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import polars as pl
 import pytest
 
 RECSYS = str(Path(sys.executable).with_name("recsys"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 FAST_TOML = """
 [sources]
@@ -208,9 +210,56 @@ def test_evaluate_prints_the_table_and_writes_the_report(
     r = run(
         "evaluate", "--interactions", str(synth_dir / "interactions.parquet"),
         "--items", str(synth_dir / "items.parquet"), "--out", str(out),
-        "--config", str(fast_toml), "--no-lm",
+        "--config", str(fast_toml), "--no-lm", "--seed", "3",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     for model in ("MostPop", "ItemKNN", "EASE", "ALS", "recsys"):
         assert model in r.stdout
     assert (out / "metrics.json").is_file() and (out / "report.md").is_file()
+    assert json.loads((out / "metrics.json").read_text())["seed"] == 3  # --seed over the file's
+
+
+def test_seeds_benchmark_runs_evaluate_once_per_seed(
+    synth_dir: Path, fast_toml: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "seeds"
+    r = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "seeds.py"), "--data", str(synth_dir),
+         "--seeds", "0,2", "--config", str(fast_toml), "--no-lm", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got = json.loads((out / "seeds.json").read_text())
+    assert [row["seed"] for row in got["rows"]] == [0, 2]
+    for row in got["rows"]:
+        m = json.loads((out / f"seed{row['seed']}" / "metrics.json").read_text())
+        assert row["no_lm"] == m["models"]["recsys (no LM)"]["ndcg@10"]
+        assert row["peak_gib"] > 0.05 and row["wall_s"] > 0
+    assert got["summary"]["no_lm"]["worst"] == min(row["no_lm"] for row in got["rows"])
+    assert "machine:" in r.stdout and not list(out.glob("cache*"))
+
+
+def test_seeds_benchmark_reads_seed_lists_and_sums_up_the_lift() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    from seeds import parse_seeds, seed_row, summarise
+
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4] and parse_seeds("1-2,7") == [1, 2, 7]
+    for bad in ("a", "3-", "1,1", "0-2,2"):
+        with pytest.raises(ValueError):
+            parse_seeds(bad)
+
+    def metrics(seed: int, with_lm: float, without: float, lo: float) -> dict[str, object]:
+        models = {"EASE": 0.1, "recsys": with_lm, "recsys (no LM)": without}
+        return {
+            "k": 10,
+            "seed": seed,
+            "models": {n: {"ndcg@10": v, "seconds": 1.0} for n, v in models.items()},
+            "ablation": {"paired": {"lo": lo, "hi": lo + 0.01}},
+        }
+
+    rows = [seed_row(metrics(0, 0.22, 0.20, 0.001)), seed_row(metrics(1, 0.19, 0.20, -0.02))]
+    assert rows[0]["lift"] == pytest.approx(1.1) and rows[0]["x_ease"] == pytest.approx(2.2)
+    assert rows[1]["diff_lo"] == -0.02 and rows[1]["seed"] == 1
+    s = summarise(rows)
+    assert s["lift"]["mean"] == pytest.approx(1.025) and s["lift"]["worst"] == pytest.approx(0.95)
+    assert s["recsys"]["worst"] == 0.19 and s["interval_excludes_zero"] == 1

@@ -36,10 +36,12 @@ app.command("encode-items")(encode_items)
 app.add_typer(bench_app, name="bench", help="Throughput benchmarks (`recsys bench encode`).")
 
 
-def _config(path: Path | None, no_lm: bool = False) -> PipelineConfig:
+def _config(path: Path | None, no_lm: bool = False, seed: int | None = None) -> PipelineConfig:
     cfg = PipelineConfig.from_toml(path) if path else PipelineConfig()
     if no_lm:
         cfg = cfg.model_copy(update={"use_lm": False})
+    if seed is not None:
+        cfg = cfg.model_copy(update={"seed": seed})
     return cfg
 
 
@@ -222,6 +224,14 @@ def evaluate(
         "--ablation/--no-ablation",
         help="Also fit the pipeline without the language model when it uses one.",
     ),
+    seed: int | None = typer.Option(
+        None,
+        "--seed",
+        min=0,
+        help="Seed of the fits (ALS, the language model, the ranker), over the settings' "
+        "`seed`. The language model's effect on a small data set can be as large as the "
+        "spread between seeds: benchmarks/seeds.py runs several.",
+    ),
 ) -> None:
     """Pipeline against MostPop, ItemKNN, EASE and ALS on one time split.
 
@@ -234,7 +244,7 @@ def evaluate(
     from recsys.evaluate import write_report
 
     inter, it = _load_data(interactions, items, drop_unknown_items)
-    rep = run_eval(inter, it, _config(config, no_lm), k=k, ablation=ablation)
+    rep = run_eval(inter, it, _config(config, no_lm, seed), k=k, ablation=ablation)
     paths = write_report(rep, out)
     print_report(rep)
     ci = rep.analysis.get("bootstrap", {}).get("ci", {})

@@ -172,13 +172,16 @@ def describe() -> str:
     return f"{n} usable CPU{'s' if n != 1 else ''}" + (f" ({'; '.join(why)})" if why else "")
 
 
-# environment variables that limit the instruction sets torch's CPU libraries use
+# environment variables that limit the instruction sets of the numeric libraries:
+# torch's (oneDNN, ATen, FBGEMM, MKL), OpenBLAS's kernel choice and numpy's dispatch
 ISA_LIMITS = (
     "ONEDNN_MAX_CPU_ISA",
     "DNNL_MAX_CPU_ISA",
     "ATEN_CPU_CAPABILITY",
     "FBGEMM_ENABLE_INSTRUCTIONS",
     "MKL_ENABLE_INSTRUCTIONS",
+    "OPENBLAS_CORETYPE",
+    "NPY_DISABLE_CPU_FEATURES",
 )
 _X86_FLAGS = re.compile(r"^(avx2|fma|f16c|avx512.*|amx.*|avx_vnni.*|avx_ne_convert)$")
 _ARM_FLAGS = re.compile(r"^(asimd|asimddp|asimdhp|fphp|bf16|i8mm|sve.*|sme.*)$")

@@ -197,7 +197,8 @@ def test_machine_names_the_cpu_its_flags_and_the_environment_limits(
     for var in resources.ISA_LIMITS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     m = resources.machine()
     assert m["cpu"] == "Some CPU" and m["flags"] == ["avx2", "avx512_bf16"]
     assert m["usable_cpus"] == 3 and m["arch"]
-    assert m["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert m["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from recsys.candidates import History
-from recsys.data import I, T, U
+from recsys.data import I, U
 
 
 @dataclass
@@ -61,18 +61,16 @@ def next_item_examples(
     start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
     # `top`: one past the newest event a target's history may hold (the end of its run
     # of equal times with ties_as_sets, else the target itself, which is skipped)
+    times = h.times  # the events' times, in h.ev's order
     top = np.arange(n) + 1
     if ties_as_sets and n:
-        t_all = h.ev[T].to_numpy()
         run_start = first.copy()
-        run_start[1:] |= t_all[1:] != t_all[:-1]
-        run_end = np.r_[np.flatnonzero(run_start)[1:], n]
-        top = np.repeat(run_end, np.diff(np.r_[np.flatnonzero(run_start), n]))
+        run_start[1:] |= times[1:] != times[:-1]
+        top = _run_ends(run_start)
     others = top - 1 - start  # events of the user the history may hold
     keep = np.flatnonzero(others >= 1)
     if max_examples is not None and len(keep) > max_examples:
-        t = h.ev[T].to_numpy()[keep]
-        keep = np.sort(keep[np.argsort(-t, kind="stable")[:max_examples]])
+        keep = np.sort(keep[np.argsort(-times[keep], kind="stable")[:max_examples]])
     hist = np.full((len(keep), history_len), -1, dtype=np.int64)
     newest = top[keep] - 1  # the newest event the history may hold (or the target)
     above, n_hist = newest - keep, others[keep]  # events after the target in its run
@@ -82,12 +80,19 @@ def next_item_examples(
         hist[ok, j] = i[q[ok]]
     target = keep
     if target_window > 1:
-        end = np.r_[np.flatnonzero(first)[1:], n]  # one past each user's last event
         # the target itself, or one of the events after its run (ties are in its history)
-        remaining = np.repeat(end, np.diff(np.r_[np.flatnonzero(first), n]))[keep] - top[keep] + 1
+        remaining = _run_ends(first)[keep] - top[keep] + 1  # first: each user's run
         step = np.random.default_rng(seed).integers(0, np.minimum(remaining, target_window))
         target = np.where(step == 0, keep, top[keep] - 1 + step)
     return Examples(u[keep], hist, i[target])
+
+
+def _run_ends(starts: np.ndarray) -> np.ndarray:
+    """Per event, one past the last event of its run, where `starts` marks each run's
+    first event (`starts[0]` is True)."""
+    at = np.flatnonzero(starts)
+    n = len(starts)
+    return np.repeat(np.r_[at[1:], n], np.diff(np.r_[at, n]))
 
 
 def split_validation(
